@@ -1,0 +1,632 @@
+"""load_config: file + environment -> Options, every problem named by key, all at once."""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import os
+import re
+import textwrap
+from dataclasses import FrozenInstanceError
+from pathlib import Path
+
+import pytest
+import yaml
+from cryptography.hazmat.primitives import serialization
+
+from proxy.config import (
+    LETS_ENCRYPT_PRODUCTION,
+    LETS_ENCRYPT_STAGING,
+    KNOWN_KEYS,
+    Address,
+    ConfigError,
+    DirectResponse,
+    Upstream,
+    load_config,
+    parse_duration,
+)
+from tests.infra.pki import TestCA
+
+REPO = Path(__file__).resolve().parent.parent
+ENV = {"HOME": "/home/tester"}  # a HOME so the default autocert_dir does not depend on the machine
+
+
+def write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def problems_of(path, environ=ENV) -> list[str]:
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, environ)
+    assert exc.value.problems, "ConfigError without problems"
+    for p in exc.value.problems:
+        assert p in str(exc.value)
+    return exc.value.problems
+
+
+def one_problem(path, environ=ENV) -> str:
+    found = problems_of(path, environ)
+    assert len(found) == 1, found
+    return found[0]
+
+
+@pytest.fixture
+def ca(tmp_path) -> TestCA:
+    return TestCA(tmp_path / "pki")
+
+
+# --------------------------------------------------------------------------- defaults, example
+
+def test_no_file_no_env_gives_defaults():
+    o = load_config(None, ENV)
+    assert o.address == Address("", 443)
+    assert o.http_redirect_addr is None
+    assert o.routes == () and o.certificates == ()
+    assert o.autocert is False
+    assert o.autocert_ca == LETS_ENCRYPT_PRODUCTION
+    assert o.autocert_dir == "/home/tester/.local/share/autocert-proxy/autocert"
+    assert (o.log_level, o.access_log_format, o.workers) == ("info", "plain", 1)
+    assert o.source == ""
+
+
+def test_example_config_loads_offline():
+    o = load_config(str(REPO / "config.example.yaml"), {})
+    assert o.address == Address("", 8443)
+    assert o.http_redirect_addr == Address("", 8080)
+    assert o.autocert is False
+    [route] = o.routes
+    assert (route.scheme, route.host, route.path_prefix) == ("https", "localhost", "/")
+    assert route.response == DirectResponse(200, "autocert-proxy is running\n")
+    assert route.to == ()
+    assert o.source.endswith("config.example.yaml")
+
+
+def test_example_config_documents_every_key():
+    text = (REPO / "config.example.yaml").read_text()
+    undocumented = [k for k in KNOWN_KEYS if not re.search(rf"^#?\s*{k}:", text, re.M)]
+    assert undocumented == []
+    assert "s3://" in text and "gs://" in text
+
+
+def test_options_are_immutable(tmp_path):
+    o = load_config(write(tmp_path, """
+        routes:
+          - from: https://a.example.com
+            to: [http://127.0.0.1:1, http://127.0.0.1:2]
+    """), ENV)
+    with pytest.raises(FrozenInstanceError):
+        o.autocert = True  # type: ignore[misc]
+    assert isinstance(o.routes, tuple) and isinstance(o.routes[0].to, tuple)
+
+
+# --------------------------------------------------------------------------- file and environment
+
+def test_unknown_key_is_named_with_suggestion(tmp_path):
+    p = one_problem(write(tmp_path, "autocert_emial: a@example.com\n"))
+    assert p.startswith("autocert_emial:") and "'autocert_email'" in p
+
+
+def test_unknown_key_without_close_match(tmp_path):
+    p = one_problem(write(tmp_path, "zzzz: 1\n"))
+    assert p.startswith("zzzz: unknown key") and "did you mean" not in p
+
+
+def test_unrelated_environment_is_ignored():
+    o = load_config(None, {**ENV, "PATH": "/bin", "AUTOCERT_FOO": "x", "address_lower": "junk"})
+    assert o.address == Address("", 443)
+
+
+def test_environment_overrides_file(tmp_path):
+    path = write(tmp_path, """
+        address: ":8443"
+        autocert: false
+        routes:
+          - from: https://file.example.com
+            to: http://127.0.0.1:9000
+    """)
+    env = {**ENV, "ADDRESS": "127.0.0.1:9443", "AUTOCERT": "t",
+           "ROUTES": "- from: https://env.example.com\n  to: http://127.0.0.1:9001\n"}
+    o = load_config(path, env)
+    assert o.address == Address("127.0.0.1", 9443)
+    assert o.autocert is True
+    assert [r.host for r in o.routes] == ["env.example.com"]
+    assert o.routes[0].to == (Upstream("http", "127.0.0.1", 9001),)
+
+
+def test_routes_from_environment_as_json():
+    o = load_config(None, {**ENV, "ROUTES": '[{"from": "https://j.example.com", "to": "http://10.0.0.1"}]'})
+    assert o.routes[0].to == (Upstream("http", "10.0.0.1", 80),)
+
+
+def test_empty_environment_variable_counts_as_unset(tmp_path):
+    o = load_config(write(tmp_path, 'address: ":8443"\n'), {**ENV, "ADDRESS": ""})
+    assert o.address.port == 8443
+
+
+def test_environment_errors_name_the_variable():
+    found = problems_of(None, {**ENV, "AUTOCERT": "yes", "ROUTES": "[{from: ftp://x}]"})
+    assert any(p.startswith("autocert (from environment AUTOCERT): 'yes'") for p in found)
+    assert any(p.startswith("routes[0].from (from environment ROUTES):") and "ftp" in p for p in found)
+
+
+def test_invalid_yaml_in_environment():
+    p = one_problem(None, {**ENV, "ROUTES": "[{from: "})
+    assert p.startswith("routes (from environment ROUTES): not valid YAML")
+
+
+def test_missing_config_file_is_named(tmp_path):
+    missing = str(tmp_path / "nope.yaml")
+    p = one_problem(missing)
+    assert missing in p and "cannot read" in p
+
+
+def test_duplicate_key_in_file(tmp_path):
+    p = one_problem(write(tmp_path, "autocert: true\nautocert: false\n"))
+    assert "duplicate key 'autocert'" in p
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    assert "mapping" in one_problem(write(tmp_path, "- a\n- b\n"))
+
+
+def test_empty_file_and_empty_values_mean_defaults(tmp_path):
+    assert load_config(write(tmp_path, ""), ENV).address.port == 443
+    assert load_config(write(tmp_path, "routes:\naddress:\n"), ENV).routes == ()
+
+
+def test_several_problems_reported_at_once(tmp_path):
+    found = problems_of(write(tmp_path, """
+        address: ":99999"
+        autocert: maybe
+        log_level: loud
+        timeout_idle: 0
+        workers: -2
+        autocert_eab_key_id: kid
+        routes:
+          - from: https://a.example.com:8443
+            to: https://b.example.com
+    """))
+    keys = [p.split(":")[0] for p in found]
+    assert keys == ["address", "autocert", "log_level", "timeout_idle", "workers",
+                    "routes[0].from", "routes[0].to", "autocert_eab_mac_key"], found
+
+
+# --------------------------------------------------------------------------- scalars
+
+@pytest.mark.parametrize("text,expected", [
+    ("true", True), ("TRUE", True), ("True", True), ("1", True), ("t", True), ("T", True),
+    ("false", False), ("FALSE", False), ("False", False), ("0", False), ("f", False), ("F", False),
+])
+def test_booleans_parse_loosely(text, expected):
+    o = load_config(None, {**ENV, "AUTOCERT": text, "AUTOCERT_MUST_STAPLE": text, "AUTOCERT_USE_STAGING": text})
+    assert (o.autocert, o.autocert_must_staple, o.autocert_use_staging) == (expected,) * 3
+
+
+@pytest.mark.parametrize("text", ["yes", "no", "on", "2", "tru", " true"])
+def test_bad_boolean_names_key_value_and_forms(text):
+    p = one_problem(None, {**ENV, "AUTOCERT_MUST_STAPLE": text})
+    assert p.startswith("autocert_must_staple (from environment AUTOCERT_MUST_STAPLE):")
+    assert repr(text) in p and "true, TRUE, True, 1, t, T, false" in p
+
+
+def test_booleans_in_file(tmp_path):
+    o = load_config(write(tmp_path, "autocert: true\nautocert_must_staple: 1\nautocert_use_staging: 'T'\n"), ENV)
+    assert (o.autocert, o.autocert_must_staple, o.autocert_use_staging) == (True, True, True)
+    assert one_problem(write(tmp_path, "autocert: 7\n")).startswith("autocert: 7 is not a boolean")
+
+
+@pytest.mark.parametrize("text,expected", [
+    (":443", Address("", 443)), ("127.0.0.1:8080", Address("127.0.0.1", 8080)),
+    ("[::1]:443", Address("::1", 443)), ("Localhost:1", Address("localhost", 1)),
+    ("0.0.0.0:65535", Address("0.0.0.0", 65535)),
+])
+def test_addresses(text, expected):
+    o = load_config(None, {**ENV, "ADDRESS": text})
+    assert o.address == expected
+
+
+def test_ipv6_address_prints_with_brackets():
+    assert str(Address("::1", 443)) == "[::1]:443" and str(Address("", 80)) == ":80"
+    assert Upstream("http", "::1", 8080).authority == "[::1]:8080"
+    assert Upstream("http", "a.example", 80).authority == "a.example"
+
+
+@pytest.mark.parametrize("text", ["443", ":0", ":65536", ":http", "::1:443", "[::1]443", "[zz]:1", "a b:1", ""])
+def test_bad_addresses(text, tmp_path):
+    p = one_problem(write(tmp_path, f"http_redirect_addr: {text!r}\n"))
+    assert p.startswith("http_redirect_addr:") and "accepted:" in p
+
+
+def test_unquoted_numeric_address_is_explained(tmp_path):
+    p = one_problem(write(tmp_path, "address: 443\n"))
+    assert p.startswith("address: 443") and "quote it" in p
+
+
+def test_redirect_address_may_not_overlap_tls_address(tmp_path):
+    p = one_problem(write(tmp_path, 'address: ":8443"\nhttp_redirect_addr: "127.0.0.1:8443"\n'))
+    assert p.startswith("http_redirect_addr:") and "overlaps" in p
+    assert load_config(write(tmp_path, 'address: "127.0.0.1:8443"\nhttp_redirect_addr: "127.0.0.2:8443"\n'),
+                       ENV).http_redirect_addr == Address("127.0.0.2", 8443)
+
+
+@pytest.mark.parametrize("value,seconds", [
+    (5, 5.0), (2.5, 2.5), ("30", 30.0), ("30s", 30.0), ("1m30s", 90.0), ("500ms", 0.5),
+    ("2h", 7200.0), ("1.5h", 5400.0), ("1h2m3s4ms", 3723.004), ("100us", 1e-4), ("10µs", 1e-5),
+])
+def test_durations(value, seconds):
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+def test_duration_keys_from_file_and_env(tmp_path):
+    o = load_config(write(tmp_path, "timeout_idle: 1m\ntimeout_read_header: 500ms\nshutdown_timeout: 3\n"),
+                    {**ENV, "DEFAULT_UPSTREAM_TIMEOUT": "1m30s"})
+    assert (o.timeout_idle, o.timeout_read_header, o.default_upstream_timeout, o.shutdown_timeout) == \
+        (60.0, 0.5, 90.0, 3.0)
+
+
+@pytest.mark.parametrize("value", ["0", "0s", "-1s", "30 s", "1d", "s", "abc", "true", ".inf"])
+def test_bad_durations(value):
+    p = one_problem(None, {**ENV, "TIMEOUT_IDLE": value})
+    assert p.startswith("timeout_idle (from environment TIMEOUT_IDLE):") and repr(value) in p
+    assert '"1m30s"' in p
+
+
+def test_boolean_is_not_a_duration(tmp_path):
+    assert one_problem(write(tmp_path, "shutdown_timeout: true\n")).startswith("shutdown_timeout: True")
+
+
+def test_workers(tmp_path):
+    assert load_config(None, {**ENV, "WORKERS": "4"}).workers == 4
+    assert load_config(write(tmp_path, "workers: auto\n"), ENV).workers == (os.cpu_count() or 1)
+    for bad in ("0", "-1", "many", "1.5"):
+        p = one_problem(None, {**ENV, "WORKERS": bad})
+        assert p.startswith("workers (from environment WORKERS):") and '"auto"' in p
+
+
+def test_log_keys(tmp_path):
+    o = load_config(write(tmp_path, "log_level: DEBUG\naccess_log_format: json\n"), ENV)
+    assert (o.log_level, o.access_log_format) == ("debug", "json")
+    assert load_config(None, {**ENV, "LOG_LEVEL": "warn"}).log_level == "warning"
+    p = one_problem(None, {**ENV, "ACCESS_LOG_FORMAT": "xml"})
+    assert "'xml'" in p and "plain, json" in p
+
+
+# --------------------------------------------------------------------------- routes
+
+def routes_of(tmp_path, text):
+    return load_config(write(tmp_path, text), ENV).routes
+
+
+def test_route_fields(tmp_path):
+    [a, b, c] = routes_of(tmp_path, """
+        routes:
+          - from: https://App.Example.COM/api/
+            to: http://127.0.0.1:9000
+            preserve_host_header: t
+          - from: http://*.example.com
+            to: [http://Upstream-1.internal, "http://[::1]:81/"]
+          - from: https://bücher.example
+            response: {status: 404}
+    """)
+    assert (a.from_url, a.scheme, a.host, a.path_prefix) == \
+        ("https://App.Example.COM/api/", "https", "app.example.com", "/api/")
+    assert a.to == (Upstream("http", "127.0.0.1", 9000),) and a.preserve_host_header and a.response is None
+    assert (b.scheme, b.host, b.path_prefix) == ("http", "*.example.com", "/")
+    assert b.to == (Upstream("http", "upstream-1.internal", 80), Upstream("http", "::1", 81))
+    assert b.preserve_host_header is False
+    assert c.host == "xn--bcher-kva.example"
+    assert c.response == DirectResponse(404, "") and c.to == ()
+
+
+@pytest.mark.parametrize("from_url,fragment", [
+    ("https://a.example.com:8443", "has a port"),
+    ("ftp://a.example.com", "'ftp'"),
+    ("https:///path", "no host"),
+    ("https://a.example.com/?q=1", "query"),
+    ("https://a.example.com/#x", "query or fragment"),
+    ("https://user@a.example.com", "user information"),
+    ("https://a.*.example.com", "wildcard"),
+    ("https://a_b..example.com", "not a valid DNS name"),
+])
+def test_bad_from(tmp_path, from_url, fragment):
+    p = one_problem(write(tmp_path, f"routes:\n  - from: {from_url!r}\n    to: http://127.0.0.1\n"))
+    assert p.startswith("routes[0].from:") and fragment in p, p
+
+
+@pytest.mark.parametrize("to,fragment", [
+    ("https://b.example.com", "https upstreams are not supported yet"),
+    ("ws://b.example.com", "'ws'"),
+    ("http://b.example.com/app", "has a path"),
+    ("http://b.example.com:99999", "not a valid URL"),
+    ("http://", "no host"),
+])
+def test_bad_to(tmp_path, to, fragment):
+    p = one_problem(write(tmp_path, f"routes:\n  - from: https://a.example.com\n    to: [http://ok, {to!r}]\n"))
+    assert p.startswith("routes[0].to[1]:") and fragment in p, p
+
+
+def test_to_and_response_exactly_one(tmp_path):
+    both = one_problem(write(tmp_path, """
+        routes:
+          - from: https://a.example.com
+            to: http://127.0.0.1
+            response: {status: 200}
+    """))
+    neither = one_problem(write(tmp_path, "routes:\n  - from: https://a.example.com\n"))
+    assert both.startswith("routes[0]:") and "both" in both
+    assert neither.startswith("routes[0]:") and "neither" in neither
+
+
+def test_route_problems_name_their_key(tmp_path):
+    found = problems_of(write(tmp_path, """
+        routes:
+          - from: https://a.example.com
+            to: http://127.0.0.1
+            preserve_host: true
+          - to: http://127.0.0.1
+          - from: https://c.example.com
+            response: {status: 700, body: 5, code: 1}
+          - from: https://d.example.com
+            to: http://127.0.0.1
+            preserve_host_header: sometimes
+          - from: https://e.example.com
+            to: []
+          - just a string
+    """))
+    assert found[0].startswith("routes[0].preserve_host:") and "'preserve_host_header'" in found[0]
+    assert found[1].startswith("routes[1].from: missing")
+    assert [p.split(":")[0] for p in found[2:]] == [
+        "routes[2].response.code", "routes[2].response.status", "routes[2].response.body",
+        "routes[3].preserve_host_header", "routes[4].to", "routes[5]"], found
+    assert "100 to 599" in found[3]
+
+
+def test_routes_must_be_a_list(tmp_path):
+    assert one_problem(write(tmp_path, "routes: {from: https://a}\n")).startswith("routes: expected a list")
+
+
+def test_duplicate_routes(tmp_path):
+    p = one_problem(write(tmp_path, """
+        routes:
+          - from: https://a.example.com/x
+            to: http://127.0.0.1
+          - from: https://a.example.com/y
+            to: http://127.0.0.1
+          - from: http://A.example.com/x
+            response: {status: 200}
+    """))
+    assert p.startswith("routes[2].from:") and "duplicates routes[0]" in p
+
+
+def test_https_route_without_certificate_and_no_autocert_is_fine(tmp_path):
+    [r] = routes_of(tmp_path, "autocert: false\nroutes:\n  - from: https://nocert.example\n    to: http://h\n")
+    assert r.host == "nocert.example"
+
+
+# --------------------------------------------------------------------------- certificates
+
+def test_certificates_from_files_inline_and_certificate_file(tmp_path, ca):
+    a, b, c = ca.issue(["a.example.com"]), ca.issue(["b.example.com"]), ca.issue(["c.example.com"])
+    # relative paths resolve against the config file's directory
+    doc = {
+        "certificates": [
+            {"cert": "pki/a.example.com.pem", "key": str(a.key_path)},
+            {"cert": b.cert_pem.decode(), "key": b.key_pem.decode()},
+        ],
+        "certificate_file": str(c.cert_path),
+        "certificate_key_file": str(c.key_path),
+    }
+    path = write(tmp_path, yaml.safe_dump(doc))
+    o = load_config(path, ENV)
+    assert [p.origin for p in o.certificates] == [str(a.cert_path), "certificates[1] (inline)", str(c.cert_path)]
+    assert [p.cert_pem for p in o.certificates] == [a.cert_pem, b.cert_pem, c.cert_pem]
+    assert [p.key_pem for p in o.certificates] == [a.key_pem, b.key_pem, c.key_pem]
+
+
+def test_chain_is_kept_leaf_first_and_text_around_pem_dropped(tmp_path, ca):
+    leaf = ca.issue(["a.example.com"])
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(b"Bag Attributes: junk\n" + leaf.cert_pem + ca.cert_pem)
+    o = load_config(None, {**ENV, "CERTIFICATE_FILE": str(chain), "CERTIFICATE_KEY_FILE": str(leaf.key_path)})
+    assert o.certificates[0].cert_pem == leaf.cert_pem + ca.cert_pem
+
+
+def test_certificates_from_environment(ca):
+    a = ca.issue(["a.example.com"])
+    env = {**ENV, "CERTIFICATES": f'[{{"cert": "{a.cert_path}", "key": "{a.key_path}"}}]'}
+    assert load_config(None, env).certificates[0].origin == str(a.cert_path)
+
+
+def test_unreadable_certificate_file_names_key_path_and_error(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    missing = tmp_path / "missing.pem"
+    p = one_problem(write(tmp_path, f"certificates:\n  - cert: {missing}\n    key: {a.key_path}\n"))
+    assert p.startswith("certificates[0].cert:") and str(missing) in p and "No such file" in p
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_permission_denied_certificate(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    a.key_path.chmod(0)
+    p = one_problem(write(tmp_path, f"certificate_file: {a.cert_path}\ncertificate_key_file: {a.key_path}\n"))
+    assert p.startswith("certificate_key_file:") and "Permission denied" in p
+
+
+def test_directory_as_certificate_path(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    p = one_problem(write(tmp_path, f"certificate_file: {tmp_path}\ncertificate_key_file: {a.key_path}\n"))
+    assert p.startswith("certificate_file:") and str(tmp_path) in p and "cannot read" in p
+
+
+def test_mismatched_certificate_and_key(tmp_path, ca):
+    a, b = ca.issue(["a.example.com"]), ca.issue(["b.example.com"])
+    p = one_problem(write(tmp_path, f"certificates:\n  - cert: {a.cert_path}\n    key: {b.key_path}\n"))
+    assert p.startswith("certificates[0].key:") and "does not match" in p and str(a.cert_path) in p
+
+
+def test_key_of_second_certificate_hints_at_order(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    wrong_order = tmp_path / "wrong.pem"
+    wrong_order.write_bytes(ca.cert_pem + a.cert_pem)
+    p = one_problem(write(tmp_path, f"certificate_file: {wrong_order}\ncertificate_key_file: {a.key_path}\n"))
+    assert "leaf must come first" in p
+
+
+def test_garbage_pem_and_encrypted_key(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    encrypted = tmp_path / "enc.key"
+    encrypted.write_bytes(a.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                              serialization.BestAvailableEncryption(b"pw")))
+    found = problems_of(write(tmp_path, f"""
+        certificates:
+          - cert: {garbage}
+            key: {a.key_path}
+          - cert: {a.cert_path}
+            key: {encrypted}
+          - cert: {a.cert_path}
+            key: {garbage}
+    """))
+    assert found[0].startswith("certificates[0].cert:") and "no PEM certificate" in found[0]
+    assert found[1].startswith("certificates[1].key:") and "password" in found[1]
+    assert found[2].startswith("certificates[2].key:") and "no PEM private key" in found[2]
+    assert len(found) == 3
+
+
+def test_certificate_entry_keys(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    found = problems_of(write(tmp_path, f"certificates:\n  - cert: {a.cert_path}\n    keyfile: x\n"))
+    assert found[0].startswith("certificates[0].keyfile: unknown key") and "'key'" in found[0]
+    assert found[1].startswith("certificates[0].key: missing")
+
+
+def test_certificate_file_needs_key_file(ca):
+    a = ca.issue(["a.example.com"])
+    p = one_problem(None, {**ENV, "CERTIFICATE_FILE": str(a.cert_path)})
+    assert p.startswith("certificate_key_file: missing")
+
+
+def test_expired_certificate_is_accepted_with_warning(tmp_path, ca):
+    now = dt.datetime.now(dt.timezone.utc)
+    old = ca.issue(["old.example.com"], not_before=now - dt.timedelta(days=100),
+                   not_after=now - dt.timedelta(days=10))
+    o = load_config(write(tmp_path, f"certificate_file: {old.cert_path}\ncertificate_key_file: {old.key_path}\n"), ENV)
+    assert o.certificates[0].cert_pem == old.cert_pem
+    assert len(o.warnings) == 1 and "expired" in o.warnings[0]
+
+
+def test_pkcs1_rsa_key_is_accepted_and_normalized(tmp_path, ca):
+    # A key in the traditional "BEGIN EC PRIVATE KEY" form still loads; stored as PKCS#8.
+    a = ca.issue(["a.example.com"])
+    trad = tmp_path / "trad.key"
+    trad.write_bytes(a.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()))
+    o = load_config(None, {**ENV, "CERTIFICATE_FILE": str(a.cert_path), "CERTIFICATE_KEY_FILE": str(trad)})
+    assert o.certificates[0].key_pem == a.key_pem
+
+
+# --------------------------------------------------------------------------- autocert
+
+def test_ca_selection_production_staging_explicit(tmp_path):
+    assert load_config(None, ENV).autocert_ca == LETS_ENCRYPT_PRODUCTION
+    staging = load_config(None, {**ENV, "AUTOCERT_USE_STAGING": "true"})
+    assert staging.autocert_ca == LETS_ENCRYPT_STAGING and staging.autocert_use_staging
+    explicit = load_config(write(tmp_path, "autocert_ca: https://ca.example/dir\nautocert_use_staging: true\n"), ENV)
+    assert explicit.autocert_ca == "https://ca.example/dir"
+    local = load_config(None, {**ENV, "AUTOCERT_CA": "http://127.0.0.1:14000/dir"})
+    assert local.autocert_ca == "http://127.0.0.1:14000/dir"
+
+
+@pytest.mark.parametrize("url", ["http://ca.example/dir", "ftp://ca.example", "ca.example/dir", "https://"])
+def test_bad_ca_url(url):
+    p = one_problem(None, {**ENV, "AUTOCERT_CA": url})
+    assert p.startswith("autocert_ca (from environment AUTOCERT_CA):") and repr(url) in p and "https://" in p
+
+
+def test_email(tmp_path):
+    assert load_config(write(tmp_path, "autocert_email: ''\n"), ENV).autocert_email == ""
+    assert load_config(None, {**ENV, "AUTOCERT_EMAIL": "ops@example.com"}).autocert_email == "ops@example.com"
+    for bad in ("ops", "ops@", "@example.com", "a b@example.com", "ops@localhost"):
+        p = one_problem(None, {**ENV, "AUTOCERT_EMAIL": bad})
+        assert p.startswith("autocert_email (from environment AUTOCERT_EMAIL):") and repr(bad) in p
+
+
+MAC = base64.urlsafe_b64encode(bytes(range(250, 256)) + b"\xfb\xff").decode()  # has '-' and '_'
+
+
+def test_eab_both_given():
+    assert "-" in MAC or "_" in MAC
+    o = load_config(None, {**ENV, "AUTOCERT_EAB_KEY_ID": "kid-1", "AUTOCERT_EAB_MAC_KEY": MAC})
+    assert (o.autocert_eab_key_id, o.autocert_eab_mac_key) == ("kid-1", MAC.rstrip("="))
+
+
+def test_eab_padding_is_tolerated_and_removed():
+    padded = base64.urlsafe_b64encode(b"12345").decode()
+    assert padded.endswith("=")
+    o = load_config(None, {**ENV, "AUTOCERT_EAB_KEY_ID": "k", "AUTOCERT_EAB_MAC_KEY": padded})
+    assert o.autocert_eab_mac_key == padded.rstrip("=")
+
+
+@pytest.mark.parametrize("given,missing", [("AUTOCERT_EAB_KEY_ID", "autocert_eab_mac_key"),
+                                           ("AUTOCERT_EAB_MAC_KEY", "autocert_eab_key_id")])
+def test_eab_only_one_given(given, missing):
+    value = MAC if given == "AUTOCERT_EAB_MAC_KEY" else "kid-1"
+    p = one_problem(None, {**ENV, given: value})
+    assert p.startswith(f"{missing}: missing") and given.lower() in p
+
+
+@pytest.mark.parametrize("mac", ["ab+/cd", "abc$", "a", "abcde=====", "ab cd"])
+def test_bad_mac_key(mac):
+    p = one_problem(None, {**ENV, "AUTOCERT_EAB_KEY_ID": "kid", "AUTOCERT_EAB_MAC_KEY": mac})
+    assert p.startswith("autocert_eab_mac_key (from environment AUTOCERT_EAB_MAC_KEY):") and "base64url" in p
+    # the secret itself is not repeated into logs
+    assert mac not in p.split(":", 1)[1] or len(mac) <= 1
+
+
+def test_trusted_ca_base64_and_file(tmp_path, ca):
+    b64 = base64.b64encode(ca.cert_pem).decode()
+    assert load_config(None, {**ENV, "AUTOCERT_TRUSTED_CA": b64}).autocert_trusted_ca_pem == ca.cert_pem
+    o = load_config(write(tmp_path, "autocert_trusted_ca_file: pki/ca.pem\n"), ENV)
+    assert o.autocert_trusted_ca_pem == ca.cert_pem
+
+
+def test_trusted_ca_both_given(tmp_path, ca):
+    b64 = base64.b64encode(ca.cert_pem).decode()
+    p = one_problem(write(tmp_path, f"autocert_trusted_ca: {b64}\nautocert_trusted_ca_file: {ca.cert_path}\n"))
+    assert "autocert_trusted_ca" in p and "autocert_trusted_ca_file" in p and "only one" in p
+
+
+def test_bad_trusted_ca(tmp_path, ca):
+    found = problems_of(None, {**ENV, "AUTOCERT_TRUSTED_CA": "%%%not base64%%%"})
+    assert found[0].startswith("autocert_trusted_ca (from environment AUTOCERT_TRUSTED_CA):") and "base64" in found[0]
+    no_cert = base64.b64encode(b"hello").decode()
+    assert "no PEM certificate" in one_problem(None, {**ENV, "AUTOCERT_TRUSTED_CA": no_cert})
+    assert "base64-encoded" in one_problem(None, {**ENV, "AUTOCERT_TRUSTED_CA": ca.cert_pem.decode()})
+    p = one_problem(write(tmp_path, "autocert_trusted_ca_file: nope.pem\n"))
+    assert p.startswith("autocert_trusted_ca_file:") and str(tmp_path / "nope.pem") in p
+
+
+def test_autocert_dir_defaults():
+    assert load_config(None, {"XDG_DATA_HOME": "/xdg", "HOME": "/home/u"}).autocert_dir == \
+        "/xdg/autocert-proxy/autocert"
+    assert load_config(None, {"HOME": "/home/u"}).autocert_dir == "/home/u/.local/share/autocert-proxy/autocert"
+    assert load_config(None, {"XDG_DATA_HOME": "", "HOME": "/home/u"}).autocert_dir == \
+        "/home/u/.local/share/autocert-proxy/autocert"
+
+
+def test_autocert_dir_given(tmp_path):
+    assert load_config(write(tmp_path, "autocert_dir: certs\n"), ENV).autocert_dir == str(tmp_path / "certs")
+    assert load_config(None, {**ENV, "AUTOCERT_DIR": "/var/lib/x"}).autocert_dir == "/var/lib/x"
+    for url in ("s3://bucket.s3.eu-west-1.amazonaws.com/prefix", "gs://bucket/prefix"):
+        assert load_config(None, {**ENV, "AUTOCERT_DIR": url}).autocert_dir == url
+    p = one_problem(None, {**ENV, "AUTOCERT_DIR": "azure://container"})
+    assert p.startswith("autocert_dir (from environment AUTOCERT_DIR):") and "'azure'" in p and "gs://" in p
+
+
+def test_must_staple_with_lets_encrypt_warns():
+    o = load_config(None, {**ENV, "AUTOCERT": "1", "AUTOCERT_MUST_STAPLE": "1"})
+    assert any("must-staple" in w for w in o.warnings)
+    o = load_config(None, {**ENV, "AUTOCERT": "1", "AUTOCERT_MUST_STAPLE": "1", "AUTOCERT_CA": "https://ca.example/d"})
+    assert o.warnings == ()
