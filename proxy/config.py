@@ -561,7 +561,10 @@ def parse_ca_url(value: Any) -> str:
 
 
 def normalize_mac_key(value: Any) -> str:
-    """base64url (RFC 4648 section 5), padding tolerated -> the unpadded form."""
+    """base64url (RFC 4648 section 5), padding tolerated -> the unpadded form.
+
+    The MAC key is a secret: errors give its length, never its text, so logs stay clean.
+    """
     accepted = "accepted: base64url text (A-Z a-z 0-9 - _), as the CA gave it"
     text = _require_str(value, "base64url text").strip()
     if not _MAC_KEY.fullmatch(text):
