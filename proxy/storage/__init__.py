@@ -1,0 +1,321 @@
+"""Storage backends (file, S3, GCS) behind one factory, and the lease-lock algorithm they share.
+
+``open_storage(autocert_dir)`` picks the backend from the setting's value; ``check(storage)``
+fails fast at start when the location is unusable (missing bucket, refused credentials).
+
+Every backend implements locks with four primitives on one "lock record" per name
+(``locks/<name>.lock`` below the backend's root): create-if-absent, read (record + version
+token), replace-if-version-matches and delete-if-version-matches. ``LeaseLocks`` turns them
+into ``lock``/``unlock`` with a lease renewed in the background; see its docstring.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from .base import KeyInfo, NotFound, Storage, StorageError
+
+__all__ = [
+    "Storage", "StorageError", "NotFound", "KeyInfo", "LeaseHandle",
+    "open_storage", "check", "parse_location", "Location",
+]
+
+log = logging.getLogger("proxy.storage")
+
+SETTING = "autocert_dir"
+ACCEPTED = ("a directory path, s3://BUCKET/PREFIX, s3://BUCKET.s3.REGION.amazonaws.com/PREFIX "
+            "or gs://BUCKET/PREFIX")
+
+
+# ----------------------------------------------------------------------------- keys
+
+def check_key(key: str, *, allow_root: bool = False) -> str:
+    """Validate a "/"-separated relative key; return it without a trailing "/".
+
+    Rejects absolute keys, empty components, "." and ".." (a key may never leave the root)."""
+    if not isinstance(key, str):
+        raise StorageError(f"storage key must be a string, got {type(key).__name__}")
+    k = key.rstrip("/") if key not in ("", "/") else ""
+    if k == "":
+        if allow_root:
+            return ""
+        raise StorageError("storage key is empty")
+    if k.startswith("/") or "\\" in k or "\x00" in k:
+        raise StorageError(f"storage key {key!r} is not a relative '/'-separated path")
+    for part in k.split("/"):
+        if part in ("", ".", ".."):
+            raise StorageError(f"storage key {key!r} contains an empty, '.' or '..' component")
+    return k
+
+
+def lock_key(name: str) -> str:
+    return "locks/" + check_key(name) + ".lock"
+
+
+# ----------------------------------------------------------------------------- locations
+
+@dataclass(frozen=True)
+class Location:
+    kind: str            # "file" | "s3" | "gs"
+    path: str = ""       # file: the directory
+    bucket: str = ""
+    prefix: str = ""     # object-key prefix without leading/trailing "/"
+    region: str | None = None
+
+
+def _bad(value: str, why: str) -> StorageError:
+    return StorageError(f"{SETTING}={value!r}: {why}; accepted: {ACCEPTED}")
+
+
+def parse_location(location: str) -> Location:
+    """Parse an ``autocert_dir`` value. Raises StorageError naming the setting when malformed."""
+    if not isinstance(location, str) or not location.strip():
+        raise _bad(str(location), "empty value")
+    value = location.strip()
+    if "://" not in value:
+        return Location("file", path=os.path.abspath(os.path.expanduser(value)))
+    parts = urlsplit(value)
+    scheme = parts.scheme.lower()
+    if scheme not in ("s3", "gs"):
+        raise _bad(value, f"unknown scheme {parts.scheme!r}")
+    if parts.query or parts.fragment or parts.username or parts.password or parts.port:
+        raise _bad(value, "query, fragment, credentials or port are not allowed in the URL")
+    host = parts.hostname or ""
+    if not host:
+        raise _bad(value, "missing bucket name")
+    prefix = parts.path.strip("/")
+    if prefix:
+        try:
+            check_key(prefix)
+        except StorageError:
+            raise _bad(value, f"prefix {prefix!r} has empty, '.' or '..' components") from None
+    region = None
+    bucket = host
+    if scheme == "s3":
+        labels = host.split(".")
+        if "s3" in labels[1:] and host.endswith(".amazonaws.com"):
+            i = labels.index("s3", 1)
+            bucket = ".".join(labels[:i])
+            rest = labels[i + 1:-2]          # between "s3" and "amazonaws.com"
+            if len(rest) > 1:
+                raise _bad(value, "expected host BUCKET.s3.REGION.amazonaws.com")
+            region = rest[0] if rest else "us-east-1"
+        _check_bucket(value, bucket, 3, 63, "S3")
+    else:
+        _check_bucket(value, bucket, 3, 222, "GCS")
+    return Location(scheme, bucket=bucket, prefix=prefix, region=region)
+
+
+def _check_bucket(value: str, bucket: str, lo: int, hi: int, what: str) -> None:
+    ok = lo <= len(bucket) <= hi and all(c.isalnum() or c in "-._" for c in bucket)
+    ok = ok and bucket[0].isalnum() and bucket[-1].isalnum() and bucket == bucket.lower()
+    if not ok:
+        raise _bad(value, f"{bucket!r} is not a valid {what} bucket name "
+                          f"({lo}-{hi} lowercase letters, digits, '-', '.', '_')")
+
+
+def open_storage(location: str, *, lease_seconds: float = 10.0,
+                 timeout: float = 10.0) -> Storage:
+    """Open the backend for an ``autocert_dir`` value (nothing is contacted yet; see ``check``).
+
+    ``lease_seconds``: lock lease; ``timeout``: connect/read timeout of every request (S3/GCS)."""
+    loc = parse_location(location)
+    if loc.kind == "file":
+        from .file import FileStorage
+        return FileStorage(loc.path, lease_seconds=lease_seconds)
+    if loc.kind == "s3":
+        from .s3 import S3Storage
+        return S3Storage(loc.bucket, loc.prefix, region=loc.region,
+                         lease_seconds=lease_seconds, timeout=timeout)
+    from .gcs import GCSStorage
+    return GCSStorage(loc.bucket, loc.prefix, lease_seconds=lease_seconds, timeout=timeout)
+
+
+async def check(storage: Storage) -> None:
+    """Fail fast: raise StorageError naming ``autocert_dir`` if the store cannot be written and
+    read back (missing directory permissions, missing bucket, refused credentials, unreachable)."""
+    verify = getattr(storage, "verify", None)
+    if verify is not None:
+        await verify()
+        return
+    await probe(storage)
+
+
+async def probe(storage: Storage) -> None:
+    """Write, read back and delete a small object; errors name the setting."""
+    key = f"probe/{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        await storage.store(key, b"probe")
+        if await storage.load(key) != b"probe":
+            raise StorageError(f"{storage.describe()}: probe object read back differently")
+        await storage.delete(key)
+    except StorageError as e:
+        raise StorageError(f"{SETTING}={storage.describe()!r} is not usable: {e}") from e
+
+
+# ----------------------------------------------------------------------------- leases
+
+@dataclass
+class LockRecord:
+    """What a lock object holds, plus the backend's version token (ETag, generation, owner)."""
+    owner: str
+    expires: float
+    token: object
+
+
+@dataclass
+class LeaseHandle:
+    """A lock this instance holds. ``lost`` is set when a renewal found someone else's record
+    (or our lease ran out before we could renew): the holder must stop relying on it."""
+    name: str
+    owner: str
+    token: object
+    expires: float
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    renewal: asyncio.Task | None = None
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
+
+
+def encode_record(owner: str, expires: float) -> bytes:
+    return json.dumps({"owner": owner, "expires": round(expires, 3)}).encode()
+
+
+def decode_record(data: bytes) -> tuple[str, float] | None:
+    try:
+        obj = json.loads(data)
+        return str(obj["owner"]), float(obj["expires"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+class LeaseLocks:
+    """Lease locks on top of four conditional primitives (mixed into every backend).
+
+    lock(name): loop { create-if-absent -> held; else read the record; if its ``expires`` is
+    in the past, replace it conditionally on the version we read (exactly one waiter's
+    conditional replace can succeed) -> held; else sleep 50-250 ms (jittered) }.
+    While held, a task renews the record every lease/3, conditionally on our last version;
+    a failed condition (or our lease running out before a renewal got through) sets
+    ``handle.lost``. unlock(name) deletes the record conditionally on our version.
+    Expiry times are unix wall-clock times: instances sharing a store need synced clocks
+    (as certmagic assumes); clock skew must stay well below the lease.
+    """
+
+    lease_seconds: float
+    poll_interval = (0.05, 0.25)
+
+    # --- primitives (backend-specific); all raise StorageError on failure of the store
+    async def _lock_create(self, name: str, data: bytes) -> object | None:
+        """Create the record if absent; return its version token, or None if it exists."""
+        raise NotImplementedError
+
+    async def _lock_read(self, name: str) -> LockRecord | None:
+        """Return the current record, or None if there is none."""
+        raise NotImplementedError
+
+    async def _lock_replace(self, name: str, data: bytes, token: object) -> object | None:
+        """Replace the record if its version is still ``token``; new token, or None if not."""
+        raise NotImplementedError
+
+    async def _lock_delete(self, name: str, token: object) -> bool:
+        """Delete the record if its version is still ``token``."""
+        raise NotImplementedError
+
+    # --- algorithm
+    def _leases(self) -> dict[str, LeaseHandle]:
+        d = self.__dict__.get("_lease_handles")
+        if d is None:
+            d = self.__dict__["_lease_handles"] = {}
+        return d
+
+    def held(self, name: str) -> LeaseHandle | None:
+        """The handle of a lock this instance holds (``handle.lost`` tells if it was lost)."""
+        return self._leases().get(name)
+
+    async def lock(self, name: str) -> None:
+        check_key(name)
+        lease = self.lease_seconds
+        while True:
+            owner = new_owner()
+            expires = time.time() + lease
+            token = await self._lock_create(name, encode_record(owner, expires))
+            if token is None:
+                current = await self._lock_read(name)
+                if current is None:
+                    continue                     # released between our two requests
+                if current.expires < time.time():
+                    expires = time.time() + lease
+                    token = await self._lock_replace(name, encode_record(owner, expires),
+                                                     current.token)
+                    if token is not None:
+                        log.warning("%s: took over lock %r whose lease lapsed (holder %s)",
+                                    self.describe(), name, current.owner)
+            if token is not None:
+                return self._start_lease(name, owner, token, expires)
+            await asyncio.sleep(random.uniform(*self.poll_interval))
+
+    def _start_lease(self, name: str, owner: str, token: object, expires: float) -> None:
+        handle = LeaseHandle(name, owner, token, expires)
+        leases = self._leases()
+        old = leases.get(name)
+        if old is not None and old.renewal is not None:
+            old.renewal.cancel()                 # a lost handle nobody unlocked
+        handle.renewal = asyncio.get_running_loop().create_task(
+            self._renew(handle), name=f"lease-renewal:{name}")
+        leases[name] = handle
+
+    async def _renew(self, h: LeaseHandle) -> None:
+        lease = self.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            if time.time() >= h.expires:
+                log.error("%s: lease on lock %r ran out before it could be renewed; lock lost",
+                          self.describe(), h.name)
+                h.lost.set()
+                return
+            expires = time.time() + lease
+            try:
+                token = await self._lock_replace(h.name, encode_record(h.owner, expires), h.token)
+            except StorageError as e:
+                log.warning("%s: renewing lock %r failed (will retry): %s",
+                            self.describe(), h.name, e)
+                continue
+            if token is None:
+                log.error("%s: lock %r was taken over by another instance; lock lost",
+                          self.describe(), h.name)
+                h.lost.set()
+                return
+            h.token, h.expires = token, expires
+
+    async def unlock(self, name: str) -> None:
+        h = self._leases().pop(name, None)
+        if h is None:
+            return                               # not ours: never touch another's lock
+        if h.renewal is not None:
+            h.renewal.cancel()
+            try:
+                await h.renewal
+            except (asyncio.CancelledError, Exception):
+                pass
+        if h.lost.is_set():
+            return
+        if not await self._lock_delete(name, h.token):
+            log.warning("%s: lock %r was no longer ours at unlock", self.describe(), name)
+
+    async def _close_leases(self) -> None:
+        for name in list(self._leases()):
+            try:
+                await self.unlock(name)
+            except StorageError as e:
+                log.warning("%s: releasing lock %r at close failed: %s", self.describe(), name, e)
