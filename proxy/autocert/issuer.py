@@ -1,0 +1,780 @@
+"""The ACME conversation (RFC 8555): account, order, challenges, finalize, download; ARI.
+
+Blocking by design (the ``acme`` library speaks through ``requests``): the async autocert
+manager runs ``AcmeIssuer.account`` / ``obtain`` / ``renewal_info`` in a worker thread. Nothing
+here touches an event loop. One ``AcmeIssuer`` may be used from several threads at once:
+each ``obtain`` has its own connection and nonces; the account is shared behind a lock.
+
+What we take from the ``acme`` library: JWS signing and nonces (``ClientNetwork``), the EAB
+binding, problem documents (``messages.Error``). What we do ourselves, and why:
+
+- Polling: the library sleeps 1 s before every poll; Pebble (and real CAs, most of the time)
+  validate in milliseconds, so we poll at ``poll_interval`` (0.05 s) growing x1.5 to
+  ``poll_max_interval`` (1 s), honouring a CA's Retry-After (capped by the deadline).
+- Bad nonces: the library retries a ``badNonce`` once; we retry up to ``nonce_retries`` times
+  (a rejected nonce means the CA did not act on the request, so a retry is always safe).
+- Trust: ``trusted_ca_pem`` goes to ``requests`` as ``verify=<temp CA bundle>`` on every
+  request to the CA; an empty value means the default roots of ``requests``.
+- Errors: every failure - refused request, failed validation, TLS or network error, an answer
+  we cannot parse - becomes an ``AcmeError`` naming the CA and the names, with the problem
+  document and Retry-After when the CA sent them.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import email.utils
+import hashlib
+import ipaddress
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+import urllib.parse
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import josepy as jose
+import requests
+from acme import client as acme_client
+from acme import errors as acme_errors
+from acme import messages
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509.oid import NameOID
+
+from proxy.autocert.challenges import CHALLENGE_TYPES, HTTP_01, TLS_ALPN_01, Challenge, safe_key
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHALLENGE_TYPES: tuple[str, ...] = (TLS_ALPN_01, HTTP_01)
+ACME_ERROR_PREFIX = "urn:ietf:params:acme:error:"
+
+
+# --------------------------------------------------------------------------------------------
+# settings, errors, results
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IssuerSettings:
+    directory_url: str
+    email: str = ""
+    eab_key_id: str = ""
+    eab_mac_key: str = ""               # unpadded base64url, as the CA hands it out
+    trusted_ca_pem: bytes = b""         # CA(s) trusted for the CA's HTTPS; empty: default roots
+    must_staple: bool = False
+    challenge_types: tuple[str, ...] = DEFAULT_CHALLENGE_TYPES  # order of preference
+    poll_interval: float = 0.05         # first wait before polling an authorization or order
+    poll_max_interval: float = 1.0      # the wait grows x1.5 up to this
+    timeout: float = 90.0               # for one whole order, from new-order to download
+    network_timeout: float = 30.0       # for one HTTP request
+    nonce_retries: int = 10             # attempts per request while the CA says badNonce
+    user_agent: str = "autocert-proxy"
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.challenge_types if t not in CHALLENGE_TYPES]
+        if bad or not self.challenge_types:
+            raise ValueError(f"challenge_types {self.challenge_types!r}: each must be one of {CHALLENGE_TYPES}")
+        if bool(self.eab_key_id) != bool(self.eab_mac_key):
+            raise ValueError("eab_key_id and eab_mac_key must be given together")
+
+
+class AcmeError(Exception):
+    """An ACME operation failed. ``str()`` says what, for which names, at which CA, and why."""
+
+    def __init__(self, message: str, *, ca: str, domains: Sequence[str] = (),
+                 problem: Optional[dict] = None, retry_after: Optional[float] = None):
+        super().__init__(message)
+        self.message = message
+        self.ca = ca
+        self.domains = tuple(domains)
+        self.problem = problem
+        self.retry_after = retry_after
+
+    @property
+    def problem_type(self) -> str:
+        return (self.problem or {}).get("type", "")
+
+    def __str__(self) -> str:
+        names = f" for {', '.join(self.domains)}" if self.domains else ""
+        out = f"ACME CA {self.ca}{names}: {self.message}"
+        if self.problem:
+            out += f" [{describe_problem(self.problem)}]"
+        if self.retry_after is not None:
+            out += f" (the CA asks to retry after {self.retry_after:.0f} s)"
+        return out
+
+
+def describe_problem(problem: dict) -> str:
+    """One line for an RFC 7807 problem document, subproblems included."""
+    t = str(problem.get("type", "about:blank"))
+    short = t[len(ACME_ERROR_PREFIX):] if t.startswith(ACME_ERROR_PREFIX) else t
+    out = f"{short}: {problem.get('detail') or problem.get('title') or ''}".rstrip(": ")
+    subs = problem.get("subproblems") or []
+    if subs:
+        parts = []
+        for s in subs:
+            ident = (s.get("identifier") or {}).get("value")
+            parts.append((f"{ident}: " if ident else "") + describe_problem(s))
+        out += "; subproblems: " + "; ".join(parts)
+    return out
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    chain_pem: bytes            # leaf first, then intermediates, as the CA sent it
+    cert_url: str
+    order_url: str
+    domains: tuple[str, ...]
+    issuer_key: str             # issuer_id(directory_url): the storage folder for this CA
+    not_before: dt.datetime
+    not_after: dt.datetime
+    elapsed: float              # seconds from new-order to download
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return x509.load_pem_x509_certificate(self.chain_pem)
+
+
+# --------------------------------------------------------------------------------------------
+# pure helpers
+# --------------------------------------------------------------------------------------------
+def issuer_id(directory_url: str) -> str:
+    """certmagic's storage name for a CA: host plus path, made one safe path segment.
+
+    ``https://acme-v02.api.letsencrypt.org/directory`` -> ``acme-v02.api.letsencrypt.org-directory``;
+    ``https://127.0.0.1:14000/dir`` -> ``127.0.0.1-14000-dir``.
+    """
+    key = directory_url
+    u = urllib.parse.urlsplit(directory_url)
+    if u.netloc:
+        key = u.netloc
+        path = u.path.replace("/", "-").replace("\\", "-").strip("-")
+        if path:
+            key += "-" + path
+    return safe_key(key)
+
+
+def parse_retry_after(value: Optional[str], now: Optional[dt.datetime] = None) -> Optional[float]:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent/bad."""
+    if value is None:
+        return None
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def ari_cert_id(cert_pem: bytes) -> str:
+    """RFC 9773 CertID: base64url(AKI keyIdentifier) "." base64url(DER serial INTEGER content)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    except x509.ExtensionNotFound:
+        raise ValueError("certificate has no Authority Key Identifier: no ARI CertID") from None
+    if aki.key_identifier is None:
+        raise ValueError("certificate's Authority Key Identifier has no keyIdentifier")
+    serial = cert.serial_number
+    # DER INTEGER content: big-endian two's complement, minimal length (room for the sign bit)
+    serial_bytes = serial.to_bytes(max(1, math.ceil((serial.bit_length() + 1) / 8)), "big", signed=True)
+    return f"{_b64url(aki.key_identifier)}.{_b64url(serial_bytes)}"
+
+
+def normalize_domains(domains: Sequence[str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for d in domains:
+        n = d.strip().lower().rstrip(".")
+        if not n:
+            raise ValueError(f"empty name in {list(domains)!r}")
+        if n not in out:
+            out.append(n)
+    if not out:
+        raise ValueError("no names to obtain a certificate for")
+    return tuple(out)
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def load_private_key(key_pem: bytes):
+    return serialization.load_pem_private_key(key_pem, password=None)
+
+
+def build_csr(key_pem: bytes, domains: Sequence[str], must_staple: bool = False) -> bytes:
+    """DER CSR for ``domains`` (SANs; CN = first name when it fits) signed by ``key_pem``.
+
+    With ``must_staple`` it carries the TLS Feature extension (status_request, RFC 7633).
+    """
+    domains = normalize_domains(domains)
+    key = load_private_key(key_pem)
+    sans: list[x509.GeneralName] = []
+    for d in domains:
+        sans.append(x509.IPAddress(ipaddress.ip_address(d)) if _is_ip(d) else x509.DNSName(d))
+    subject = []
+    if len(domains[0]) <= 64 and not _is_ip(domains[0]):
+        subject.append(x509.NameAttribute(NameOID.COMMON_NAME, domains[0]))
+    b = (x509.CertificateSigningRequestBuilder()
+         .subject_name(x509.Name(subject))
+         .add_extension(x509.SubjectAlternativeName(sans), critical=False))
+    if must_staple:
+        b = b.add_extension(x509.TLSFeature([x509.TLSFeatureType.status_request]), critical=False)
+    algo = None if isinstance(key, (ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)) else hashes.SHA256()
+    return b.sign(key, algo).public_bytes(serialization.Encoding.DER)
+
+
+def generate_account_key() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _jwk_and_alg(key_pem: bytes) -> tuple[jose.JWK, jose.JWASignature]:
+    key = load_private_key(key_pem)
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        alg = {256: jose.ES256, 384: jose.ES384, 521: jose.ES512}.get(key.curve.key_size)
+        if alg is None:
+            raise ValueError(f"unsupported account key curve {key.curve.name}")
+        return jose.JWKEC(key=key), alg
+    if isinstance(key, rsa.RSAPrivateKey):
+        return jose.JWKRSA(key=key), jose.RS256
+    raise ValueError(f"unsupported account key type {type(key).__name__}")
+
+
+def key_authorization(token: str, account_jwk: jose.JWK) -> str:
+    thumb = account_jwk.public_key().thumbprint(hash_function=hashes.SHA256)
+    return f"{token}.{_b64url(thumb)}"
+
+
+def must_staple_refused(problem: Optional[dict]) -> bool:
+    """Does this problem say the CA will not issue must-staple (TLS Feature) certificates?"""
+    if not problem:
+        return False
+    texts = [str(problem.get("detail") or ""), str(problem.get("title") or "")]
+    for s in problem.get("subproblems") or []:
+        texts.append(str(s.get("detail") or ""))
+    blob = " ".join(texts).lower()
+    return any(w in blob for w in ("staple", "status_request", "tls feature", "tlsfeature",
+                                   "1.3.6.1.5.5.7.1.24"))
+
+
+MUST_STAPLE_REFUSED_MESSAGE = (
+    "the CA refuses must-staple certificates (it will not issue a certificate carrying the "
+    "OCSP must-staple / TLS Feature extension); turn off autocert_must_staple")
+
+
+# --------------------------------------------------------------------------------------------
+# the network side
+# --------------------------------------------------------------------------------------------
+class _Net(acme_client.ClientNetwork):
+    """ClientNetwork with a bounded badNonce retry, and the last response kept for Retry-After."""
+
+    def __init__(self, *args: Any, nonce_retries: int = 10, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.nonce_retries = max(1, nonce_retries)
+        self.last_response: Optional[requests.Response] = None
+        self.nonce_rejections = 0
+
+    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
+        response = super()._send_request(method, url, *args, **kwargs)
+        self.last_response = response
+        if not response.ok and self.REPLAY_NONCE_HEADER in response.headers:
+            try:  # error answers carry a fresh nonce too: saves a HEAD new-nonce
+                self._add_nonce(response)
+            except acme_errors.Error:
+                pass
+        return response
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for attempt in range(self.nonce_retries):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce" or attempt == self.nonce_retries - 1:
+                    raise
+                self.nonce_rejections += 1
+                log.debug("CA rejected our nonce (attempt %d), retrying", attempt + 1)
+        raise AssertionError("unreachable")
+
+
+class _Poller:
+    """Waits between polls: poll_interval growing x1.5 to poll_max_interval; Retry-After wins."""
+
+    def __init__(self, settings: IssuerSettings, deadline: float):
+        self.wait = settings.poll_interval
+        self.max = settings.poll_max_interval
+        self.deadline = deadline
+
+    def sleep(self, response: Optional[requests.Response] = None) -> None:
+        wait = self.wait
+        if response is not None:
+            ra = parse_retry_after(response.headers.get("Retry-After"))
+            if ra is not None:
+                wait = max(wait, ra)
+        wait = min(wait, max(0.0, self.deadline - time.monotonic()))
+        time.sleep(wait)
+        self.wait = min(self.max, self.wait * 1.5)
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+
+class AcmeIssuer:
+    """Speaks ACME to one CA with one account. Blocking; run it in a worker thread.
+
+    ``account_key_pem`` / ``registration_json`` are what ``account()`` returned before (kept in
+    storage under ``acme/<issuer>/users/<email>/``); without them a new account is registered
+    on first use. ``registration_json`` is certmagic's account record: the ACME account object
+    plus ``"location"`` (the account URL).
+    """
+
+    def __init__(self, settings: IssuerSettings, account_key_pem: Optional[bytes] = None,
+                 registration_json: Optional[bytes] = None):
+        self.settings = settings
+        self.ca = settings.directory_url
+        self.issuer_key = issuer_id(settings.directory_url)
+        self._lock = threading.Lock()
+        self._directory: Optional[dict] = None
+        self._account_key_pem = account_key_pem or generate_account_key()
+        try:
+            self._jwk, self._alg = _jwk_and_alg(self._account_key_pem)
+        except (ValueError, TypeError) as e:
+            raise AcmeError(f"the ACME account key cannot be used: {e}", ca=self.ca) from None
+        self._registration: dict = {}
+        if registration_json:
+            try:
+                self._registration = json.loads(registration_json)
+            except ValueError as e:
+                raise AcmeError(f"the stored ACME account record is not JSON: {e}", ca=self.ca) from None
+        self._account_checked = False
+        self._verify: Any = True
+        self._ca_file: Optional[str] = None
+        if settings.trusted_ca_pem:
+            try:
+                x509.load_pem_x509_certificates(settings.trusted_ca_pem)
+            except ValueError as e:
+                raise AcmeError(f"the trusted CA (autocert_trusted_ca / autocert_trusted_ca_file) "
+                                f"is not a PEM certificate: {e}", ca=self.ca) from None
+            fd, path = tempfile.mkstemp(prefix="autocert-trusted-ca-", suffix=".pem")
+            with os.fdopen(fd, "wb") as f:
+                f.write(settings.trusted_ca_pem)
+            self._ca_file = self._verify = path
+            self._finalizer = weakref.finalize(self, _unlink, path)
+        self.stats = {"nonce_rejections": 0, "polls": 0}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._ca_file:
+            self._finalizer()
+
+    def __enter__(self) -> "AcmeIssuer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _net(self, with_account: bool = True) -> _Net:
+        net = _Net(self._jwk, alg=self._alg, verify_ssl=self._verify,
+                   user_agent=self.settings.user_agent,
+                   timeout=self.settings.network_timeout,  # type: ignore[arg-type]
+                   nonce_retries=self.settings.nonce_retries)
+        if with_account:
+            net.account = messages.RegistrationResource(
+                uri=self._registration["location"], body=messages.Registration())
+        return net
+
+    def _error(self, exc: BaseException, doing: str, domains: Sequence[str] = (),
+               net: Optional[_Net] = None) -> AcmeError:
+        """Turn anything raised while talking to the CA into an AcmeError."""
+        if isinstance(exc, AcmeError):
+            return exc
+        retry_after = None
+        if net is not None and net.last_response is not None and not net.last_response.ok:
+            retry_after = parse_retry_after(net.last_response.headers.get("Retry-After"))
+        if isinstance(exc, messages.Error):
+            problem = exc.to_partial_json()
+            problem = json.loads(json.dumps(problem, default=lambda o: o.to_partial_json()))
+            return AcmeError(self._explain(problem, doing), ca=self.ca, domains=domains,
+                             problem=problem, retry_after=retry_after)
+        if isinstance(exc, requests.exceptions.SSLError):
+            reason = _root_cause(exc)
+            hint = ("certificate verification failed: the CA's HTTPS certificate is not trusted; "
+                    "check autocert_trusted_ca / autocert_trusted_ca_file"
+                    if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason
+                    else "TLS connection failed")
+            return AcmeError(f"{doing}: {hint} ({reason})", ca=self.ca, domains=domains)
+        if isinstance(exc, requests.exceptions.Timeout):
+            return AcmeError(f"{doing}: the CA did not answer in time ({_root_cause(exc)})",
+                             ca=self.ca, domains=domains)
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return AcmeError(f"{doing}: cannot reach the CA ({_root_cause(exc)})", ca=self.ca,
+                             domains=domains)
+        if isinstance(exc, acme_errors.ClientError):
+            detail = exc.args[0] if exc.args else exc
+            if isinstance(detail, requests.Response):
+                body = detail.text[:200].strip()
+                detail = f"HTTP {detail.status_code} from {detail.url}: {body!r}"
+            return AcmeError(f"{doing}: unexpected answer from the CA ({detail})", ca=self.ca,
+                             domains=domains, retry_after=retry_after)
+        if isinstance(exc, acme_errors.ConflictError):
+            return AcmeError(f"{doing}: conflict ({exc})", ca=self.ca, domains=domains)
+        return AcmeError(f"{doing}: {type(exc).__name__}: {exc}", ca=self.ca, domains=domains,
+                         retry_after=retry_after)
+
+    def _explain(self, problem: dict, doing: str) -> str:
+        t = str(problem.get("type", ""))
+        code = t[len(ACME_ERROR_PREFIX):] if t.startswith(ACME_ERROR_PREFIX) else t
+        if self.settings.must_staple and must_staple_refused(problem):
+            return f"{doing}: {MUST_STAPLE_REFUSED_MESSAGE}"
+        if code == "externalAccountRequired":
+            return (f"{doing}: the CA requires External Account Binding; set autocert_eab_key_id "
+                    "and autocert_eab_mac_key to the values the CA gave you")
+        if doing.startswith("registering") and self.settings.eab_key_id and code in (
+                "unauthorized", "malformed", "badPublicKey", "badSignatureAlgorithm"):
+            return (f"{doing}: the CA rejected the External Account Binding (key id "
+                    f"{self.settings.eab_key_id!r}); check autocert_eab_key_id and autocert_eab_mac_key")
+        if code == "rateLimited":
+            return f"{doing}: rate limited by the CA"
+        if code == "badNonce":
+            return f"{doing}: the CA kept rejecting our nonces ({self.settings.nonce_retries} attempts)"
+        return f"{doing}: the CA refused the request"
+
+    def directory(self) -> dict:
+        with self._lock:
+            if self._directory is None:
+                net = self._net(with_account=False)
+                try:
+                    d = net.get(self.ca).json()
+                    if not isinstance(d, dict) or "newOrder" not in d or "newAccount" not in d:
+                        raise ValueError(f"not an ACME directory: {str(d)[:200]!r}")
+                except Exception as e:
+                    raise self._error(e, "fetching the ACME directory", net=net) from e
+                self._directory = d
+            return self._directory
+
+    @staticmethod
+    def _post(net: _Net, directory: dict, url: str, obj: Any) -> requests.Response:
+        return net.post(url, obj, new_nonce_url=directory.get("newNonce"))
+
+    # -- account -------------------------------------------------------------------------------
+    def account(self) -> tuple[bytes, bytes]:
+        """Register (agreeing to the terms of service, with EAB when set) or confirm the account.
+
+        With a stored record, asks the CA (new-account, onlyReturnExisting) whether the account
+        still exists and registers afresh with the same key only if it does not.
+        Returns (account_key_pem, registration_json) to store.
+        """
+        directory = self.directory()
+        with self._lock:
+            if not (self._account_checked and self._registration.get("location")):
+                self._account_locked(directory)
+            return self._account_key_pem, json.dumps(self._registration, sort_keys=True).encode()
+
+    def _account_locked(self, directory: dict) -> None:
+        net = self._net(with_account=False)
+        if self._registration.get("location"):
+            try:
+                resp = self._post(net, directory, directory["newAccount"],
+                                  messages.Registration(only_return_existing=True))
+                self._set_registration(resp)
+                self._account_checked = True
+                return
+            except messages.Error as e:
+                if e.code != "accountDoesNotExist":
+                    raise self._error(e, "checking the stored ACME account", net=net) from e
+                log.warning("ACME account %s no longer exists at %s; registering a new one",
+                            self._registration.get("location"), self.ca)
+            except Exception as e:
+                raise self._error(e, "checking the stored ACME account", net=net) from e
+        doing = "registering an ACME account"
+        try:
+            kwargs: dict[str, Any] = {"terms_of_service_agreed": True}
+            if self.settings.email:
+                kwargs["email"] = self.settings.email
+            if self.settings.eab_key_id:
+                try:
+                    mac = jose.b64.b64decode(self.settings.eab_mac_key)
+                    if not mac:
+                        raise ValueError("empty")
+                except (ValueError, TypeError) as e:
+                    raise AcmeError(f"{doing}: autocert_eab_mac_key is not base64url ({e})",
+                                    ca=self.ca) from None
+                kwargs["external_account_binding"] = messages.ExternalAccountBinding.from_data(
+                    account_public_key=self._jwk.public_key(), kid=self.settings.eab_key_id,
+                    hmac_key=self.settings.eab_mac_key, directory=directory)  # type: ignore[arg-type]
+            reg = messages.NewRegistration.from_data(**kwargs)
+            resp = self._post(net, directory, directory["newAccount"], reg)
+            self._set_registration(resp)
+            self._account_checked = True
+            log.info("ACME account %s at %s", self._registration["location"], self.ca)
+        except Exception as e:
+            raise self._error(e, doing, net=net) from e
+
+    def _set_registration(self, resp: requests.Response) -> None:
+        location = resp.headers.get("Location")
+        if not location:
+            raise AcmeError("the CA's account answer has no Location header", ca=self.ca)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        rec = {k: v for k, v in body.items() if k in ("status", "contact", "termsOfServiceAgreed",
+                                                      "orders", "createdAt")}
+        rec["location"] = location
+        if "status" in rec and rec["status"] != "valid":
+            raise AcmeError(f"the ACME account {location} is {rec['status']}", ca=self.ca)
+        self._registration = rec
+
+    # -- certificates ---------------------------------------------------------------------------
+    def obtain(self, domains: Sequence[str], cert_key_pem: bytes,
+               present: Callable[[Challenge], None],
+               cleanup: Callable[[Challenge], None]) -> IssuedCertificate:
+        """Order, validate and download a certificate for ``domains`` with key ``cert_key_pem``.
+
+        For each authorization that is not yet valid, the first of ``challenge_types`` the CA
+        offers is chosen and ``present(challenge)`` is called before the CA is asked to
+        validate it; ``cleanup(challenge)`` is called for every presented challenge once the
+        authorizations are settled (success or not). Raises ``AcmeError``.
+        """
+        try:
+            names = normalize_domains(domains)
+        except ValueError as e:
+            raise AcmeError(str(e), ca=self.ca, domains=tuple(domains)) from None
+        try:
+            csr_der = build_csr(cert_key_pem, names, self.settings.must_staple)
+        except (ValueError, TypeError) as e:
+            raise AcmeError(f"building the certificate request failed: {e}", ca=self.ca,
+                            domains=names) from None
+        self.account()
+        directory = self.directory()
+        started = time.monotonic()
+        deadline = started + self.settings.timeout
+        net = self._net()
+        stage = "creating the order"
+        try:
+            identifiers = [{"type": "ip" if _is_ip(n) else "dns", "value": n} for n in names]
+            resp = self._post(net, directory, directory["newOrder"], _Json({"identifiers": identifiers}))
+            order_url = resp.headers.get("Location") or ""
+            order = resp.json()
+            if not order_url:
+                raise AcmeError("the CA's new-order answer has no Location header", ca=self.ca,
+                                domains=names)
+            stage = "validating the names"
+            self._authorize(net, directory, names, order, present, cleanup, deadline)
+            stage = "finalizing the order"
+            order = self._finalize(net, directory, names, order_url, order, csr_der, deadline)
+            stage = "downloading the certificate"
+            cert_url = order.get("certificate")
+            if not cert_url:
+                raise AcmeError("the valid order has no certificate URL", ca=self.ca, domains=names)
+            cresp = self._post(net, directory, cert_url, None)
+            chain_pem = cresp.content
+            certs = x509.load_pem_x509_certificates(chain_pem)
+        except Exception as e:
+            raise self._error(e, stage, names, net) from e
+        finally:
+            self.stats["nonce_rejections"] += net.nonce_rejections
+        leaf = certs[0]
+        return IssuedCertificate(
+            chain_pem=chain_pem, cert_url=cert_url, order_url=order_url, domains=names,
+            issuer_key=self.issuer_key, not_before=leaf.not_valid_before_utc,
+            not_after=leaf.not_valid_after_utc, elapsed=time.monotonic() - started)
+
+    def _authorize(self, net: _Net, directory: dict, names: tuple[str, ...], order: dict,
+                   present: Callable[[Challenge], None], cleanup: Callable[[Challenge], None],
+                   deadline: float) -> None:
+        authz_urls = order.get("authorizations") or []
+        if not isinstance(authz_urls, list):
+            raise AcmeError(f"malformed order: authorizations {authz_urls!r}", ca=self.ca, domains=names)
+        presented: list[Challenge] = []
+        pending: dict[str, Challenge] = {}
+        try:
+            for url in authz_urls:
+                authz = self._post(net, directory, url, None).json()
+                status = authz.get("status")
+                domain = (authz.get("identifier") or {}).get("value", "?")
+                if status == "valid":
+                    continue
+                if status != "pending":
+                    raise AcmeError(f"the authorization for {domain} is {status}", ca=self.ca,
+                                    domains=names, problem=_authz_problem(authz))
+                chosen = None
+                offered = {c.get("type"): c for c in authz.get("challenges") or []}
+                for t in self.settings.challenge_types:
+                    if t in offered:
+                        chosen = offered[t]
+                        break
+                if chosen is None:
+                    raise AcmeError(
+                        f"the CA offers no usable challenge for {domain}: it offers "
+                        f"{sorted(k for k in offered if k)}, we can solve {list(self.settings.challenge_types)}",
+                        ca=self.ca, domains=names)
+                if authz.get("wildcard"):
+                    domain = "*." + domain
+                ch = Challenge(type=chosen["type"], domain=domain, token=chosen["token"],
+                               key_authorization=key_authorization(chosen["token"], self._jwk))
+                try:
+                    present(ch)
+                except Exception as e:
+                    raise AcmeError(f"presenting the {ch.type} challenge for {domain} failed: {e!r}",
+                                    ca=self.ca, domains=names) from e
+                presented.append(ch)
+                self._post(net, directory, chosen["url"], _Json({}))
+                pending[url] = ch
+            poller = _Poller(self.settings, deadline)
+            while pending:
+                if poller.expired:
+                    raise AcmeError(
+                        f"timed out after {self.settings.timeout:.0f} s waiting for the CA to "
+                        f"validate {', '.join(c.domain for c in pending.values())}",
+                        ca=self.ca, domains=names)
+                poller.sleep()
+                for url in list(pending):
+                    self.stats["polls"] += 1
+                    r = self._post(net, directory, url, None)
+                    authz = r.json()
+                    status = authz.get("status")
+                    if status == "valid":
+                        del pending[url]
+                    elif status in ("pending", "processing"):
+                        continue
+                    else:
+                        ch = pending[url]
+                        problem = _authz_problem(authz)
+                        raise AcmeError(
+                            f"the CA could not validate {ch.domain} with {ch.type} (authorization {status})",
+                            ca=self.ca, domains=names, problem=problem,
+                            retry_after=parse_retry_after(r.headers.get("Retry-After")))
+        finally:
+            for ch in presented:
+                try:
+                    cleanup(ch)
+                except Exception:
+                    log.exception("cleaning up the %s challenge for %s failed", ch.type, ch.domain)
+
+    def _finalize(self, net: _Net, directory: dict, names: tuple[str, ...], order_url: str,
+                  order: dict, csr_der: bytes, deadline: float) -> dict:
+        poller = _Poller(self.settings, deadline)
+        finalized = False
+        resp: Optional[requests.Response] = None
+        while True:
+            status = order.get("status")
+            if status == "valid":
+                return order
+            if status == "invalid":
+                problem = order.get("error")
+                raise AcmeError(self._explain(problem, "the order failed") if problem else
+                                "the order failed; the CA gave no reason",
+                                ca=self.ca, domains=names, problem=problem)
+            if status == "ready" and not finalized:
+                resp = self._post(net, directory, order["finalize"], _Json({"csr": _b64url(csr_der)}))
+                finalized = True
+                order = resp.json()
+                continue
+            if status not in ("pending", "ready", "processing"):
+                raise AcmeError(f"the order is in an unexpected state {status!r}", ca=self.ca,
+                                domains=names)
+            if poller.expired:
+                raise AcmeError(f"timed out after {self.settings.timeout:.0f} s waiting for the "
+                                f"order to become valid (last state: {status})",
+                                ca=self.ca, domains=names)
+            poller.sleep(resp)
+            self.stats["polls"] += 1
+            resp = self._post(net, directory, order_url, None)
+            order = resp.json()
+
+    # -- ACME Renewal Information (RFC 9773) ----------------------------------------------------
+    def renewal_info(self, cert_pem: bytes) -> Optional[tuple[dt.datetime, dt.datetime, Optional[float]]]:
+        """(window_start, window_end, retry_after_seconds) the CA suggests, or None without ARI."""
+        directory = self.directory()
+        base = directory.get("renewalInfo")
+        if not base:
+            return None
+        try:
+            cert_id = ari_cert_id(cert_pem)
+        except ValueError as e:
+            raise AcmeError(f"renewal information: {e}", ca=self.ca) from None
+        net = self._net(with_account=False)
+        try:
+            resp = net.get(base.rstrip("/") + "/" + cert_id)
+            window = resp.json()["suggestedWindow"]
+            start = _parse_rfc3339(window["start"])
+            end = _parse_rfc3339(window["end"])
+            if end < start:
+                raise ValueError(f"window ends before it starts: {window!r}")
+        except Exception as e:
+            raise self._error(e, "fetching renewal information", net=net) from e
+        return start, end, parse_retry_after(resp.headers.get("Retry-After"))
+
+
+class _Json(jose.JSONDeSerializable):
+    """A literal JSON body for a signed POST ({} to answer a challenge, the new-order body...)."""
+
+    def __init__(self, obj: dict):
+        self.obj = obj
+
+    def to_partial_json(self) -> Any:
+        return self.obj
+
+    @classmethod
+    def from_json(cls, jobj: Any) -> "_Json":
+        return cls(jobj)
+
+
+def _authz_problem(authz: dict) -> Optional[dict]:
+    for c in authz.get("challenges") or []:
+        if c.get("error"):
+            return c["error"]
+    return None
+
+
+def _parse_rfc3339(s: str) -> dt.datetime:
+    v = dt.datetime.fromisoformat(s.replace("Z", "+00:00"))
+    return v if v.tzinfo else v.replace(tzinfo=dt.timezone.utc)
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost reason (requests wraps urllib3 wraps ssl), for a readable message."""
+    seen = exc
+    for _ in range(10):
+        nxt = seen.__cause__ or seen.__context__
+        if nxt is None and seen.args and isinstance(seen.args[0], BaseException):
+            nxt = seen.args[0]
+        if nxt is None or nxt is seen:
+            break
+        seen = nxt
+    if hasattr(seen, "reason") and isinstance(getattr(seen, "reason"), BaseException):
+        seen = seen.reason  # urllib3 MaxRetryError
+    return str(seen) or str(exc)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
