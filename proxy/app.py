@@ -1,0 +1,159 @@
+"""Wiring and lifecycle: start the listeners, reload on SIGHUP, drain and stop on SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Optional
+
+from .config import ConfigError, Options, load_config
+from .http.access_log import AccessLog
+from .http.proxy import ClientConnection, ProxyState
+from .http.redirect import RedirectConnection
+from .http.routes import RouteTable
+from .http.upstream import UpstreamPool
+from .tls.certcache import MANUAL, Certificate, CertificateCache
+from .tls.engine import TLSEngine, self_signed_certificate
+from .tls.transport import Stream, TLSStream
+
+log = logging.getLogger("proxy")
+
+
+def manual_certificates(options: Options) -> list[Certificate]:
+    return [Certificate(chain_pem=p.cert_pem, key_pem=p.key_pem, source=MANUAL, origin=p.origin)
+            for p in options.certificates]
+
+
+def set_log_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())
+
+
+class App:
+    def __init__(self, options: Options, environ: Optional[dict] = None):
+        self.options = options
+        self.environ = dict(os.environ if environ is None else environ)
+        self.cache = CertificateCache()
+        self.cache.set_fallback(self_signed_certificate())
+        self.cache.replace_manual(manual_certificates(options))
+        self.engine = TLSEngine(self.cache)
+        self.pool = UpstreamPool()
+        self.state = ProxyState(options=options, routes=RouteTable(options.routes), pool=self.pool,
+                                access_log=AccessLog(options.access_log_format))
+        self.servers: list[asyncio.AbstractServer] = []
+        self.connections: set = set()
+        self.stopped = asyncio.Event()
+        self.autocert = None      # the autocert manager, when enabled
+        self._reloading = False
+
+    # --- connection factories ---
+    def _track(self, conn) -> None:
+        self.connections.add(conn)
+        task = asyncio.get_running_loop().create_task(conn.run())
+        task.add_done_callback(lambda t: self.connections.discard(conn))
+
+    def _tls_protocol(self) -> Stream:
+        stream = TLSStream(self.engine.new_connection, getattr(self.engine, "prepare", None))
+        self._track(ClientConnection(stream, lambda: self.state, scheme="https"))
+        return stream
+
+    def _redirect_protocol(self) -> Stream:
+        stream = Stream()
+        http01 = self.autocert.http01 if self.autocert is not None else None
+        kwargs = {"http01": http01} if http01 else {}
+        self._track(RedirectConnection(stream, lambda: self.state.options.address.port,
+                                       timeout=self.state.options.timeout_read_header, **kwargs))
+        return stream
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        opts = self.options
+        for w in opts.warnings:
+            log.warning("%s", w)
+        if opts.autocert:
+            from .autocert.manager import AutocertManager   # only when enabled
+            self.autocert = AutocertManager(opts, self.cache, self.environ)
+            self.engine.challenge_lookup = self.autocert.tls_alpn
+            self.engine.prepare = self.autocert.prepare_handshake
+        self.servers.append(await loop.create_server(
+            self._tls_protocol, opts.address.host or None, opts.address.port,
+            reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))
+        log.info("listening for HTTPS on %s", opts.address)
+        if opts.http_redirect_addr is not None:
+            a = opts.http_redirect_addr
+            self.servers.append(await loop.create_server(
+                self._redirect_protocol, a.host or None, a.port,
+                reuse_address=True, reuse_port=opts.workers > 1, backlog=1024))
+            log.info("listening for HTTP (redirect, HTTP-01) on %s", a)
+        if self.autocert is not None:
+            await self.autocert.start()
+        for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
+                             (signal.SIGHUP, self._on_reload)):
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError):
+                pass
+
+    def _on_stop(self) -> None:
+        asyncio.get_running_loop().create_task(self.shutdown())
+
+    def _on_reload(self) -> None:
+        if not self._reloading:
+            asyncio.get_running_loop().create_task(self.reload())
+
+    async def reload(self) -> bool:
+        """Reload the config file and certificates; keep the old config when the new one is invalid."""
+        self._reloading = True
+        try:
+            try:
+                new = await asyncio.to_thread(load_config, self.options.source or None, os.environ)
+            except ConfigError as e:
+                log.error("reload rejected, still serving the previous configuration:\n%s",
+                          "\n".join(f"  - {p}" for p in e.problems))
+                return False
+            except Exception as e:
+                log.error("reload failed, still serving the previous configuration: %s", e)
+                return False
+            if new.address != self.options.address or new.http_redirect_addr != self.options.http_redirect_addr:
+                log.warning("listener addresses changed in the configuration: restart to apply them")
+            self.cache.replace_manual(manual_certificates(new))
+            set_log_level(new.log_level)
+            self.state = ProxyState(options=new, routes=RouteTable(new.routes), pool=self.pool,
+                                    access_log=AccessLog(new.access_log_format))
+            self.options = new
+            if self.autocert is not None:
+                await self.autocert.reconfigure(new)
+            log.info("configuration reloaded: %d routes, %d manual certificates",
+                     len(new.routes), len(new.certificates))
+            return True
+        finally:
+            self._reloading = False
+
+    async def shutdown(self) -> None:
+        if self.state.draining:
+            return
+        log.info("shutting down: draining %d connections (up to %ss)",
+                 len(self.connections), self.state.options.shutdown_timeout)
+        self.state.draining = True
+        for s in self.servers:
+            s.close()
+        if self.autocert is not None:
+            await self.autocert.stop()
+        deadline = asyncio.get_running_loop().time() + self.state.options.shutdown_timeout
+        while self.connections:
+            for c in list(self.connections):
+                if not c.busy:
+                    c.stream.close()
+            if asyncio.get_running_loop().time() >= deadline:
+                log.warning("drain timeout: closing %d connections", len(self.connections))
+                for c in list(self.connections):
+                    c.stream.abort()
+                break
+            await asyncio.sleep(0.05)
+        self.pool.close()
+        self.stopped.set()
+
+    async def run_forever(self) -> None:
+        await self.start()
+        await self.stopped.wait()

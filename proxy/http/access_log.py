@@ -1,0 +1,39 @@
+"""One access-log line per request, plain (combined-like) or JSON."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+log = logging.getLogger("proxy.access")
+
+
+@dataclass
+class Entry:
+    client: str = "-"
+    method: str = "-"
+    target: str = "-"
+    version: str = "1.1"
+    host: str = "-"
+    status: int = 0
+    bytes_sent: int = 0
+    route: str = "-"
+    upstream: str = "-"
+    duration_ms: float = 0.0
+
+
+class AccessLog:
+    def __init__(self, fmt: str = "plain"):
+        self.fmt = fmt
+
+    def write(self, entry: Entry, started: float) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
+        entry.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        if self.fmt == "json":
+            log.info(json.dumps(asdict(entry), separators=(",", ":")))
+        else:
+            log.info('%s %s "%s %s HTTP/%s" %d %d %.1fms route=%s upstream=%s',
+                     entry.client, entry.host or "-", entry.method, entry.target, entry.version,
+                     entry.status, entry.bytes_sent, entry.duration_ms, entry.route, entry.upstream)

@@ -1,0 +1,97 @@
+"""HTTP/1.1 rules the proxy applies on top of h11: framing checks and header rewriting. Pure.
+
+h11 parses and frames messages; these functions add what a proxy must enforce beyond it,
+because a message that two parsers could read differently is a smuggling vector:
+- a head with a bare LF where CRLF is required (h11 tolerates it),
+- both Content-Length and Transfer-Encoding (h11 lets Transfer-Encoding win),
+- hop-by-hop headers, which are meaningful for one connection only.
+"""
+from __future__ import annotations
+
+import re
+from typing import Iterable, Optional
+
+HEAD_END = b"\r\n\r\n"
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+# RFC 9110 7.6.1, plus the non-standard ones every proxy strips.
+HOP_BY_HOP = frozenset({
+    b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer",
+    b"transfer-encoding", b"upgrade", b"proxy-authenticate", b"proxy-authorization",
+})
+
+Headers = list[tuple[bytes, bytes]]
+
+
+class BadRequest(Exception):
+    """The request is malformed or ambiguous: answer 400 and close the connection."""
+
+
+def check_head_bytes(buf: bytes) -> None:
+    """Reject a request head (as received so far) that uses a bare LF as line ending."""
+    end = buf.find(HEAD_END)
+    head = buf if end < 0 else buf[: end + 4]
+    if _BARE_LF.search(head):
+        raise BadRequest("bare LF in request head")
+
+
+def check_framing(headers: Iterable[tuple[bytes, bytes]]) -> None:
+    """Reject requests whose body length two parsers could read differently."""
+    lengths = set()
+    has_te = False
+    for name, value in headers:
+        if name == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+        elif name == b"transfer-encoding":
+            has_te = True
+    if has_te and lengths:
+        raise BadRequest("both Content-Length and Transfer-Encoding")
+    if len(lengths) > 1:
+        raise BadRequest("conflicting Content-Length values")
+
+
+def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    return tokens
+
+
+def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> Optional[bytes]:
+    for n, v in headers:
+        if n == name:
+            return v
+    return None
+
+
+def is_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    headers = list(headers)
+    return b"upgrade" in connection_tokens(headers) and header_value(headers, b"upgrade") is not None
+
+
+def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False) -> Headers:
+    """Headers with hop-by-hop ones removed (and those named in Connection)."""
+    headers = list(headers)
+    drop = HOP_BY_HOP | connection_tokens(headers)
+    out = [(n, v) for n, v in headers if n not in drop]
+    if keep_upgrade:
+        up = header_value(headers, b"upgrade")
+        if up is not None:
+            out += [(b"connection", b"upgrade"), (b"upgrade", up)]
+    return out
+
+
+def split_host(host: bytes) -> str:
+    """Host header -> lower-case name without port ("" when unusable)."""
+    try:
+        text = host.decode("ascii").strip().lower()
+    except UnicodeDecodeError:
+        return ""
+    if text.startswith("["):
+        end = text.find("]")
+        return text[: end + 1] if end > 0 else ""
+    name, _, port = text.partition(":")
+    if port and not port.isdigit():
+        return ""
+    return name.rstrip(".")

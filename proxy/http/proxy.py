@@ -1,0 +1,418 @@
+"""The reverse proxy: one client connection, its requests, routed to upstreams and streamed.
+
+Bodies flow both ways chunk by chunk with back-pressure (``drain``), never buffered whole.
+A request that could be read two ways (smuggling) is answered 400 and the connection closed
+before anything reaches an upstream.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from http import HTTPStatus
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import h11
+
+from ..config import Options, Route
+from ..tls.transport import Stream, StreamClosed
+from . import codec
+from .access_log import AccessLog, Entry
+from .routes import RouteTable
+from .upstream import UpstreamPool, UpstreamRefused
+
+log = logging.getLogger("proxy.http")
+
+MAX_HEAD = 64 * 1024
+SERVER_NAME = b"autocert-proxy"
+
+
+def error_page(status: int, detail: str = "") -> tuple[list[tuple[bytes, bytes]], bytes]:
+    reason = _REASONS.get(status, "Error")
+    body = (f"<!doctype html><title>{status} {reason}</title>\n"
+            f"<h1>{status} {reason}</h1>\n<p>{detail}</p>\n<hr><small>autocert-proxy</small>\n").encode()
+    return [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode())], body
+
+
+_REASONS = {301: "Moved Permanently", 308: "Permanent Redirect", 400: "Bad Request", 404: "Not Found", 408: "Request Timeout", 413: "Payload Too Large",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error",
+            502: "Bad Gateway", 503: "Service Unavailable", 504: "Gateway Timeout"}
+
+
+def reason_phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
+
+
+def _pending_bytes(conn: h11.Connection) -> bytes:
+    """Bytes h11 holds but has not parsed yet (a pipelined request head), to check them too."""
+    buf = getattr(conn, "_receive_buffer", None)
+    return bytes(buf) if buf is not None else b""
+
+
+class Side:
+    """An h11 connection bound to a stream: ``next_event`` reads as needed, ``send`` writes."""
+
+    __slots__ = ("stream", "conn", "check_head")
+
+    def __init__(self, stream: Stream, role, check_head: bool = False):
+        self.stream = stream
+        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD)
+        self.check_head = check_head
+
+    async def next_event(self, timeout: Optional[float], head_buf: Optional[bytearray] = None):
+        conn = self.conn
+        while True:
+            ev = conn.next_event()
+            if ev is not h11.NEED_DATA:
+                return ev
+            data = await self.stream.read(65536, timeout)
+            if head_buf is not None and data:
+                head_buf += data
+                codec.check_head_bytes(bytes(head_buf))
+            conn.receive_data(data)
+
+    def send(self, event) -> None:
+        data = self.conn.send(event)
+        if data:
+            self.stream.write(data)
+
+
+@dataclass
+class ProxyState:
+    """What request handling reads; replaced as a whole on reload."""
+    options: Options
+    routes: RouteTable
+    pool: UpstreamPool
+    access_log: AccessLog
+    draining: bool = False
+
+
+class ClientConnection:
+    """Serves one client connection until it closes, times out, or the server drains."""
+
+    def __init__(self, stream: Stream, get_state: Callable[[], ProxyState], scheme: str = "https"):
+        self.stream = stream
+        self.get_state = get_state
+        self.scheme = scheme
+        self.busy = False          # a request is in flight (drain waits for these)
+        self.side = Side(stream, h11.SERVER, check_head=True)
+
+    async def run(self) -> None:
+        stream = self.stream
+        try:
+            state = self.get_state()
+            await asyncio.wait_for(asyncio.shield(stream.ready), state.options.timeout_read_header)
+        except (TimeoutError, StreamClosed, ConnectionError):
+            stream.abort()
+            return
+        first = True
+        try:
+            while True:
+                keep = await self._one_request(first)
+                first = False
+                if not keep:
+                    break
+        except (StreamClosed, ConnectionError):
+            pass
+        except Exception:
+            log.exception("unexpected error on connection from %s", stream.peer)
+        finally:
+            self.busy = False
+            stream.close()
+
+    async def _read_head(self, first: bool, opts: Options):
+        """Waits for the next request head: idle timeout to its first byte, then the head timeout."""
+        side = self.side
+        conn = side.conn
+        head_buf = bytearray(_pending_bytes(conn))
+        codec.check_head_bytes(bytes(head_buf))
+        if not head_buf and not first:
+            data = await self.stream.read(65536, opts.timeout_idle)
+            if not data:
+                return None
+            head_buf += data
+            codec.check_head_bytes(bytes(head_buf))
+            conn.receive_data(data)
+        ev = await side.next_event(opts.timeout_read_header, head_buf)
+        return ev
+
+    async def _one_request(self, first: bool) -> bool:
+        """Serve one request. Returns whether the connection stays open for another."""
+        state = self.get_state()
+        opts = state.options
+        side = self.side
+        conn = side.conn
+        try:
+            ev = await self._read_head(first, opts)
+        except TimeoutError:
+            if conn.their_state is h11.IDLE and not first and not _pending_bytes(conn):
+                return False   # idle keep-alive connection: close quietly
+            self._raw_error(408, "the request head did not arrive in time")
+            return False
+        except codec.BadRequest as e:
+            self._raw_error(400, str(e))
+            log.info("rejected request from %s: %s", self.stream.peer, e)
+            return False
+        except h11.RemoteProtocolError as e:
+            status = e.error_status_hint if e.error_status_hint in (400, 413, 431, 501) else 400
+            if "exceeds" in str(e) or "too long" in str(e).lower():
+                status = 431
+            self._raw_error(status, str(e))
+            log.info("rejected request from %s: %s", self.stream.peer, e)
+            return False
+        if ev is None or isinstance(ev, h11.ConnectionClosed):
+            return False
+        if not isinstance(ev, h11.Request):
+            return False
+        self.busy = True
+        started = time.monotonic()
+        entry = Entry(client=self.stream.peer, method=ev.method.decode("latin-1"),
+                      target=ev.target.decode("latin-1"), version=ev.http_version.decode())
+        try:
+            codec.check_framing(ev.headers)
+        except codec.BadRequest as e:
+            self._raw_error(400, str(e))
+            log.info("rejected request from %s: %s", self.stream.peer, e)
+            entry.status = 400
+            state.access_log.write(entry, started)
+            return False
+        host_header = codec.header_value(ev.headers, b"host") or b""
+        host = codec.split_host(host_header)
+        entry.host = host
+        path = ev.target.split(b"?", 1)[0].decode("latin-1")
+        route = state.routes.match(host, path) if host else None
+        try:
+            if route is None:
+                await self._drain_body(opts)
+                self._respond_local(404, *error_page(404, f"No route for {host or '(no host)'}{path}."), ev, entry)
+            elif route.response is not None:
+                await self._drain_body(opts)
+                body = route.response.body.encode()
+                self._respond_local(route.response.status, [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", str(len(body)).encode())], body, ev, entry)
+                entry.route = route.from_url
+            else:
+                entry.route = route.from_url
+                upgraded = await self._proxy(ev, route, host_header, state, entry)
+                if upgraded:
+                    state.access_log.write(entry, started)
+                    return False
+        except h11.RemoteProtocolError as e:
+            # A bad body (chunk size, length): the upstream got no complete request.
+            log.info("bad request body from %s: %s", self.stream.peer, e)
+            if conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
+                self._raw_error(400, str(e))
+                entry.status = 400
+            state.access_log.write(entry, started)
+            return False
+        except TimeoutError:
+            if conn.our_state in (h11.SEND_RESPONSE,):
+                self._raw_error(408, "the request body did not arrive in time")
+                entry.status = 408
+            state.access_log.write(entry, started)
+            return False
+        finally:
+            self.busy = False
+        state.access_log.write(entry, started)
+        await self.stream.drain()
+        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not state.draining:
+            conn.start_next_cycle()
+            return True
+        return False
+
+    # --- local answers ---
+    def _raw_error(self, status: int, detail: str) -> None:
+        """An error sent outside h11's state machine, then the connection closes."""
+        headers, body = error_page(status, detail)
+        head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n".encode()
+        head += b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+        head += b"connection: close\r\nserver: " + SERVER_NAME + b"\r\n\r\n"
+        try:
+            self.stream.write(head + body)
+        except StreamClosed:
+            pass
+
+    def _respond_local(self, status, headers, body, req, entry) -> None:
+        draining = self.get_state().draining
+        if draining:
+            headers = headers + [(b"connection", b"close")]
+        self.side.send(h11.Response(status_code=status, headers=headers + [(b"server", SERVER_NAME)],
+                                    reason=reason_phrase(status)))
+        if req.method != b"HEAD":
+            self.side.send(h11.Data(data=body))
+        self.side.send(h11.EndOfMessage())
+        entry.status = status
+        entry.bytes_sent = len(body)
+
+    async def _drain_body(self, opts: Options) -> None:
+        """Reads (and discards) a request body we answer ourselves, so keep-alive stays in sync."""
+        side = self.side
+        if side.conn.client_is_waiting_for_100_continue:
+            return   # the client has not sent the body; h11 will close if it must
+        while True:
+            ev = await side.next_event(opts.timeout_idle)
+            if isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+                return
+
+    # --- proxying ---
+    def _upstream_request(self, req: h11.Request, route: Route, host_header: bytes, upgrade: bool, up) -> h11.Request:
+        headers = [(b"host", host_header if route.preserve_host_header else up.authority.encode())]
+        xff = None
+        for n, v in codec.end_to_end(req.headers, keep_upgrade=upgrade):
+            if n in (b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host"):
+                continue
+            if n == b"x-forwarded-for":
+                xff = v if xff is None else xff + b", " + v
+                continue
+            headers.append((n, v))
+        peer = self.stream.peer.encode()
+        headers.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        headers.append((b"x-forwarded-proto", self.scheme.encode()))
+        headers.append((b"x-forwarded-host", host_header))
+        if codec.header_value(req.headers, b"transfer-encoding") is not None:
+            headers.append((b"transfer-encoding", b"chunked"))
+        return h11.Request(method=req.method, target=req.target, headers=headers)
+
+    async def _proxy(self, req: h11.Request, route: Route, host_header: bytes, state: ProxyState, entry: Entry) -> bool:
+        """Forwards one request. Returns True when the connection was upgraded (and is done)."""
+        opts = state.options
+        client = self.side
+        upgrade = codec.is_upgrade(req.headers)
+        if client.conn.client_is_waiting_for_100_continue:
+            client.send(h11.InformationalResponse(status_code=100, headers=[]))
+        # The first body event is read before the upstream is contacted: a body that is
+        # malformed from its first byte never reaches the upstream.
+        first_body = await client.next_event(opts.timeout_idle)
+        up = state.routes.upstream(route)
+        entry.upstream = f"{up.host}:{up.port}"
+        up_req = self._upstream_request(req, route, host_header, upgrade, up)
+        has_body = not isinstance(first_body, h11.EndOfMessage)
+        attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
+        for attempt in range(attempts):
+            try:
+                stream, reused = await state.pool.acquire(up, opts.default_upstream_timeout)
+            except UpstreamRefused as e:
+                log.warning("upstream %s refused for %s: %s", entry.upstream, route.from_url, e)
+                return self._gateway_error(502, "The upstream service refused the connection.", req, entry)
+            except TimeoutError:
+                log.warning("upstream %s timed out connecting for %s", entry.upstream, route.from_url)
+                return self._gateway_error(504, "The upstream service did not answer in time.", req, entry)
+            upstream = Side(stream, h11.CLIENT)
+            try:
+                upstream.send(up_req)
+                if isinstance(first_body, h11.Data):
+                    upstream.send(h11.Data(data=first_body.data))
+                    await stream.drain()
+                    while True:
+                        ev = await client.next_event(opts.timeout_idle)
+                        if isinstance(ev, h11.Data):
+                            upstream.send(h11.Data(data=ev.data))
+                            await stream.drain()
+                        elif isinstance(ev, h11.EndOfMessage):
+                            break
+                        else:
+                            raise StreamClosed("client went away during the request body")
+                upstream.send(h11.EndOfMessage())
+                resp = await upstream.next_event(opts.default_upstream_timeout)
+                while isinstance(resp, h11.InformationalResponse) and resp.status_code != 101:
+                    resp = await upstream.next_event(opts.default_upstream_timeout)
+            except TimeoutError:
+                stream.abort()
+                log.warning("upstream %s timed out for %s", entry.upstream, route.from_url)
+                return self._gateway_error(504, "The upstream service did not answer in time.", req, entry)
+            except (StreamClosed, ConnectionError, h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+                stream.abort()
+                if isinstance(e, StreamClosed) and client.conn.their_state is not h11.DONE:
+                    raise
+                if reused and attempt + 1 < attempts:
+                    continue
+                log.warning("upstream %s failed for %s: %s", entry.upstream, route.from_url, e)
+                return self._gateway_error(502, "The upstream service closed the connection.", req, entry)
+            if isinstance(resp, h11.ConnectionClosed):
+                stream.abort()
+                if reused and attempt + 1 < attempts:
+                    continue
+                return self._gateway_error(502, "The upstream service closed the connection.", req, entry)
+            break
+        entry.status = resp.status_code
+        if isinstance(resp, h11.InformationalResponse):   # 101 Switching Protocols
+            await self._switch_protocols(resp, upstream, entry)
+            return True
+        draining = state.draining
+        headers = codec.end_to_end(resp.headers)
+        if draining:
+            headers.append((b"connection", b"close"))
+        client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
+        sent = 0
+        try:
+            while True:
+                ev = await upstream.next_event(opts.default_upstream_timeout)
+                if isinstance(ev, h11.Data):
+                    client.send(h11.Data(data=ev.data))
+                    sent += len(ev.data)
+                    await self.stream.drain()
+                elif isinstance(ev, h11.EndOfMessage):
+                    client.send(h11.EndOfMessage())
+                    break
+                else:
+                    raise h11.RemoteProtocolError("upstream closed mid-response")
+        except (TimeoutError, h11.RemoteProtocolError, StreamClosed, ConnectionError) as e:
+            # The response has started: the only honest signal left is to cut the connection.
+            stream.abort()
+            entry.bytes_sent = sent
+            log.warning("upstream %s broke off the response for %s: %s", entry.upstream, route.from_url, e)
+            self.stream.abort()
+            raise StreamClosed("upstream broke off") from None
+        entry.bytes_sent = sent
+        uc = upstream.conn
+        if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
+            state.pool.release(up, stream)
+        else:
+            stream.close()
+        return False
+
+    def _gateway_error(self, status: int, detail: str, req, entry) -> bool:
+        headers, body = error_page(status, detail)
+        if self.side.conn.their_state is not h11.DONE:
+            # The request body was not read to its end: the connection cannot be reused.
+            self._raw_error(status, detail)
+            entry.status = status
+            raise StreamClosed("closed after gateway error")
+        self._respond_local(status, headers, body, req, entry)
+        return False
+
+    async def _switch_protocols(self, resp: h11.InformationalResponse, upstream: Side, entry: Entry) -> None:
+        client = self.side
+        client.send(h11.InformationalResponse(status_code=101, headers=codec.end_to_end(resp.headers, keep_upgrade=True),
+                                              reason=resp.reason))
+        c_extra = client.conn.trailing_data[0]
+        u_extra = upstream.conn.trailing_data[0]
+        if u_extra:
+            self.stream.write(u_extra)
+        if c_extra:
+            upstream.stream.write(c_extra)
+        await pipe_both(self.stream, upstream.stream, self.get_state().options.timeout_idle * 10)
+
+
+async def _pipe(src: Stream, dst: Stream, timeout: float) -> None:
+    try:
+        while True:
+            data = await src.read(65536, timeout)
+            if not data:
+                break
+            dst.write(data)
+            await dst.drain()
+    except (StreamClosed, ConnectionError, TimeoutError):
+        pass
+    finally:
+        dst.close()
+
+
+async def pipe_both(a: Stream, b: Stream, timeout: float) -> None:
+    """Raw bytes both ways until either side closes (upgraded connections, e.g. WebSocket)."""
+    await asyncio.gather(_pipe(a, b, timeout), _pipe(b, a, timeout))

@@ -1,0 +1,58 @@
+"""Connections to upstream services, kept alive and reused."""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Optional
+
+from ..config import Upstream
+from ..tls.transport import Stream
+
+
+class UpstreamRefused(ConnectionError):
+    pass
+
+
+class UpstreamPool:
+    """Idle keep-alive connections per upstream, newest first; stale ones are dropped."""
+
+    def __init__(self, max_idle_per_upstream: int = 64, idle_seconds: float = 60.0):
+        self.max_idle = max_idle_per_upstream
+        self.idle_seconds = idle_seconds
+        self._idle: dict[tuple[str, int], list[tuple[Stream, float]]] = {}
+
+    async def acquire(self, up: Upstream, timeout: float) -> tuple[Stream, bool]:
+        """A connection to ``up`` and whether it was reused. Raises UpstreamRefused, TimeoutError."""
+        key = (up.host, up.port)
+        idle = self._idle.get(key)
+        now = time.monotonic()
+        while idle:
+            stream, since = idle.pop()
+            if stream.is_closing or stream._eof or stream._buf or now - since > self.idle_seconds:
+                stream.close()
+                continue
+            return stream, True
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, stream = await loop.create_connection(Stream, up.host, up.port)
+        except TimeoutError:
+            raise
+        except OSError as e:
+            raise UpstreamRefused(f"{up.host}:{up.port}: {e.strerror or e}") from None
+        return stream, False
+
+    def release(self, up: Upstream, stream: Stream) -> None:
+        if stream.is_closing or stream._eof or stream._buf:
+            stream.close()
+            return
+        idle = self._idle.setdefault((up.host, up.port), [])
+        if len(idle) >= self.max_idle:
+            idle.pop(0)[0].close()
+        idle.append((stream, time.monotonic()))
+
+    def close(self) -> None:
+        for idle in self._idle.values():
+            for stream, _ in idle:
+                stream.close()
+        self._idle.clear()

@@ -1,0 +1,297 @@
+"""Byte streams over asyncio transports: plain TCP, and TLS through pyOpenSSL memory BIOs.
+
+The one place where socket bytes meet TLS. Both stream kinds offer the same small interface
+(``read``, ``write``, ``drain``, ``close``), so the HTTP code above never knows which one it
+has. Flow control both ways: reading pauses the transport when the buffer is full; ``drain``
+waits while the transport's write buffer is above its high-water mark.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Callable, Optional
+
+from OpenSSL import SSL
+
+log = logging.getLogger("proxy.tls")
+
+READ_LIMIT = 256 * 1024
+
+
+class StreamClosed(ConnectionError):
+    """The peer went away or the stream was closed."""
+
+
+class Stream(asyncio.Protocol):
+    """A plain TCP byte stream. Subclasses transform bytes in ``_incoming`` / ``write``."""
+
+    def __init__(self) -> None:
+        self.transport: Optional[asyncio.Transport] = None
+        self._buf = bytearray()
+        self._eof = False
+        self._lost = False
+        self._exc: Optional[BaseException] = None
+        self._waiter: Optional[asyncio.Future] = None
+        self._reading_paused = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future] = []
+        self._loop = asyncio.get_event_loop()
+        self.ready: asyncio.Future = self._loop.create_future()   # connected (and TLS handshake done)
+        self.closed: asyncio.Future = self._loop.create_future()
+        self.peer: str = "-"
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = peer[0]
+        self._on_connected()
+
+    def _on_connected(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._feed(data)
+
+    def eof_received(self):
+        self._feed_eof()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._lost = True
+        self._exc = self._exc or exc
+        self._feed_eof()
+        if not self.ready.done():
+            self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
+            self.ready.exception()  # mark retrieved
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_exception(StreamClosed("connection lost"))
+        self._drain_waiters.clear()
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        for w in self._drain_waiters:
+            if not w.done():
+                w.set_result(None)
+        self._drain_waiters.clear()
+
+    # --- plaintext side ---
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            return
+        self._buf += data
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if len(self._buf) > READ_LIMIT and not self._reading_paused and self.transport:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def read(self, n: int = 65536, timeout: Optional[float] = None) -> bytes:
+        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
+        if not self._buf and not self._eof:
+            self._waiter = w = self._loop.create_future()
+            handle = None
+            if timeout is not None:
+                handle = self._loop.call_later(
+                    timeout, lambda: w.done() or w.set_exception(TimeoutError()))
+            try:
+                await w
+            finally:
+                self._waiter = None
+                if handle is not None:
+                    handle.cancel()
+        if self._buf:
+            if len(self._buf) <= n:
+                data = bytes(self._buf)
+                self._buf.clear()
+            else:
+                data = bytes(self._buf[:n])
+                del self._buf[:n]
+            if self._reading_paused and len(self._buf) < READ_LIMIT // 2 and self.transport:
+                self._reading_paused = False
+                self.transport.resume_reading()
+            return data
+        return b""
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the buffer (left over after a protocol switch)."""
+        if data:
+            self._buf[:0] = data
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    @property
+    def is_closing(self) -> bool:
+        return self._lost or self.transport is None or self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.is_closing:
+            raise StreamClosed("write on a closed connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self._lost:
+            raise StreamClosed("connection lost")
+        if self._write_paused:
+            w = self._loop.create_future()
+            self._drain_waiters.append(w)
+            await w
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class TLSStream(Stream):
+    """A server-side TLS stream: pyOpenSSL ``Connection`` with memory BIOs on a TCP transport.
+
+    ``new_connection`` builds the SSL.Connection (the engine's default context with its
+    callbacks). The handshake runs as bytes arrive; ``ready`` resolves when it is done.
+    """
+
+    def __init__(self, new_connection: Callable[[], SSL.Connection],
+                 prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None) -> None:
+        super().__init__()
+        self._new_connection = new_connection
+        self._prepare = prepare
+        self.conn: Optional[SSL.Connection] = None
+        self._handshaked = False
+        self._held: Optional[bytearray] = None   # bytes kept back while ``prepare`` runs
+        self.server_name: Optional[str] = None
+        self.alpn: Optional[bytes] = None
+        self.tls_version: str = ""
+
+    def _on_connected(self) -> None:
+        self.conn = self._new_connection()
+        self.conn.set_accept_state()
+
+    def data_received(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held += data
+            return
+        if not self._handshaked and self._prepare is not None:
+            # Before the first byte reaches OpenSSL, the engine may need to fetch something
+            # asynchronously (a challenge certificate from shared storage).
+            prepare, self._prepare = self._prepare, None
+            fut = prepare(data)
+            if fut is not None:
+                self._held = bytearray(data)
+                self.transport.pause_reading()
+                fut.add_done_callback(self._resume_after_prepare)
+                return
+        self._incoming(data)
+
+    def _resume_after_prepare(self, fut) -> None:
+        held, self._held = bytes(self._held or b""), None
+        if self._lost:
+            return
+        self.transport.resume_reading()
+        self._incoming(held)
+
+    def _incoming(self, data: bytes) -> None:
+        conn = self.conn
+        try:
+            conn.bio_write(data)
+        except SSL.Error:
+            self._fail("bio write failed")
+            return
+        if not self._handshaked:
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                self._flush()
+                return
+            except Exception as e:   # SSL.Error, or an exception raised inside a callback
+                self._flush()
+                log.debug("TLS handshake failed from %s: %s", self.peer, e)
+                self._fail(None)
+                return
+            self._handshaked = True
+            name = conn.get_servername()
+            self.server_name = name.decode("ascii", "replace").lower() if name else None
+            self.alpn = conn.get_alpn_proto_negotiated() or None
+            self.tls_version = conn.get_protocol_version_name()
+            if not self.ready.done():
+                self.ready.set_result(None)
+        while True:
+            try:
+                chunk = conn.recv(65536)
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:   # close_notify
+                self._feed_eof()
+                break
+            except SSL.SysCallError:
+                self._feed_eof()
+                break
+            except SSL.Error as e:
+                log.debug("TLS error from %s: %s", self.peer, e)
+                self._fail(None)
+                return
+            if not chunk:
+                break
+            self._feed(chunk)
+        self._flush()
+
+    def _flush(self) -> None:
+        conn, transport = self.conn, self.transport
+        out = []
+        while True:
+            try:
+                data = conn.bio_read(262144)
+            except SSL.WantReadError:
+                break
+            if not data:
+                break
+            out.append(data)
+        if out and transport is not None and not transport.is_closing():
+            transport.write(b"".join(out) if len(out) > 1 else out[0])
+
+    def _fail(self, reason: Optional[str]) -> None:
+        if reason:
+            log.debug("TLS connection from %s: %s", self.peer, reason)
+        if self.transport is not None:
+            self.transport.close()
+
+    def eof_received(self):
+        self._feed_eof()
+        return False
+
+    def write(self, data: bytes) -> None:
+        if self.is_closing:
+            raise StreamClosed("write on a closed connection")
+        try:
+            self.conn.sendall(data)
+        except SSL.Error as e:
+            raise StreamClosed(f"TLS write failed: {e}") from None
+        self._flush()
+
+    def close(self) -> None:
+        if self.conn is not None and self._handshaked and not self.is_closing:
+            try:
+                self.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush()
+        super().close()
