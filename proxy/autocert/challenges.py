@@ -19,7 +19,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -130,7 +130,8 @@ class ChallengeStore:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._http: dict[str, Challenge] = {}                  # token -> challenge
-        self._alpn: dict[str, tuple[Challenge, bytes, bytes]] = {}  # domain -> (ch, cert, key)
+        # domain -> (challenge, cert_pem, key_pem, parsed cert, parsed key)
+        self._alpn: dict[str, tuple[Challenge, bytes, bytes, x509.Certificate, Any]] = {}
 
     @staticmethod
     def _norm(domain: str) -> str:
@@ -142,8 +143,10 @@ class ChallengeStore:
                 self._http[ch.token] = ch
         else:
             cert_pem, key_pem = tls_alpn_certificate(ch.domain, ch.key_authorization)
+            entry = (ch, cert_pem, key_pem, x509.load_pem_x509_certificate(cert_pem),
+                     serialization.load_pem_private_key(key_pem, None))
             with self._lock:
-                self._alpn[self._norm(ch.domain)] = (ch, cert_pem, key_pem)
+                self._alpn[self._norm(ch.domain)] = entry
 
     def remove(self, ch: Challenge) -> None:
         """Forget ``ch``; a newer challenge presented for the same domain/token is kept."""
@@ -168,6 +171,12 @@ class ChallengeStore:
         with self._lock:
             cur = self._alpn.get(self._norm(domain))
         return (cur[1], cur[2]) if cur else None
+
+    def tls_alpn_objects(self, domain: str) -> Optional[tuple[x509.Certificate, Any]]:
+        """Like ``tls_alpn`` but parsed, ready for ``conn.use_certificate`` / ``use_privatekey``."""
+        with self._lock:
+            cur = self._alpn.get(self._norm(domain))
+        return (cur[3], cur[4]) if cur else None
 
     def __len__(self) -> int:
         with self._lock:
