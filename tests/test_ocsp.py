@@ -548,3 +548,88 @@ async def test_corrupt_persisted_staple_is_ignored(ca, responder, tmp_path):
         await s.close()
     assert fetcher.urls == [responder.url] and cert.ocsp_staple is not None
     assert await storage.load(ocsp.storage_key(cert)) == cert.ocsp_staple
+
+
+# ------------------------------------------------------------------ end to end: the handshake
+
+async def test_openssl_s_client_sees_the_staple(ca, responder, run_stapler):
+    """The stapler fills cert.ocsp_staple; the TLS engine staples it; s_client -status sees it."""
+    engine_mod = pytest.importorskip("proxy.tls.engine")
+    transport = pytest.importorskip("proxy.tls.transport")
+    leaf = ca.issue(["s.test"], ocsp_url=responder.url, must_staple=True)
+    responder.add(leaf)
+    plain = ca.issue(["plain.test"])            # no OCSP URL: nothing stapled
+    cert, plain_cert = served(leaf, ca), served(plain, ca)
+    cache = CertificateCache()
+    stapler = stapler_for(cache)
+    await stapler.prime(cert)                   # must-staple: primed before it is served
+    cache.replace_manual([cert, plain_cert])
+    run_stapler(stapler)
+    engine = engine_mod.TLSEngine(cache)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: transport.TLSStream(engine.new_connection), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def s_client(name):
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", name,
+            "-status", "-CAfile", str(ca.cert_path),
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT)
+        try:
+            out, _ = await asyncio.wait_for(proc.communicate(), 15)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            raise
+        return out.decode(errors="replace")
+
+    try:
+        out = await s_client("s.test")
+        assert "OCSP Response Status: successful" in out, out
+        assert "Cert Status: good" in out, out
+        assert f"{leaf.cert.serial_number:X}" in out.replace(":", "").upper()
+        out = await s_client("plain.test")
+        assert "OCSP response: no response sent" in out, out
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def test_mutated_responses_never_crash(ca, responder):
+    """Peer bytes: every single-byte corruption of a real response is either still a valid
+    response or OCSPInvalid - never another exception."""
+    leaf = ca.issue(["m.test"], ocsp_url=responder.url)
+    responder.add(leaf)
+    good = ocsp_query(responder.url, leaf.cert, ca.cert)
+    rng = random.Random(11)
+    outcomes = {"valid": 0, "invalid": 0}
+    for i in range(len(good)):
+        for flip in (0x01, 0x80, rng.randrange(1, 256)):
+            der = good[:i] + bytes([good[i] ^ flip]) + good[i + 1:]
+            try:
+                ocsp.verify_response(der, leaf.cert, ca.cert)
+                outcomes["valid"] += 1
+            except ocsp.OCSPInvalid:
+                outcomes["invalid"] += 1
+    for cut in range(0, len(good), 7):
+        with pytest.raises(ocsp.OCSPInvalid):
+            ocsp.verify_response(good[:cut], leaf.cert, ca.cert)
+    assert outcomes["invalid"] > outcomes["valid"]
+
+
+async def test_primed_certificate_is_not_fetched_again_when_cached(ca, responder, run_stapler):
+    leaf = ca.issue(["pc.test"], ocsp_url=responder.url)
+    responder.add(leaf)
+    cert = served(leaf, ca)
+    cache = CertificateCache()
+    fetcher = CountingFetcher()
+    stapler = run_stapler(stapler_for(cache, fetcher=fetcher))
+    await stapler.prime(cert)
+    await asyncio.sleep(0.2)            # polls while the cert is not in the cache yet
+    cache.replace_manual([cert])
+    await asyncio.sleep(0.3)            # polls with it in the cache: not due for hours
+    assert fetcher.urls == [responder.url] and cert.ocsp_staple is not None
+    cache.replace_manual([])            # removed: forgotten, and not asked about
+    await asyncio.sleep(0.2)
+    assert cert not in stapler._states and fetcher.urls == [responder.url]

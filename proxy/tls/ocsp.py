@@ -52,6 +52,7 @@ DEFAULT_VALIDITY = dt.timedelta(hours=1)      # for responses without nextUpdate
 MAX_RESPONSE_BYTES = 64 * 1024
 GET_MAX_ENCODED = 255                         # RFC 5019: GET only for small requests
 DEFAULT_TIMEOUT = 10.0
+PRIMED_GRACE = 600.0                          # s a primed, not yet cached cert stays known
 
 GOOD, REVOKED, UNKNOWN = "good", "revoked", "unknown"
 
@@ -150,17 +151,24 @@ def _verify_signature(public_key, signature: bytes, data: bytes,
         raise UnsupportedAlgorithm(f"unsupported key type {type(public_key).__name__}")
 
 
-def _signed_by(resp: ocsp.OCSPResponse, key) -> bool:
+def _signed_by(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
     try:
         hash_alg = resp.signature_hash_algorithm
     except UnsupportedAlgorithm:
         hash_alg = None
     try:
-        _verify_signature(key, resp.signature, resp.tbs_response_bytes, hash_alg,
+        _verify_signature(cert.public_key(), resp.signature, resp.tbs_response_bytes, hash_alg,
                           resp.signature_algorithm_oid)
         return True
     except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
         return False
+
+
+def _subject(cert: x509.Certificate) -> str:
+    try:
+        return repr(cert.subject.rfc4514_string())
+    except Exception:   # a malformed subject in a peer-supplied certificate
+        return "<unparseable subject>"
 
 
 def _delegation_problem(responder: x509.Certificate, issuer: x509.Certificate,
@@ -169,16 +177,16 @@ def _delegation_problem(responder: x509.Certificate, issuer: x509.Certificate,
     try:
         responder.verify_directly_issued_by(issuer)
     except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-        return f"responder certificate {responder.subject.rfc4514_string()!r} is not issued by the issuer"
+        return f"responder certificate {_subject(responder)} is not issued by the issuer"
     try:
         eku = responder.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
     except (x509.ExtensionNotFound, ValueError):
         eku = []
     if ExtendedKeyUsageOID.OCSP_SIGNING not in eku:
-        return (f"responder certificate {responder.subject.rfc4514_string()!r} "
+        return (f"responder certificate {_subject(responder)} "
                 "lacks the id-kp-OCSPSigning extended key usage")
     if not (responder.not_valid_before_utc - CLOCK_SKEW <= now <= responder.not_valid_after_utc):
-        return f"responder certificate {responder.subject.rfc4514_string()!r} is not valid now"
+        return f"responder certificate {_subject(responder)} is not valid now"
     return None
 
 
@@ -193,29 +201,34 @@ def verify_response(der: bytes, leaf: x509.Certificate, issuer: x509.Certificate
     """
     now = now or _utcnow()
     try:
+        return _verify(der, leaf, issuer, now)
+    except OCSPInvalid:
+        raise
+    except Exception as e:   # cryptography parses lazily: a bad field can surface anywhere
+        raise OCSPInvalid(f"malformed OCSP response ({type(e).__name__}: {e})") from None
+
+
+def _verify(der: bytes, leaf: x509.Certificate, issuer: x509.Certificate,
+            now: dt.datetime) -> OCSPResult:
+    try:
         resp = ocsp.load_der_ocsp_response(der)
     except Exception as e:   # any parse failure of peer bytes is "invalid", never a crash
         raise OCSPInvalid(f"not a DER OCSP response ({type(e).__name__}: {e})") from None
     if resp.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise OCSPInvalid(f"responder answered {resp.response_status.name}")
 
-    try:
-        single = _matching_single_response(resp, leaf, issuer)
-        responders = list(resp.certificates)
-    except OCSPInvalid:
-        raise
-    except Exception as e:
-        raise OCSPInvalid(f"malformed OCSP response ({type(e).__name__}: {e})") from None
+    single = _matching_single_response(resp, leaf, issuer)
+    responders = list(resp.certificates)
 
     # Signature: the issuer itself, or a delegated responder certificate it authorised.
-    if not _signed_by(resp, issuer.public_key()):
+    if not _signed_by(resp, issuer):
         problems = []
         for rc in responders:
             problem = _delegation_problem(rc, issuer, now)
-            if problem is None and _signed_by(resp, rc.public_key()):
+            if problem is None and _signed_by(resp, rc):
                 break
             problems.append(problem or
-                            f"signature does not verify with {rc.subject.rfc4514_string()!r}")
+                            f"signature does not verify with {_subject(rc)}")
         else:
             detail = "; ".join(problems) if problems else "no responder certificate included"
             raise OCSPInvalid(f"response not signed by the issuer or an authorised responder ({detail})")
@@ -244,7 +257,10 @@ def _matching_single_response(resp: ocsp.OCSPResponse, leaf: x509.Certificate,
     ids: dict[str, tuple[int, bytes, bytes]] = {}
     seen = []
     for single in resp.responses:
-        alg = single.hash_algorithm
+        try:
+            alg = single.hash_algorithm
+        except UnsupportedAlgorithm:
+            continue
         if alg.name not in ids:
             try:
                 ids[alg.name] = _cert_id(leaf, issuer, alg)
@@ -355,6 +371,8 @@ class _State:
     last_error_at: Optional[dt.datetime] = None
     last_fetch_at: Optional[dt.datetime] = None
     storage_checked: bool = False
+    seen_in_cache: bool = False                # primed certs are kept until they appear
+    created: float = 0.0                       # loop time, to forget primed-but-never-cached
     lock: Optional[asyncio.Lock] = None
     task: Optional[asyncio.Task] = None
 
@@ -471,6 +489,7 @@ class Stapler:
         if st is None:
             st = self._states[cert] = self._new_state(cert)
             st.lock = asyncio.Lock()
+            st.created = asyncio.get_running_loop().time()
             names = ",".join(cert.names)
             if st.url is None:
                 log.debug("OCSP: %s has no OCSP responder URL; not stapling", names)
@@ -497,12 +516,19 @@ class Stapler:
         now = self.clock()
         current = self.cache.all()
         alive = set(current)
-        for gone in [c for c in self._states if c not in alive]:
-            st = self._states.pop(gone)
-            if st.task is not None and not st.task.done():
-                st.task.cancel()
+        loop_now = asyncio.get_running_loop().time()
+        for gone, st in list(self._states.items()):
+            if gone in alive:
+                continue
+            # a certificate primed before it is put into the cache keeps its state (and
+            # fresh staple schedule) for a while; one that left the cache is forgotten
+            if st.seen_in_cache or loop_now - st.created > PRIMED_GRACE:
+                del self._states[gone]
+                if st.task is not None and not st.task.done():
+                    st.task.cancel()
         for cert in current:
             st = self._state(cert)
+            st.seen_in_cache = True
             if st.url is None or st.issuer is None or cert.revoked:
                 continue
             self._drop_if_expired(cert, st, now)
