@@ -86,9 +86,9 @@ def parse_location(location: str) -> Location:
     scheme = parts.scheme.lower()
     if scheme not in ("s3", "gs"):
         raise _bad(value, f"unknown scheme {parts.scheme!r}")
-    if parts.query or parts.fragment or parts.username or parts.password or parts.port:
+    if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
         raise _bad(value, "query, fragment, credentials or port are not allowed in the URL")
-    host = parts.hostname or ""
+    host = parts.netloc
     if not host:
         raise _bad(value, "missing bucket name")
     prefix = parts.path.strip("/")

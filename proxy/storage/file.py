@@ -53,8 +53,26 @@ class FileStorage(LeaseLocks, Storage):
         return StorageError(f"file storage {self.root}: {op} {key!r} failed: {e.strerror or e}")
 
     def _makedirs(self, directory: str) -> None:
-        # 0700 for every directory we create; existing directories are left as they are.
-        os.makedirs(directory, mode=0o700, exist_ok=True)
+        # 0700 for every directory we create (os.makedirs gives intermediate directories the
+        # umask's default instead); existing directories are left as they are.
+        if os.path.isdir(directory):
+            return
+        missing = []
+        d = directory
+        while not os.path.isdir(d):
+            missing.append(d)
+            parent = os.path.dirname(d)
+            if parent == d:
+                break
+            d = parent
+        for d in reversed(missing):
+            try:
+                os.mkdir(d, 0o700)
+            except FileExistsError:
+                if not os.path.isdir(d):
+                    raise
+                continue
+            os.chmod(d, 0o700)         # exactly 0700 whatever the umask
 
     def _write_atomic(self, path: str, data: bytes, mode: int) -> None:
         directory = os.path.dirname(path)
