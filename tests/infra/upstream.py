@@ -54,7 +54,8 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         q = {k: v[0] for k, v in parse_qs(url.query).items()}
         self.server.requests.append({"method": self.command, "path": self.path,
-                                     "headers": [(k.lower(), v) for k, v in self.headers.items()]})
+                                     "headers": [(k.lower(), v) for k, v in self.headers.items()],
+                                     "client": self.client_address})
         if url.path == "/slow":
             time.sleep(float(q.get("s", "1")))
         if url.path == "/big":
@@ -110,6 +111,10 @@ class UpstreamServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def client_ports(self) -> set:
+        """Distinct (host, port) pairs the requests came from: one per upstream connection."""
+        return {r["client"] for r in self.requests}
 
     def stop(self) -> None:
         self.httpd.shutdown()

@@ -1,0 +1,140 @@
+"""Pure unit tests of the HTTP/1.1 rules (proxy/http/codec.py) and the route table (routes.py)."""
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import Route, Upstream
+from proxy.http import codec
+from proxy.http.redirect import redirect_location
+from proxy.http.routes import RouteTable
+
+
+# --------------------------------------------------------------------------- head bytes
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\n",          # incomplete, so far fine
+    b"GET / HTTP/1.1\r\nHost: a\r\n\r\nbody\nwith\nLF",   # LFs in the body are not checked
+    b"",
+])
+def test_head_with_crlf_is_accepted(head):
+    codec.check_head_bytes(head)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\nHost: a\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: 1\n",    # still incomplete, already bad
+    b"GET / HTTP/1.1\n\n",
+])
+def test_bare_lf_in_head_is_rejected(head):
+    with pytest.raises(codec.BadRequest):
+        codec.check_head_bytes(head)
+
+
+# --------------------------------------------------------------------------- framing
+
+def test_framing_single_length_ok():
+    codec.check_framing([(b"host", b"a"), (b"content-length", b"5")])
+    codec.check_framing([(b"content-length", b"5"), (b"content-length", b"5")])
+    codec.check_framing([(b"content-length", b"5, 5")])
+    codec.check_framing([(b"transfer-encoding", b"chunked")])
+
+
+@pytest.mark.parametrize("headers", [
+    [(b"content-length", b"5"), (b"transfer-encoding", b"chunked")],
+    [(b"transfer-encoding", b"chunked"), (b"content-length", b"0")],
+    [(b"content-length", b"5"), (b"content-length", b"6")],
+    [(b"content-length", b"5, 6")],
+])
+def test_framing_ambiguous_is_rejected(headers):
+    with pytest.raises(codec.BadRequest):
+        codec.check_framing(headers)
+
+
+# --------------------------------------------------------------------------- headers
+
+def test_end_to_end_drops_hop_by_hop_and_connection_named():
+    headers = [
+        (b"host", b"a"), (b"connection", b"keep-alive, X-Secret"), (b"keep-alive", b"timeout=5"),
+        (b"te", b"trailers"), (b"proxy-connection", b"keep-alive"), (b"x-secret", b"1"),
+        (b"transfer-encoding", b"chunked"), (b"upgrade", b"websocket"), (b"trailer", b"x"),
+        (b"proxy-authorization", b"Basic x"), (b"x-kept", b"yes"),
+    ]
+    out = codec.end_to_end(headers)
+    assert out == [(b"host", b"a"), (b"x-kept", b"yes")]
+
+
+def test_end_to_end_keeps_upgrade_when_asked():
+    headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"sec-websocket-key", b"k")]
+    assert codec.is_upgrade(headers)
+    out = codec.end_to_end(headers, keep_upgrade=True)
+    assert (b"upgrade", b"websocket") in out and (b"connection", b"upgrade") in out
+    assert (b"sec-websocket-key", b"k") in out
+    assert not codec.is_upgrade([(b"upgrade", b"websocket")])          # no Connection: upgrade
+    assert not codec.is_upgrade([(b"connection", b"upgrade")])         # no Upgrade header
+
+
+def test_connection_tokens_case_and_spaces():
+    assert codec.connection_tokens([(b"connection", b" Close ,X-A,, ")]) == {b"close", b"x-a"}
+
+
+@pytest.mark.parametrize("host,expected", [
+    (b"Example.COM", "example.com"),
+    (b"example.com:8443", "example.com"),
+    (b"example.com.", "example.com"),
+    (b"[::1]:443", "[::1]"),
+    (b"example.com:abc", ""),
+    (b"\xff", ""),
+    (b"", ""),
+])
+def test_split_host(host, expected):
+    assert codec.split_host(host) == expected
+
+
+def test_redirect_location():
+    assert redirect_location(b"a.example.com", b"/x?y=1", 443) == b"https://a.example.com/x?y=1"
+    assert redirect_location(b"a.example.com:80", b"/x", 8443) == b"https://a.example.com:8443/x"
+    # An absolute-form target is not trusted as a path.
+    assert redirect_location(b"a", b"http://evil/", 443) == b"https://a/"
+
+
+# --------------------------------------------------------------------------- routes
+
+def _route(host, prefix="/", to=("10.0.0.1",)):
+    return Route(from_url=f"https://{host}{prefix}", scheme="https", host=host, path_prefix=prefix,
+                 to=tuple(Upstream("http", h, 80) for h in to))
+
+
+def test_route_exact_host_beats_wildcard():
+    exact, wild = _route("a.example.com"), _route("*.example.com")
+    t = RouteTable([wild, exact])
+    assert t.match("a.example.com", "/") is exact
+    assert t.match("b.example.com", "/") is wild
+    assert t.match("x.b.example.com", "/") is None      # a wildcard covers one label only
+    assert t.match("example.com", "/") is None
+    assert t.match("other.org", "/") is None
+
+
+def test_route_longest_prefix_whole_segments():
+    root, api, apiv2 = _route("h"), _route("h", "/api"), _route("h", "/api/v2")
+    t = RouteTable([root, api, apiv2])
+    assert t.match("h", "/api") is api
+    assert t.match("h", "/api/x") is api
+    assert t.match("h", "/api/v2/x") is apiv2
+    assert t.match("h", "/apix") is root
+    assert t.match("h", "/") is root
+
+
+def test_route_prefix_without_root_route():
+    api = _route("h", "/api")
+    t = RouteTable([api])
+    assert t.match("h", "/other") is None
+    assert t.match("h", "/api/") is api
+
+
+def test_round_robin_over_upstreams():
+    r = _route("h", to=("10.0.0.1", "10.0.0.2", "10.0.0.3"))
+    t = RouteTable([r])
+    picks = [t.upstream(r).host for _ in range(6)]
+    assert picks == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2

@@ -1,0 +1,213 @@
+"""The TLS engine as a client sees it: SNI selection, default certificates, versions, ALPN."""
+from __future__ import annotations
+
+import os
+import warnings
+import socket
+import ssl
+import time
+
+import pytest
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from tests.infra.proxyproc import s_client, served_certificate, tls_client_context
+
+
+def _names(cert: x509.Certificate) -> list[str]:
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return san.get_values_for_type(x509.DNSName)
+
+
+@pytest.fixture
+def three_certs(ca):
+    return {
+        "a": ca.issue(["a.example.com"]),
+        "b": ca.issue(["b.example.com", "b2.example.com"]),
+        "wild": ca.issue(["*.wild.example.com"]),
+    }
+
+
+@pytest.fixture
+def sni_proxy(start_proxy, three_certs):
+    certs = [{"cert": str(c.cert_path), "key": str(c.key_path)} for c in three_certs.values()]
+    routes = [{"from": f"https://{h}", "response": {"status": 200, "body": f"hello {h}"}}
+              for h in ("a.example.com", "b.example.com", "b2.example.com", "*.wild.example.com")]
+    return start_proxy({"certificates": certs, "routes": routes})
+
+
+@pytest.mark.parametrize("server_name,which", [
+    ("a.example.com", "a"),
+    ("b.example.com", "b"),
+    ("b2.example.com", "b"),
+    ("x.wild.example.com", "wild"),
+    ("A.EXAMPLE.COM", "a"),
+])
+def test_sni_selects_certificate_s_client(sni_proxy, three_certs, ca, server_name, which):
+    out = s_client(sni_proxy.port, server_name, "-CAfile", str(ca.cert_path), "-verify_hostname", server_name.lower())
+    expected = three_certs[which].cert
+    cn = expected.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+    assert f"CN = {cn}" in out or f"CN={cn}" in out, out
+    assert "Verify return code: 0 (ok)" in out, out
+    assert served_certificate(sni_proxy.port, server_name).serial_number == expected.serial_number
+
+
+@pytest.mark.parametrize("host", ["a.example.com", "b2.example.com", "deep.wild.example.com"])
+def test_sni_curl_verifies_served_certificate(sni_proxy, ca, host):
+    r = sni_proxy.curl(host, "/", cacert=ca.cert_path)
+    assert r.returncode == 0, r.stderr
+    expected = host if not host.endswith("wild.example.com") else "*.wild.example.com"
+    assert r.stdout.decode() == f"hello {expected}"
+
+
+def test_wildcard_does_not_cover_two_labels(sni_proxy, three_certs):
+    # x.y.wild.example.com is not covered by *.wild.example.com: the default (first manual) is served.
+    cert = served_certificate(sni_proxy.port, "x.y.wild.example.com")
+    assert cert.serial_number == three_certs["a"].cert.serial_number
+
+
+def test_no_sni_gets_first_manual_certificate(sni_proxy, three_certs):
+    cert = served_certificate(sni_proxy.port, None)
+    assert cert.serial_number == three_certs["a"].cert.serial_number
+    out = s_client(sni_proxy.port, None)
+    assert "CN = a.example.com" in out or "CN=a.example.com" in out, out
+
+
+def test_unknown_name_gets_first_manual_certificate(sni_proxy, three_certs):
+    cert = served_certificate(sni_proxy.port, "unknown.example.org")
+    assert cert.serial_number == three_certs["a"].cert.serial_number
+
+
+def test_self_signed_default_when_no_certificate(start_proxy, ca):
+    p = start_proxy({"routes": [{"from": "https://localhost", "response": {"status": 200, "body": "ok"}}]})
+    for name in (None, "localhost"):
+        cert = served_certificate(p.port, name)
+        assert cert.issuer == cert.subject   # self-signed
+    r = p.curl("localhost")
+    assert r.returncode == 0 and r.stdout == b"ok", r.stderr
+    # Without -k, a client cannot verify it.
+    r = p.curl("localhost", "/", cacert=ca.cert_path)
+    assert r.returncode != 0 and b"certificate" in r.stderr, r.stderr
+
+
+def _handshake(port: int, version: ssl.TLSVersion):
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = version
+        ctx.maximum_version = version
+    if version < ssl.TLSVersion.TLSv1_2:
+        ctx.set_ciphers("DEFAULT:@SECLEVEL=0")   # let the client offer the old protocol at all
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+            return s.version()
+
+
+def test_tls12_and_tls13_accepted(sni_proxy):
+    assert _handshake(sni_proxy.port, ssl.TLSVersion.TLSv1_2) == "TLSv1.2"
+    assert _handshake(sni_proxy.port, ssl.TLSVersion.TLSv1_3) == "TLSv1.3"
+
+
+@pytest.mark.parametrize("flag", ["-tls1", "-tls1_1"])
+def test_tls10_and_tls11_refused(sni_proxy, flag):
+    out = s_client(sni_proxy.port, "a.example.com", flag, "-cipher", "DEFAULT:@SECLEVEL=0")
+    # The client offered the old version (so the refusal is the server's): alert 70.
+    assert "alert protocol version" in out, out
+    assert "BEGIN CERTIFICATE" not in out, out
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1])
+def test_tls10_and_tls11_refused_python(sni_proxy, version):
+    with pytest.raises(ssl.SSLError, match="ALERT_PROTOCOL_VERSION"):
+        _handshake(sni_proxy.port, version)
+
+
+def test_alpn_http11(sni_proxy):
+    ctx = tls_client_context()
+    ctx.set_alpn_protocols(["h2", "http/1.1"])
+    with socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+            assert s.selected_alpn_protocol() == "http/1.1"
+    out = s_client(sni_proxy.port, "a.example.com", "-alpn", "h2,http/1.1")
+    assert "ALPN protocol: http/1.1" in out, out
+
+
+def test_alpn_only_h2_gets_no_alpn_but_no_crash(sni_proxy):
+    ctx = tls_client_context()
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5) as raw:
+            with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+                assert s.selected_alpn_protocol() in (None, "http/1.1")
+    except ssl.SSLError:
+        pass   # refusing with no_application_protocol is also correct
+    # The proxy still serves.
+    assert sni_proxy.curl("a.example.com").stdout == b"hello a.example.com"
+
+
+def test_acme_tls1_without_challenge_is_refused(sni_proxy):
+    ctx = tls_client_context()
+    ctx.set_alpn_protocols(["acme-tls/1"])
+    with socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5) as raw:
+        try:
+            with ctx.wrap_socket(raw, server_hostname="a.example.com") as s:
+                assert s.selected_alpn_protocol() != "acme-tls/1"
+        except ssl.SSLError:
+            pass
+
+
+def _vm(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_garbage_instead_of_client_hello(sni_proxy):
+    pid = sni_proxy.proc.pid
+    # settle: one successful request, so lazy state is built
+    assert sni_proxy.curl("a.example.com").returncode == 0
+    fds_before = _fd_count(pid)
+    payloads = [b"GET / HTTP/1.1\r\nHost: a\r\n\r\n", os.urandom(3000), b"\x16\x03\x01\x00\x05hello",
+                b"\x16\x03\x01\xff\xff" + b"\x00" * 100, b"\x00" * 10]
+    for payload in payloads * 4:
+        with socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5) as s:
+            s.sendall(payload)
+            s.settimeout(5)
+            try:
+                while s.recv(4096):
+                    pass
+            except (ConnectionResetError, socket.timeout):
+                pass
+    # The connections are gone on the proxy side, and it still serves.
+    deadline = time.monotonic() + 5
+    while _fd_count(pid) > fds_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _fd_count(pid) <= fds_before
+    assert sni_proxy.proc.poll() is None
+    assert sni_proxy.curl("a.example.com").stdout == b"hello a.example.com"
+    assert "Traceback" not in sni_proxy.log()
+
+
+def test_silent_client_closed_after_read_header_timeout(start_proxy):
+    p = start_proxy({"timeout_read_header": "1s",
+                     "routes": [{"from": "https://localhost", "response": {"status": 200, "body": "ok"}}]})
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+        started = time.monotonic()
+        assert s.recv(4096) == b""       # closed by the proxy, without a byte of TLS
+        assert time.monotonic() - started < 8
+    # A client that handshakes but sends no request is closed too.
+    ctx = tls_client_context()
+    with socket.create_connection(("127.0.0.1", p.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            try:
+                data = s.recv(4096)
+            except (ssl.SSLError, ConnectionResetError):
+                data = b""
+            assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
