@@ -1,0 +1,501 @@
+"""The autocert manager: which names need a certificate, and getting and keeping them.
+
+Per name: use the certificate in memory; else the one in storage (another instance, an
+earlier run, or Caddy/Pomerium may have put it there); else take the name's lock, look again,
+and order one from the CA. Renew at the CA's ARI window or in the last third of the lifetime.
+A failure never takes the site down: what is served stays, and the next attempt waits an
+exponential, jittered backoff kept in storage, so a crash loop cannot hammer the CA.
+
+Talks to the certificate cache and the challenge store, never to sockets. The ACME
+conversation is blocking (``requests``) and runs in worker threads.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Awaitable, Callable, Mapping, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from ..config import Options
+from ..storage import NotFound, Storage, StorageError, check, open_storage
+from ..tls.certcache import ACME, Certificate, CertificateCache, CertificateProblem
+from ..tls.clienthello import parse_client_hello
+from . import layout
+from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, storage_key
+from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
+from .schedule import renewal_time, retry_delay
+
+log = logging.getLogger("proxy.autocert")
+
+# Problems that mean "the CA could not validate this way": the other challenge type may work.
+_VALIDATION_PROBLEMS = ("connection", "unauthorized", "tls", "incorrectResponse", "dns")
+
+
+def wanted_names(options: Options, cache: CertificateCache, now: Optional[dt.datetime] = None) -> list[str]:
+    """Route hosts with an https ``from`` and no wildcard, minus names a valid manual certificate covers."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    names: list[str] = []
+    for r in options.routes:
+        if r.scheme != "https" or "*" in r.host or r.host in names:
+            continue
+        manual = cache.manual_covering(r.host)
+        if manual is not None and not manual.expired(now):
+            continue
+        names.append(r.host)
+    return names
+
+
+@dataclass
+class NameState:
+    """What we remember per name between attempts and restarts (kept in storage)."""
+    failures: int = 0
+    next_attempt: float = 0.0          # unix time; 0 = now
+    last_error: str = ""
+    last_error_at: float = 0.0
+    renew_requested: bool = False      # `autocert-proxy renew`, or the certificate was revoked
+    last_success_at: float = 0.0
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "NameState":
+        try:
+            obj = json.loads(data)
+            return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
+        except (ValueError, TypeError):
+            return cls()
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+def new_certificate_key() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+class AutocertManager:
+    def __init__(self, options: Options, cache: CertificateCache, environ: Mapping[str, str],
+                 *, storage: Optional[Storage] = None,
+                 before_publish: Optional[Callable[[Certificate], Awaitable[None]]] = None):
+        self.cache = cache
+        self.challenges = ChallengeStore()
+        self.storage = storage or open_storage(options.autocert_dir)
+        self.before_publish = before_publish
+        # Tuning for tests and impatient operators; documented in the README.
+        self.check_interval = float(environ.get("AUTOCERT_PROXY_CHECK_INTERVAL", "60"))
+        self.retry_base = float(environ.get("AUTOCERT_PROXY_RETRY_BASE", "60"))
+        self._apply(options)
+        self._issuer: Optional[AcmeIssuer] = None
+        self._by_type: dict[str, AcmeIssuer] = {}
+        self._issuer_lock = asyncio.Lock()
+        self._states: dict[str, NameState] = {}
+        self._ari: dict[int, Optional[tuple[dt.datetime, dt.datetime]]] = {}
+        self._missing: set[str] = set()
+        self._miss_lookups: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._limit = asyncio.Semaphore(4)   # orders run concurrently, a few at a time
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._warned_manual_expired: set[str] = set()
+
+    def _apply(self, options: Options) -> None:
+        self.options = options
+        self.ca = options.autocert_ca
+        self.issuer_key = issuer_id(options.autocert_ca)
+        types = (TLS_ALPN_01, HTTP_01) if options.http_redirect_addr else (TLS_ALPN_01,)
+        self.settings = IssuerSettings(
+            directory_url=options.autocert_ca, email=options.autocert_email,
+            eab_key_id=options.autocert_eab_key_id, eab_mac_key=options.autocert_eab_mac_key,
+            trusted_ca_pem=options.autocert_trusted_ca_pem, must_staple=options.autocert_must_staple,
+            challenge_types=types)
+
+    # ------------------------------------------------------------------ traffic-side hooks
+    def tls_alpn(self, server_name: str) -> Optional[tuple[bytes, bytes]]:
+        return self.challenges.tls_alpn(server_name)
+
+    async def http01(self, host: str, token: str) -> Optional[str]:
+        key_auth = self.challenges.http01(token)
+        if key_auth is not None or not host:
+            return key_auth
+        ch = await self._stored_challenge(host)   # placed by another instance
+        if ch is not None and ch.type == HTTP_01 and ch.token == token:
+            return ch.key_authorization
+        return None
+
+    def prepare_handshake(self, first_bytes: bytes) -> Optional[asyncio.Future]:
+        """Before OpenSSL sees a ClientHello: fetch from storage what the handshake will need.
+
+        Only two cases pay for parsing the hello: a CA's ``acme-tls/1`` validation whose
+        challenge another instance placed, and a managed name with no certificate in memory
+        (another instance may have obtained it).
+        """
+        alpn_hint = b"acme-tls/1" in first_bytes
+        if not alpn_hint and not self._missing:
+            return None
+        facts = parse_client_hello(first_bytes)
+        if facts is None or not facts.server_name:
+            return None
+        name = facts.server_name
+        if b"acme-tls/1" in facts.alpn:
+            if self.challenges.tls_alpn(name) is not None:
+                return None
+            return asyncio.ensure_future(self._adopt_stored_challenge(name))
+        if name in self._missing and self.cache.managed(name) is None:
+            now = time.monotonic()
+            if now - self._miss_lookups.get(name, -1e9) < 2.0:
+                return None
+            self._miss_lookups[name] = now
+            return asyncio.ensure_future(asyncio.wait_for(self._sync_from_storage(name), 3.0))
+        return None
+
+    async def _stored_challenge(self, name: str) -> Optional[Challenge]:
+        key = storage_key(Challenge(HTTP_01, name, "-", "-"), self.issuer_key)
+        try:
+            data = await asyncio.wait_for(self.storage.load(key), 5.0)
+            return Challenge.from_json(data)
+        except (NotFound, StorageError, TimeoutError, ValueError, KeyError, TypeError):
+            return None
+
+    async def _adopt_stored_challenge(self, name: str) -> None:
+        ch = await self._stored_challenge(name)
+        if ch is not None and ch.type == TLS_ALPN_01:
+            self.challenges.present(ch)
+            # forget it again after the CA's validation window
+            asyncio.get_running_loop().call_later(120, self.challenges.remove, ch)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        opts = self.options
+        if opts.address.port != 443 and (opts.http_redirect_addr is None or opts.http_redirect_addr.port != 80):
+            log.warning("autocert: neither the TLS listener (%s) is on port 443 nor the HTTP listener on "
+                        "port 80: a public CA will fail to validate (fine for a CA configured for these ports)",
+                        opts.address)
+        await check(self.storage)   # a bad autocert_dir is a start-up error naming the setting
+        # Certificates already in storage are served from the first connection on.
+        await asyncio.gather(*(self._sync_from_storage(n) for n in wanted_names(opts, self.cache)),
+                             return_exceptions=True)
+        self._task = asyncio.get_running_loop().create_task(self._maintain())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        for t in list(self._inflight.values()):
+            t.cancel()
+        for i in [self._issuer, *self._by_type.values()]:
+            if i is not None:
+                i.close()
+        await self.storage.close()
+
+    async def reconfigure(self, options: Options) -> None:
+        old_ca = self.ca
+        self._apply(options)
+        if options.autocert_ca != old_ca:
+            # Staging and production never mix: drop what the old CA issued.
+            log.info("autocert CA changed from %s to %s: obtaining new certificates", old_ca, self.ca)
+            for c in list(self.cache.all()):
+                if c.source == ACME:
+                    for n in c.names:
+                        self.cache.remove_managed(n)
+            self._issuer = None
+            self._states.clear()
+        self.wake()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request_renewal(self, cert: Certificate) -> None:
+        """Renew now (used when OCSP says the certificate was revoked)."""
+        for n in cert.names:
+            self._states.setdefault(n, NameState()).renew_requested = True
+            self._states[n].next_attempt = 0.0
+        self.wake()
+
+    # ------------------------------------------------------------------ maintenance
+    async def _maintain(self) -> None:
+        while True:
+            try:
+                await self.check_all()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("autocert maintenance failed; will try again")
+            delay = self.check_interval
+            now = time.time()
+            for n in wanted_names(self.options, self.cache):
+                st = self._states.get(n)
+                if st is not None and st.next_attempt > now:
+                    delay = min(delay, st.next_attempt - now + 0.05)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.05, delay))
+            except TimeoutError:
+                pass
+
+    async def check_all(self) -> None:
+        names = wanted_names(self.options, self.cache)
+        for c in self.cache.all():
+            if c.source == "manual" and c.expired():
+                for n in c.names:
+                    if n in names and n not in self._warned_manual_expired:
+                        self._warned_manual_expired.add(n)
+                        log.warning("manual certificate for %s (%s) expired on %s: obtaining one automatically",
+                                    n, c.origin, c.not_after.isoformat())
+        self._missing = {n for n in names if self.cache.managed(n) is None}
+        tasks = []
+        for n in names:
+            t = self._inflight.get(n)
+            if t is None or t.done():
+                t = self._inflight[n] = asyncio.ensure_future(self._ensure(n))
+            tasks.append(t)
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self._missing = {n for n in names if self.cache.managed(n) is None}
+
+    def _due(self, cert: Certificate, now: dt.datetime) -> bool:
+        window = self._ari.get(cert.leaf.serial_number)
+        return now >= renewal_time(cert.not_before, cert.not_after, window)
+
+    def next_renewal(self, cert: Certificate) -> dt.datetime:
+        return renewal_time(cert.not_before, cert.not_after, self._ari.get(cert.leaf.serial_number))
+
+    async def _ensure(self, name: str) -> None:
+        now = dt.datetime.now(dt.timezone.utc)
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = await self._load_state(name)
+        cert = self.cache.managed(name)
+        if cert is None or self._due(cert, now) or state.renew_requested:
+            stored = await self._sync_from_storage(name)
+            if stored is not None:
+                cert = stored
+        if cert is not None:
+            await self._refresh_ari(cert)
+            if not self._due(cert, now) and not state.renew_requested:
+                return
+        if state.next_attempt > time.time():
+            return
+        async with self._limit:
+            await self._obtain_locked(name)
+
+    async def _obtain_locked(self, name: str) -> None:
+        lock = layout.lock_name(name)
+        try:
+            await self.storage.lock(lock)
+        except StorageError as e:
+            log.warning("autocert: cannot take the lock for %s in %s: %s", name, self.storage.describe(), e)
+            return
+        try:
+            # Another instance may have finished while we waited for the lock.
+            stored_state = await self._load_state(name)
+            local = self._states.get(name) or NameState()
+            forced = local.renew_requested
+            state = stored_state if not forced else local
+            self._states[name] = state
+            if stored_state.renew_requested:
+                state.renew_requested = True
+            stored = await self._sync_from_storage(name)
+            now = dt.datetime.now(dt.timezone.utc)
+            if stored is not None and not self._due(stored, now) and not state.renew_requested:
+                return
+            if state.next_attempt > time.time():
+                return
+            await self._obtain(name, state)
+        finally:
+            try:
+                await self.storage.unlock(lock)
+            except StorageError as e:
+                log.warning("autocert: releasing the lock for %s failed (its lease will lapse): %s", name, e)
+
+    async def _obtain(self, name: str, state: NameState) -> None:
+        issuer = None
+        try:
+            await self._get_issuer()
+            key_pem = new_certificate_key()
+            types = list(self.settings.challenge_types)
+            issued = None
+            for i, first in enumerate(types):
+                # Each challenge type in turn: a CA that cannot reach one port may reach the other.
+                try:
+                    issued = await asyncio.to_thread(
+                        self._by_type[first].obtain, [name], key_pem, self._present, self._cleanup)
+                    break
+                except AcmeError as e:
+                    short = e.problem_type.rsplit(":", 1)[-1]
+                    subs = [str((s.get("type") or "")).rsplit(":", 1)[-1] for s in (e.problem or {}).get("subproblems") or []]
+                    validation = short in _VALIDATION_PROBLEMS or any(s in _VALIDATION_PROBLEMS for s in subs)
+                    if validation and i + 1 < len(types):
+                        log.warning("autocert: %s validation failed for %s (%s); trying %s", first, name, e, types[i + 1])
+                        continue
+                    raise
+            assert issued is not None
+        except AcmeError as e:
+            await self._failed(name, state, str(e), e.retry_after)
+            return
+        except StorageError as e:
+            await self._failed(name, state, f"storage: {e}", None)
+            return
+        try:
+            cert = Certificate(chain_pem=issued.chain_pem, key_pem=key_pem, source=ACME,
+                               origin=layout.cert_key(self.issuer_key, name), issuer_id=self.issuer_key)
+        except CertificateProblem as e:
+            await self._failed(name, state, f"the CA returned an unusable certificate: {e}", None)
+            return
+        meta = json.dumps({"sans": list(issued.domains),
+                           "issuer_data": {"url": issued.cert_url, "ca": self.ca}}, indent=1).encode()
+        try:
+            # key first, certificate last: a reader that sees the certificate finds its key
+            await self.storage.store(layout.private_key_key(self.issuer_key, name), key_pem, private=True)
+            await self.storage.store(layout.meta_key(self.issuer_key, name), meta)
+            await self.storage.store(layout.cert_key(self.issuer_key, name), issued.chain_pem)
+        except StorageError as e:
+            log.error("autocert: certificate for %s obtained but not stored (%s); serving it from memory", name, e)
+        log.info("autocert: obtained a certificate for %s from %s in %.2fs (valid until %s)",
+                 name, self.ca, issued.elapsed, issued.not_after.isoformat())
+        state.failures = 0
+        state.next_attempt = 0.0
+        state.last_error = ""
+        state.renew_requested = False
+        state.last_success_at = time.time()
+        await self._save_state(name, state)
+        await self._publish(cert)
+
+    async def _failed(self, name: str, state: NameState, error: str, retry_after: Optional[float]) -> None:
+        state.failures += 1
+        delay = retry_delay(state.failures, base=self.retry_base, retry_after=retry_after)
+        state.next_attempt = time.time() + delay
+        state.last_error = error
+        state.last_error_at = time.time()
+        log.error("autocert: obtaining a certificate for %s failed (attempt %d); next attempt in %.0fs: %s",
+                  name, state.failures, delay, error)
+        await self._save_state(name, state)
+
+    async def _publish(self, cert: Certificate) -> None:
+        if self.before_publish is not None:
+            try:
+                await self.before_publish(cert)
+            except Exception as e:
+                log.error("autocert: certificate for %s not served: %s", ", ".join(cert.names), e)
+                return
+        self.cache.put_managed(cert)
+        for n in cert.names:
+            self._missing.discard(n)
+
+    # ------------------------------------------------------------------ storage
+    async def _sync_from_storage(self, name: str) -> Optional[Certificate]:
+        """Load the stored certificate for ``name`` and serve it if newer than what we have."""
+        try:
+            chain = await self.storage.load(layout.cert_key(self.issuer_key, name))
+            key = await self.storage.load(layout.private_key_key(self.issuer_key, name))
+        except NotFound:
+            return None
+        except StorageError as e:
+            log.warning("autocert: reading the certificate for %s from %s failed: %s", name, self.storage.describe(), e)
+            return None
+        try:
+            cert = Certificate(chain_pem=chain, key_pem=key, source=ACME,
+                               origin=layout.cert_key(self.issuer_key, name), issuer_id=self.issuer_key)
+        except CertificateProblem as e:
+            log.error("autocert: the stored certificate for %s is unusable (%s); a new one will be obtained", name, e)
+            return None
+        if not cert.covers(name) or cert.expired():
+            return None
+        current = self.cache.managed(name)
+        if current is None or cert.not_after > current.not_after or (
+                current.leaf.serial_number != cert.leaf.serial_number and cert.not_before > current.not_before):
+            await self._publish(cert)
+            return cert
+        return current
+
+    async def _load_state(self, name: str) -> NameState:
+        try:
+            return NameState.from_json(await self.storage.load(layout.state_key(self.issuer_key, name)))
+        except (NotFound, StorageError):
+            return NameState()
+
+    async def _save_state(self, name: str, state: NameState) -> None:
+        self._states[name] = state
+        try:
+            await self.storage.store(layout.state_key(self.issuer_key, name), state.to_json())
+        except StorageError as e:
+            log.warning("autocert: saving the retry state for %s failed: %s", name, e)
+
+    async def _get_issuer(self) -> AcmeIssuer:
+        async with self._issuer_lock:
+            if self._issuer is not None and self._issuer.ca == self.ca:
+                return self._issuer
+            email = self.options.autocert_email
+            kkey = layout.account_key_key(self.issuer_key, email)
+            rkey = layout.account_reg_key(self.issuer_key, email)
+
+            async def load(k):
+                try:
+                    return await self.storage.load(k)
+                except NotFound:
+                    return None
+
+            async with self.storage.locked(f"account_{self.issuer_key}"):
+                key_pem, reg = await load(kkey), await load(rkey)
+                issuer = AcmeIssuer(self.settings, key_pem, reg)
+                new_key, new_reg = await asyncio.to_thread(issuer.account)
+                if new_key != key_pem:
+                    await self.storage.store(kkey, new_key, private=True)
+                if new_reg != reg:
+                    await self.storage.store(rkey, new_reg)
+            # One issuer per challenge type, all on the same account.
+            self._by_type = {t: AcmeIssuer(dataclasses.replace(self.settings, challenge_types=(t,)), new_key, new_reg)
+                             for t in self.settings.challenge_types}
+            self._issuer = issuer
+            return issuer
+
+    async def _refresh_ari(self, cert: Certificate) -> None:
+        serial = cert.leaf.serial_number
+        if serial in self._ari or self._issuer is None:
+            return
+        try:
+            info = await asyncio.to_thread(self._issuer.renewal_info, cert.chain_pem)
+        except AcmeError as e:
+            log.debug("autocert: no renewal information for %s: %s", cert.names, e)
+            info = None
+        self._ari[serial] = (info[0], info[1]) if info else None
+
+    # ------------------------------------------------------------------ challenges (issuer thread)
+    def _present(self, ch: Challenge) -> None:
+        self.challenges.present(ch)
+        fut = asyncio.run_coroutine_threadsafe(
+            self.storage.store(storage_key(ch, self.issuer_key), ch.to_json()), self._loop)
+        try:
+            fut.result(timeout=15)
+        except Exception as e:   # other instances cannot answer; this one still can
+            log.warning("autocert: storing the %s challenge for %s failed: %s", ch.type, ch.domain, e)
+
+    def _cleanup(self, ch: Challenge) -> None:
+        self.challenges.remove(ch)
+
+        async def forget():
+            try:
+                await self.storage.delete(storage_key(ch, self.issuer_key))
+            except StorageError:
+                pass
+        asyncio.run_coroutine_threadsafe(forget(), self._loop)
+
+    # ------------------------------------------------------------------ status
+    async def status(self) -> list[dict]:
+        out = []
+        for n in wanted_names(self.options, self.cache):
+            st = self._states.get(n) or await self._load_state(n)
+            cert = self.cache.managed(n)
+            out.append({"name": n, "state": st, "cert": cert})
+        return out
