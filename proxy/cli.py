@@ -41,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"autocert-proxy {__version__}")
     p.add_argument("-c", "--config", help="YAML configuration file (environment variables override it)")
     p.add_argument("--check", action="store_true", help="validate the configuration and exit")
-    p.add_argument("command", nargs="?", choices=["run", "certs"], default="run",
-                   help="run (default): serve; certs: print the state of every certificate")
+    p.add_argument("command", nargs="?", choices=["run", "certs", "renew"], default="run",
+                   help="run (default): serve; certs: print the state of every certificate; "
+                        "renew [NAME...]: ask the running proxies to renew now")
+    p.add_argument("names", nargs="*", help="with renew: the names (default: all managed names)")
     return p
 
 
@@ -60,6 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "certs":
         from .status import print_certificates
         return asyncio.run(print_certificates(options, os.environ))
+    if args.command == "renew":
+        from .status import request_renewal
+        return asyncio.run(request_renewal(options, args.names))
     try:
         import uvloop
         runner = uvloop.run

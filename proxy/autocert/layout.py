@@ -5,7 +5,8 @@ or Pomerium is read without re-issuing. Pure.
     acme/<issuer>/users/<email or "default">/<local part or "default">.json|.key
     acme/<issuer>/challenge_tokens/<name>.json          (see challenges.storage_key)
     ocsp/<name>-<hash>                                   (the stapler's)
-    autocert-proxy/<issuer>/<name>.state.json            (ours: failures, backoff, renew requests)
+    autocert-proxy/<issuer>/<name>.state.json            (ours: failures, backoff)
+    autocert-proxy/<issuer>/renew/<name>                 (ours: `autocert-proxy renew` requests)
     locks/issue_cert_<name>.lock                         (the storage backend's lock records)
 """
 from __future__ import annotations
@@ -50,6 +51,14 @@ def account_reg_key(issuer: str, email: str) -> str:
 
 def state_key(issuer: str, name: str) -> str:
     return f"autocert-proxy/{safe_key(issuer)}/{safe_key(name)}.state.json"
+
+
+def renew_request_prefix(issuer: str) -> str:
+    return f"autocert-proxy/{safe_key(issuer)}/renew"
+
+
+def renew_request_key(issuer: str, name: str) -> str:
+    return f"{renew_request_prefix(issuer)}/{safe_key(name)}"
 
 
 def lock_name(name: str) -> str:

@@ -254,6 +254,7 @@ class AutocertManager:
                         log.warning("manual certificate for %s (%s) expired on %s: obtaining one automatically",
                                     n, c.origin, c.not_after.isoformat())
         self._missing = {n for n in names if self.cache.managed(n) is None}
+        await self._read_renew_requests(names)
         tasks = []
         for n in names:
             t = self._inflight.get(n)
@@ -263,6 +264,21 @@ class AutocertManager:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         self._missing = {n for n in names if self.cache.managed(n) is None}
+
+    async def _read_renew_requests(self, names: list[str]) -> None:
+        """Names someone asked to renew (``autocert-proxy renew``): one list call per check."""
+        try:
+            keys = await self.storage.list(layout.renew_request_prefix(self.issuer_key))
+        except StorageError:
+            return
+        requested = {k.rstrip("/").rsplit("/", 1)[-1] for k in keys}
+        for n in names:
+            if layout.renew_request_key(self.issuer_key, n).rsplit("/", 1)[-1] in requested:
+                st = self._states.setdefault(n, await self._load_state(n))
+                if not st.renew_requested:
+                    log.info("autocert: renewal of %s requested", n)
+                st.renew_requested = True
+                st.next_attempt = 0.0
 
     def _due(self, cert: Certificate, now: dt.datetime) -> bool:
         window = self._ari.get(cert.leaf.serial_number)
@@ -301,13 +317,15 @@ class AutocertManager:
             # Another instance may have finished while we waited for the lock.
             stored_state = await self._load_state(name)
             local = self._states.get(name) or NameState()
-            forced = local.renew_requested
-            state = stored_state if not forced else local
+            state = local if local.renew_requested else stored_state
             self._states[name] = state
-            if stored_state.renew_requested:
-                state.renew_requested = True
+            before = self.cache.managed(name)
             stored = await self._sync_from_storage(name)
             now = dt.datetime.now(dt.timezone.utc)
+            if stored is not None and state.renew_requested and before is not None \
+                    and stored.leaf.serial_number != before.leaf.serial_number:
+                state.renew_requested = False   # renewed by another instance meanwhile
+                return
             if stored is not None and not self._due(stored, now) and not state.renew_requested:
                 return
             if state.next_attempt > time.time():
@@ -370,6 +388,10 @@ class AutocertManager:
         state.renew_requested = False
         state.last_success_at = time.time()
         await self._save_state(name, state)
+        try:
+            await self.storage.delete(layout.renew_request_key(self.issuer_key, name))
+        except StorageError:
+            pass
         await self._publish(cert)
 
     async def _failed(self, name: str, state: NameState, error: str, retry_after: Optional[float]) -> None:
