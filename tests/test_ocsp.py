@@ -11,6 +11,7 @@ import asyncio
 import datetime as dt
 import logging
 import random
+import re
 
 import pytest
 from cryptography import x509
@@ -425,7 +426,7 @@ async def test_bad_responses_rejected_old_staple_kept(ca, responder, bad, run_st
     with caplog.at_level(logging.WARNING, logger="proxy.tls.ocsp"):
         await wait_for(lambda: stapler.status(cert)["failures"] >= 1, what="rejection")
     assert cert.ocsp_staple == good and not cert.revoked
-    import re
+
     assert re.search(reason, stapler.status(cert)["last_error"])
     assert any(re.search(reason, r.getMessage()) for r in caplog.records)
 

@@ -139,6 +139,15 @@ class IssuedCertificate:
     def leaf(self) -> x509.Certificate:
         return x509.load_pem_x509_certificate(self.chain_pem)
 
+    @property
+    def must_staple(self) -> bool:
+        """Does the leaf carry the TLS Feature status_request (OCSP must-staple) extension?"""
+        try:
+            feature = self.leaf.extensions.get_extension_for_class(x509.TLSFeature).value
+        except x509.ExtensionNotFound:
+            return False
+        return x509.TLSFeatureType.status_request in list(feature)
+
 
 # --------------------------------------------------------------------------------------------
 # pure helpers
@@ -600,10 +609,14 @@ class AcmeIssuer:
         finally:
             self.stats["nonce_rejections"] += net.nonce_rejections
         leaf = certs[0]
-        return IssuedCertificate(
+        issued = IssuedCertificate(
             chain_pem=chain_pem, cert_url=cert_url, order_url=order_url, domains=names,
             issuer_key=self.issuer_key, not_before=leaf.not_valid_before_utc,
             not_after=leaf.not_valid_after_utc, elapsed=time.monotonic() - started)
+        if self.settings.must_staple and not issued.must_staple:
+            log.warning("ACME CA %s issued a certificate for %s without the OCSP must-staple "
+                        "extension that autocert_must_staple asked for", self.ca, ", ".join(names))
+        return issued
 
     def _authorize(self, net: _Net, directory: dict, names: tuple[str, ...], order: dict,
                    present: Callable[[Challenge], None], cleanup: Callable[[Challenge], None],
