@@ -35,7 +35,6 @@ class App:
         self.environ = dict(os.environ if environ is None else environ)
         self.cache = CertificateCache()
         self.cache.set_fallback(self_signed_certificate())
-        self.cache.replace_manual(manual_certificates(options))
         self.engine = TLSEngine(self.cache)
         self.pool = UpstreamPool()
         self.state = ProxyState(options=options, routes=RouteTable(options.routes), pool=self.pool,
@@ -44,6 +43,8 @@ class App:
         self.connections: set = set()
         self.stopped = asyncio.Event()
         self.autocert = None      # the autocert manager, when enabled
+        self.stapler = None
+        self._stapler_task: Optional[asyncio.Task] = None
         self._reloading = False
 
     # --- connection factories ---
@@ -71,11 +72,23 @@ class App:
         opts = self.options
         for w in opts.warnings:
             log.warning("%s", w)
+        from .tls.ocsp import Stapler
+        storage = None
         if opts.autocert:
             from .autocert.manager import AutocertManager   # only when enabled
-            self.autocert = AutocertManager(opts, self.cache, self.environ)
+            from .storage import open_storage
+            storage = open_storage(opts.autocert_dir)
+            self.stapler = Stapler(self.cache, storage, on_revoked=self._on_revoked,
+                                   poll_interval=float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5")))
+            self.autocert = AutocertManager(opts, self.cache, self.environ, storage=storage,
+                                            before_publish=self._before_publish)
             self.engine.challenge_lookup = self.autocert.tls_alpn
             self.engine.prepare = self.autocert.prepare_handshake
+        else:
+            self.stapler = Stapler(self.cache, None, on_revoked=self._on_revoked,
+                                   poll_interval=float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5")))
+        await self._install_manual(manual_certificates(opts))
+        self._stapler_task = loop.create_task(self.stapler.run())
         self.servers.append(await loop.create_server(
             self._tls_protocol, opts.address.host or None, opts.address.port,
             reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))
@@ -94,6 +107,34 @@ class App:
                 loop.add_signal_handler(sig, handler)
             except (NotImplementedError, RuntimeError):
                 pass
+
+    async def _before_publish(self, cert: Certificate) -> None:
+        """A must-staple certificate enters the cache only with a good staple (raises otherwise)."""
+        if cert.must_staple and self.stapler is not None:
+            await self.stapler.prime(cert)
+
+    def _on_revoked(self, cert: Certificate) -> None:
+        if cert.source == MANUAL:
+            log.error("manual certificate %s (%s) is REVOKED according to its OCSP responder: replace it",
+                      ", ".join(cert.names), cert.origin)
+        elif self.autocert is not None:
+            log.error("certificate for %s was revoked: renewing it now with a new key", ", ".join(cert.names))
+            self.autocert.request_renewal(cert)
+
+    async def _install_manual(self, certs: list[Certificate]) -> None:
+        """Serve the manual certificates; must-staple ones only once they have a staple."""
+        self.cache.replace_manual([c for c in certs if not c.must_staple])
+        if not any(c.must_staple for c in certs):
+            return
+        ready = []
+        for c in certs:
+            try:
+                await self._before_publish(c)
+            except Exception as e:
+                log.error("manual certificate %s not served: %s", c.origin, e)
+                continue
+            ready.append(c)
+        self.cache.replace_manual(ready)
 
     def _on_stop(self) -> None:
         asyncio.get_running_loop().create_task(self.shutdown())
@@ -117,7 +158,7 @@ class App:
                 return False
             if new.address != self.options.address or new.http_redirect_addr != self.options.http_redirect_addr:
                 log.warning("listener addresses changed in the configuration: restart to apply them")
-            self.cache.replace_manual(manual_certificates(new))
+            await self._install_manual(manual_certificates(new))
             set_log_level(new.log_level)
             self.state = ProxyState(options=new, routes=RouteTable(new.routes), pool=self.pool,
                                     access_log=AccessLog(new.access_log_format))
@@ -138,6 +179,10 @@ class App:
         self.state.draining = True
         for s in self.servers:
             s.close()
+        if self.stapler is not None:
+            await self.stapler.close()
+        if self._stapler_task is not None:
+            self._stapler_task.cancel()
         if self.autocert is not None:
             await self.autocert.stop()
         deadline = asyncio.get_running_loop().time() + self.state.options.shutdown_timeout
