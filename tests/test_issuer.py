@@ -333,6 +333,28 @@ def test_account_is_reused_from_storage(pebble, servers, store):
     assert pebble.account_count() == 2
 
 
+def test_one_issuer_serves_concurrent_orders(pebble, servers, store):
+    """The manager runs several obtain() calls in threads on one issuer."""
+    results: dict[str, object] = {}
+    with AcmeIssuer(settings_for(pebble)) as issuer:
+        def work(name: str) -> None:
+            try:
+                results[name] = issuer.obtain([name], new_key(), store.present, store.remove)
+            except BaseException as e:  # reported by the assert below
+                results[name] = e
+
+        names = [f"c{i}.example" for i in range(4)]
+        threads = [threading.Thread(target=work, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    for n in names:
+        assert getattr(results.get(n), "domains", None) == (n,), results.get(n)
+    assert pebble.account_count() == 1
+    assert Counter(pebble.validated_names()) == {n: 1 for n in names}
+
+
 def test_ca_down_is_an_acme_error(pebble):
     pebble.stop()
     with AcmeIssuer(settings_for(pebble)) as issuer:
@@ -559,6 +581,28 @@ def test_must_staple_refusal_message():
     with AcmeIssuer(IssuerSettings(directory_url="https://ca.example/dir")) as issuer:
         err = issuer._error(messages.Error.from_json(LE_MUST_STAPLE), "finalizing the order")
     assert "autocert_must_staple" not in str(err)
+
+
+def test_error_keeps_problem_subproblems_and_retry_after():
+    import requests
+    from acme import messages
+    from proxy.autocert.issuer import _Net
+
+    body = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many certificates",
+            "subproblems": [{"type": "urn:ietf:params:acme:error:rejectedIdentifier",
+                             "detail": "nope", "identifier": {"type": "dns", "value": "b.example"}}]}
+    net = _Net(None)
+    resp = requests.Response()
+    resp.status_code = 429
+    resp.headers["Retry-After"] = "3600"
+    net.last_response = resp
+    with AcmeIssuer(IssuerSettings(directory_url="https://ca.example/dir")) as issuer:
+        err = issuer._error(messages.Error.from_json(body), "creating the order", ["a.example"], net)
+    assert err.retry_after == 3600
+    assert err.problem["type"].endswith(":rateLimited")
+    assert err.problem["subproblems"][0]["identifier"] == {"type": "dns", "value": "b.example"}
+    assert "rate limited by the CA" in str(err) and "retry after 3600 s" in str(err)
+    assert "b.example: rejectedIdentifier: nope" in str(err)
 
 
 def test_acme_error_str_carries_everything():

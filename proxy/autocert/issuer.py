@@ -393,7 +393,13 @@ class AcmeIssuer:
                 f.write(settings.trusted_ca_pem)
             self._ca_file = self._verify = path
             self._finalizer = weakref.finalize(self, _unlink, path)
+        self._stats_lock = threading.Lock()
+        #: counters for metrics and tests: nonces the CA rejected, polls of authz/order
         self.stats = {"nonce_rejections": 0, "polls": 0}
+
+    def _count_poll(self) -> None:
+        with self._stats_lock:
+            self.stats["polls"] += 1
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -607,7 +613,8 @@ class AcmeIssuer:
         except Exception as e:
             raise self._error(e, stage, names, net) from e
         finally:
-            self.stats["nonce_rejections"] += net.nonce_rejections
+            with self._stats_lock:
+                self.stats["nonce_rejections"] += net.nonce_rejections
         leaf = certs[0]
         issued = IssuedCertificate(
             chain_pem=chain_pem, cert_url=cert_url, order_url=order_url, domains=names,
@@ -668,7 +675,7 @@ class AcmeIssuer:
                         ca=self.ca, domains=names)
                 poller.sleep()
                 for url in list(pending):
-                    self.stats["polls"] += 1
+                    self._count_poll()
                     r = self._post(net, directory, url, None)
                     authz = r.json()
                     status = authz.get("status")
@@ -717,7 +724,7 @@ class AcmeIssuer:
                                 f"order to become valid (last state: {status})",
                                 ca=self.ca, domains=names)
             poller.sleep(resp)
-            self.stats["polls"] += 1
+            self._count_poll()
             resp = self._post(net, directory, order_url, None)
             order = resp.json()
 
