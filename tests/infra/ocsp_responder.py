@@ -64,8 +64,12 @@ def ocsp_query(url: str, leaf: x509.Certificate, issuer: x509.Certificate,
 class OpenSSLResponder:
     """``openssl ocsp`` for ``ca`` on 127.0.0.1:<free port>. Use ``url`` in issued certs."""
 
-    def __init__(self, ca: TestCA, directory: Path, port: Optional[int] = None):
+    def __init__(self, ca: TestCA, directory: Path, port: Optional[int] = None,
+                 nmin: Optional[int] = None):
+        """``nmin``: responses valid for that many minutes (``-nmin``) instead of a day
+        (``-ndays 1``), so a proxy refreshing at half-validity asks again soon."""
         self.ca = ca
+        self.nmin = nmin
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -140,7 +144,8 @@ class OpenSSLResponder:
         self.proc = subprocess.Popen(
             [OPENSSL, "ocsp", "-index", str(self.index_path), "-port", str(self.port),
              "-rsigner", str(self.signer.cert_path), "-rkey", str(self.signer.key_path),
-             "-CA", str(self.ca.cert_path), "-ndays", "1", "-ignore_err"],
+             "-CA", str(self.ca.cert_path),
+             *(["-nmin", str(self.nmin)] if self.nmin else ["-ndays", "1"]), "-ignore_err"],
             stdout=self._logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + timeout
