@@ -64,12 +64,23 @@ class Side:
         self.check_head = check_head
 
     async def next_event(self, timeout: Optional[float], head_buf: Optional[bytearray] = None):
+        """The next h11 event; ``timeout`` bounds the whole event, not each read (a head
+        dribbled one byte at a time must not extend its own deadline)."""
         conn = self.conn
+        deadline = None
         while True:
             ev = conn.next_event()
             if ev is not h11.NEED_DATA:
                 return ev
-            data = await self.stream.read(65536, timeout)
+            remaining = None
+            if timeout is not None:
+                now = asyncio.get_running_loop().time()
+                if deadline is None:
+                    deadline = now + timeout
+                remaining = deadline - now
+                if remaining <= 0:
+                    raise TimeoutError()
+            data = await self.stream.read(65536, remaining)
             if head_buf is not None and data:
                 head_buf += data
                 codec.check_head_bytes(bytes(head_buf))
@@ -284,7 +295,7 @@ class ClientConnection:
         client = self.side
         upgrade = codec.is_upgrade(req.headers)
         if client.conn.client_is_waiting_for_100_continue:
-            client.send(h11.InformationalResponse(status_code=100, headers=[]))
+            client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # The first body event is read before the upstream is contacted: a body that is
         # malformed from its first byte never reaches the upstream.
         first_body = await client.next_event(opts.timeout_idle)

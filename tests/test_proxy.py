@@ -1,0 +1,604 @@
+"""The reverse proxy end to end: the CLI-started proxy between real clients and a real upstream."""
+from __future__ import annotations
+
+import hashlib
+import http.client
+import json
+import os
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from tests.infra.proxyproc import free_port, tls_client_context, wait_port
+from tests.infra.upstream import UpstreamServer, WebSocketEchoServer
+
+HOST = "app.test"
+
+
+# --------------------------------------------------------------------------- helpers
+
+def tls_socket(port: int, host: str = HOST, timeout: float = 10.0) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    return tls_client_context().wrap_socket(raw, server_hostname=host)
+
+
+def read_until_close(sock, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything the server sends; and whether it closed the connection (vs. timeout)."""
+    sock.settimeout(timeout)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            data = sock.recv(65536)
+        except (socket.timeout, TimeoutError):
+            return out, False
+        except (ConnectionResetError, ssl.SSLError):
+            return out, True
+        if not data:
+            return out, True
+        out += data
+    return out, False
+
+
+def raw_exchange(port: int, data: bytes, host: str = HOST, timeout: float = 10.0) -> tuple[bytes, bool]:
+    with tls_socket(port, host, timeout) as s:
+        s.sendall(data)
+        return read_until_close(s, timeout)
+
+
+def https(port: int, host: str = HOST, timeout: float = 10.0) -> http.client.HTTPSConnection:
+    """A keep-alive client connection that reaches the proxy with SNI/Host ``host``."""
+    conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=tls_client_context())
+    # Resolve ``host`` to 127.0.0.1 while keeping it as SNI and Host.
+    conn._create_connection = lambda addr, timeout=None, source_address=None: \
+        socket.create_connection(("127.0.0.1", port), timeout)
+    return conn
+
+
+def get_json(conn: http.client.HTTPSConnection, method: str, path: str, body=None, headers=None):
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    data = resp.read()
+    assert resp.status == 200, (resp.status, data)
+    return json.loads(data)
+
+
+def route(to, **extra) -> dict:
+    return {"from": f"https://{HOST}", "to": to, **extra}
+
+
+@pytest.fixture
+def proxy(start_proxy, upstream):
+    return start_proxy({"routes": [route(upstream.url)]})
+
+
+def vm_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+# --------------------------------------------------------------------------- basic traffic
+
+def test_get_through_proxy(proxy, upstream):
+    r = proxy.curl(HOST, "/echo?x=1")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["method"] == "GET" and seen["path"] == "/echo?x=1"
+    assert len(upstream.requests) == 1
+
+
+def test_post_body_reaches_upstream(proxy, upstream, tmp_path):
+    body = os.urandom(300_000)
+    f = tmp_path / "body"
+    f.write_bytes(body)
+    r = proxy.curl(HOST, "/echo", "--data-binary", f"@{f}")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["method"] == "POST"
+    assert seen["body_length"] == len(body)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chunked_request_body(proxy, upstream, tmp_path):
+    body = os.urandom(100_000)
+    f = tmp_path / "body"
+    f.write_bytes(body)
+    r = proxy.curl(HOST, "/echo", "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f}")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["headers"].get("transfer-encoding") == "chunked"
+    assert "content-length" not in seen["headers"]
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+def test_chunked_response(proxy):
+    r = proxy.curl(HOST, "/chunked?n=5", "-i")
+    assert r.returncode == 0, r.stderr
+    head, _, body = r.stdout.partition(b"\r\n\r\n")
+    assert b"transfer-encoding: chunked" in head.lower()
+    assert body == b"".join(f"chunk {i}\n".encode() for i in range(5))
+
+
+def test_head_request_keeps_connection_usable(proxy, upstream):
+    conn = https(proxy.port)
+    for _ in range(2):
+        conn.request("HEAD", "/echo")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert int(resp.getheader("content-length")) > 0
+        assert resp.read() == b""
+    sock = conn.sock
+    seen = get_json(conn, "GET", "/echo")
+    assert conn.sock is sock            # the same connection served all three
+    assert seen["method"] == "GET"
+    assert [r["method"] for r in upstream.requests] == ["HEAD", "HEAD", "GET"]
+    conn.close()
+
+
+def test_pipelined_requests(proxy, upstream):
+    reqs = b"".join(f"GET /echo?n={i} HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode() for i in range(3))
+    reqs += f"GET /echo?n=3 HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode()
+    out, closed = raw_exchange(proxy.port, reqs)
+    assert closed
+    assert out.count(b"HTTP/1.1 200 OK") == 4, out
+    for i in range(4):
+        assert f'"path": "/echo?n={i}"'.encode() in out
+    positions = [out.index(f'/echo?n={i}"'.encode()) for i in range(4)]
+    assert positions == sorted(positions)   # answered in order
+    assert [r["path"] for r in upstream.requests] == [f"/echo?n={i}" for i in range(4)]
+
+
+def test_expect_100_continue(proxy, upstream, tmp_path):
+    body = os.urandom(2 * 1024 * 1024)
+    f = tmp_path / "body"
+    f.write_bytes(body)
+    r = proxy.curl(HOST, "/echo", "-v", "-H", "Expect: 100-continue", "--data-binary", f"@{f}",
+                   "--expect100-timeout", "30")
+    assert r.returncode == 0, r.stderr
+    assert b"< HTTP/1.1 100 Continue" in r.stderr, r.stderr[-2000:]
+    seen = json.loads(r.stdout)
+    assert seen["body_sha256"] == hashlib.sha256(body).hexdigest()
+    assert "expect" not in seen["headers"]
+
+
+# --------------------------------------------------------------------------- large bodies
+
+BIG_MIB = 200
+
+
+def test_large_streamed_upload_and_download(proxy, upstream, tmp_path):
+    pid = proxy.proc.pid
+    assert proxy.curl(HOST, "/echo").returncode == 0
+    base_rss = vm_kib(pid, "VmRSS")
+
+    # Upload: 200 MiB with a Content-Length, then 200 MiB chunked; the upstream checks sha256.
+    f = tmp_path / "big"
+    h = hashlib.sha256()
+    with open(f, "wb") as out:
+        block = os.urandom(1024 * 1024)
+        for i in range(BIG_MIB):
+            chunk = block[i:] + block[:i]
+            h.update(chunk)
+            out.write(chunk)
+    r = proxy.curl(HOST, "/echo", "--data-binary", f"@{f}", timeout=120)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    assert seen["body_length"] == BIG_MIB * 1024 * 1024
+    assert seen["body_sha256"] == h.hexdigest()
+
+    r = proxy.curl(HOST, "/echo", "-T", str(f), "-H", "Transfer-Encoding: chunked", timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["body_sha256"] == h.hexdigest()
+    f.unlink()
+
+    # Download: 200 MiB of "x" hashed as it arrives.
+    cmd = ["curl", "-sS", "--max-time", "120", "-k", "--resolve", f"{HOST}:{proxy.port}:127.0.0.1",
+           f"https://{HOST}:{proxy.port}/big?mb={BIG_MIB}"]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE) as p:
+        got = hashlib.sha256()
+        n = 0
+        while True:
+            data = p.stdout.read(1 << 20)
+            if not data:
+                break
+            got.update(data)
+            n += len(data)
+        assert p.wait(10) == 0
+    assert n == BIG_MIB * 1024 * 1024
+    assert got.hexdigest() == hashlib.sha256(b"x" * n).hexdigest()
+
+    peak = vm_kib(pid, "VmHWM")
+    # 200 MiB moved each way; the proxy's peak memory grew by far less than one body.
+    assert peak - base_rss < 48 * 1024, (base_rss, peak)
+
+
+# --------------------------------------------------------------------------- websocket
+
+def test_websocket_echo_through_proxy(start_proxy):
+    from websockets.sync.client import connect
+    ws_server = WebSocketEchoServer()
+    try:
+        p = start_proxy({"routes": [route(ws_server.url)]})
+        ctx = tls_client_context()
+        sock = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        with connect(f"wss://{HOST}:{p.port}/chat", ssl=ctx, sock=sock, server_hostname=HOST,
+                     open_timeout=10, close_timeout=5) as ws:
+            for msg in ("hello", "x" * 200_000, b"\x00\x01binary"):
+                ws.send(msg)
+                assert ws.recv(timeout=10) == msg
+    finally:
+        ws_server.stop()
+
+
+# --------------------------------------------------------------------------- headers
+
+def test_forwarded_headers(proxy, upstream):
+    r = proxy.curl(HOST, "/echo", "-H", "X-Forwarded-For: 203.0.113.9")
+    seen = json.loads(r.stdout)["headers"]
+    assert seen["x-forwarded-for"] == "203.0.113.9, 127.0.0.1"
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == f"{HOST}:{proxy.port}"
+    assert seen["host"] == f"127.0.0.1:{upstream.port}"   # preserve_host_header is off
+
+
+def test_forwarded_headers_cannot_be_spoofed(proxy, upstream):
+    r = proxy.curl(HOST, "/echo", "-H", "X-Forwarded-Proto: http", "-H", "X-Forwarded-Host: evil")
+    seen = json.loads(r.stdout)["headers"]
+    assert seen["x-forwarded-proto"] == "https"
+    assert seen["x-forwarded-host"] == f"{HOST}:{proxy.port}"
+
+
+def test_hop_by_hop_headers_not_forwarded(proxy, upstream):
+    req = (f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\nConnection: X-Hop, keep-alive\r\nX-Hop: secret\r\n"
+           f"Keep-Alive: timeout=5\r\nTE: trailers\r\nProxy-Connection: keep-alive\r\n"
+           f"X-End-To-End: kept\r\n\r\n").encode()
+    with tls_socket(proxy.port) as s:
+        s.sendall(req)
+        s.settimeout(10)
+        data = b""
+        while b"}" not in data:
+            chunk = s.recv(65536)
+            assert chunk, data
+            data += chunk
+    seen = json.loads(data.split(b"\r\n\r\n", 1)[1])["headers"]
+    for name in ("x-hop", "keep-alive", "te", "proxy-connection"):
+        assert name not in seen, seen
+    assert seen.get("connection", "keep-alive").lower() == "keep-alive"   # the proxy's own, if any
+    assert seen["x-end-to-end"] == "kept"
+
+
+def test_hop_by_hop_response_headers_not_forwarded(start_proxy):
+    """An upstream's Connection-named and Keep-Alive headers stay between it and the proxy."""
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+    port = lsock.getsockname()[1]
+    import threading
+
+    def serve():
+        c, _ = lsock.accept()
+        with c:
+            c.settimeout(10)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += c.recv(4096)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: X-Up-Hop\r\nX-Up-Hop: 1\r\n"
+                      b"Keep-Alive: timeout=5\r\nX-Up-Kept: 1\r\n\r\nok")
+            time.sleep(0.5)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        p = start_proxy({"routes": [route(f"http://127.0.0.1:{port}")]})
+        r = p.curl(HOST, "/", "-i")
+        head = r.stdout.split(b"\r\n\r\n")[0].lower()
+        assert b"x-up-kept: 1" in head
+        assert b"x-up-hop" not in head and b"keep-alive: timeout" not in head
+    finally:
+        t.join(5)
+        lsock.close()
+
+
+def test_preserve_host_header(start_proxy, upstream):
+    p = start_proxy({"routes": [route(upstream.url, preserve_host_header=True)]})
+    seen = json.loads(p.curl(HOST, "/echo").stdout)["headers"]
+    assert seen["host"] == f"{HOST}:{p.port}"
+
+
+def test_load_balancing_over_to_list(start_proxy):
+    ups = [UpstreamServer() for _ in range(2)]
+    try:
+        p = start_proxy({"routes": [route([u.url for u in ups])]})
+        conn = https(p.port)
+        for _ in range(6):
+            get_json(conn, "GET", "/echo")
+        conn.close()
+        assert [len(u.requests) for u in ups] == [3, 3]
+    finally:
+        for u in ups:
+            u.stop()
+
+
+def test_upstream_keepalive_reuse(proxy, upstream):
+    for _ in range(8):   # eight separate client connections
+        r = proxy.curl(HOST, "/echo")
+        assert r.returncode == 0
+    assert len(upstream.requests) == 8
+    assert len(upstream.client_ports()) < 8, upstream.client_ports()
+
+
+def test_route_by_path_prefix(start_proxy):
+    a, b = UpstreamServer(), UpstreamServer()
+    try:
+        p = start_proxy({"routes": [
+            {"from": f"https://{HOST}/api", "to": b.url},
+            {"from": f"https://{HOST}", "to": a.url},
+        ]})
+        for path in ("/api", "/api/x", "/apix", "/"):
+            assert p.curl(HOST, path).returncode == 0
+        assert [r["path"] for r in b.requests] == ["/api", "/api/x"]
+        assert [r["path"] for r in a.requests] == ["/apix", "/"]
+    finally:
+        a.stop()
+        b.stop()
+
+
+# --------------------------------------------------------------------------- errors
+
+def test_404_no_route(proxy, upstream):
+    r = proxy.curl("other.test", "/x", "-i")
+    assert r.stdout.startswith(b"HTTP/1.1 404"), r.stdout
+    assert b"No route" in r.stdout
+    assert upstream.requests == []
+
+
+def test_404_no_route_with_body_keeps_connection(proxy, upstream):
+    conn = https(proxy.port, host="other.test")
+    conn.request("POST", "/x", body=b"a" * 10000)
+    resp = conn.getresponse()
+    assert resp.status == 404
+    resp.read()
+    sock = conn.sock
+    conn.request("GET", "/y")
+    resp = conn.getresponse()
+    assert resp.status == 404
+    resp.read()
+    assert conn.sock is sock
+    conn.close()
+
+
+def test_502_upstream_refused(start_proxy):
+    p = start_proxy({"routes": [route(f"http://127.0.0.1:{free_port()}")]})
+    r = p.curl(HOST, "/", "-i")
+    assert r.stdout.startswith(b"HTTP/1.1 502"), r.stdout
+    assert b"refused" in r.stdout
+    # With a request body too.
+    r = p.curl(HOST, "/", "-i", "--data-binary", "x" * 1000)
+    assert r.stdout.startswith(b"HTTP/1.1 502"), r.stdout
+
+
+def test_504_upstream_timeout(start_proxy, upstream):
+    p = start_proxy({"default_upstream_timeout": "1s", "routes": [route(upstream.url)]})
+    r = p.curl(HOST, "/slow?s=5", "-i")
+    assert r.stdout.startswith(b"HTTP/1.1 504"), r.stdout
+    # The proxy stays healthy afterwards.
+    assert p.curl(HOST, "/echo").returncode == 0
+
+
+def test_direct_response_route(start_proxy):
+    p = start_proxy({"routes": [{"from": f"https://{HOST}", "response": {"status": 418, "body": "teapot"}}]})
+    r = p.curl(HOST, "/", "-i")
+    assert r.stdout.startswith(b"HTTP/1.1 418")
+    assert r.stdout.endswith(b"teapot")
+
+
+# --------------------------------------------------------------------------- smuggling
+
+SMUGGLING = {
+    "cl_and_te": b"POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n",
+    "te_and_cl": b"POST /echo HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n"
+                 b"5c\r\nGPOST / HTTP/1.1\r\n\r\n0\r\n\r\n",
+    "two_lengths": b"POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    "two_lengths_one_header": b"POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Length: 5, 6\r\n\r\nhello!",
+    "bad_chunk_size": b"POST /echo HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n",
+    "bare_lf_head": b"GET /echo HTTP/1.1\nHost: %s\n\n",
+    "bare_lf_one_line": b"GET /echo HTTP/1.1\r\nHost: %s\nX-A: 1\r\n\r\n",
+    "te_not_chunked": b"POST /echo HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "te_space_before_colon": b"POST /echo HTTP/1.1\r\nHost: %s\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "negative_length": b"POST /echo HTTP/1.1\r\nHost: %s\r\nContent-Length: -1\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("case", list(SMUGGLING))
+def test_smuggling_rejected_and_upstream_sees_nothing(proxy, upstream, case):
+    out, closed = raw_exchange(proxy.port, SMUGGLING[case] % HOST.encode())
+    assert closed, f"connection left open after {case}: {out!r}"
+    status = out.split(b"\r\n", 1)[0]
+    assert status.startswith((b"HTTP/1.1 400", b"HTTP/1.1 501")), out
+    if case in ("cl_and_te", "te_and_cl", "two_lengths", "two_lengths_one_header", "bad_chunk_size", "bare_lf_head",
+                "bare_lf_one_line"):
+        assert status.startswith(b"HTTP/1.1 400"), out
+    assert out.count(b"HTTP/1.1") == 1, out           # nothing answered after the rejection
+    time.sleep(0.2)   # the upstream thread would have recorded by now
+    assert upstream.requests == []
+    assert proxy.proc.poll() is None
+
+
+def test_obs_fold_is_rejected_or_unfolded(proxy, upstream):
+    """RFC 9112 5.2: reject obs-fold with 400, or replace it with a space before forwarding."""
+    req = f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\nX-A: 1\r\n continued\r\nConnection: close\r\n\r\n"
+    out, closed = raw_exchange(proxy.port, req.encode())
+    assert closed
+    if out.startswith(b"HTTP/1.1 400"):
+        assert upstream.requests == []
+    else:
+        assert out.startswith(b"HTTP/1.1 200"), out
+        assert dict(upstream.requests[0]["headers"])["x-a"] == "1 continued"
+
+
+def test_smuggling_after_valid_pipelined_request(proxy, upstream):
+    good = f"GET /echo?first HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode()
+    bad = SMUGGLING["cl_and_te"] % HOST.encode()
+    out, closed = raw_exchange(proxy.port, good + bad)
+    assert closed
+    assert out.startswith(b"HTTP/1.1 200"), out
+    assert b"HTTP/1.1 400" in out
+    assert [r["path"] for r in upstream.requests] == ["/echo?first"]
+
+
+def test_smuggling_on_direct_response_route(start_proxy):
+    p = start_proxy({"routes": [{"from": f"https://{HOST}", "response": {"status": 200, "body": "ok"}}]})
+    out, closed = raw_exchange(p.port, SMUGGLING["cl_and_te"] % HOST.encode())
+    assert closed and out.startswith(b"HTTP/1.1 400"), out
+    assert b"/smuggled" not in out and out.count(b"HTTP/1.1") == 1
+
+
+# --------------------------------------------------------------------------- timeouts
+
+def test_slow_request_head_times_out(start_proxy, upstream):
+    p = start_proxy({"timeout_read_header": "1s", "routes": [route(upstream.url)]})
+    with tls_socket(p.port) as s:
+        s.sendall(f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\n".encode())   # half a head
+        started = time.monotonic()
+        out, closed = read_until_close(s, timeout=10)
+    assert closed
+    assert out == b"" or out.startswith(b"HTTP/1.1 408"), out
+    assert time.monotonic() - started < 9
+    assert upstream.requests == []
+
+
+def test_slow_head_dribbled_byte_by_byte_times_out(start_proxy, upstream):
+    """Sending one byte at a time must not extend the head deadline forever."""
+    p = start_proxy({"timeout_read_header": "1s", "routes": [route(upstream.url)]})
+    head = f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\nX-Padding: {'a' * 200}\r\n\r\n".encode()
+    with tls_socket(p.port) as s:
+        s.settimeout(0.3)
+        started = time.monotonic()
+        closed = False
+        for b in head:
+            try:
+                s.sendall(bytes([b]))
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+                closed = True
+                break
+            try:
+                data = s.recv(4096)
+                if data == b"" or data.startswith(b"HTTP/1.1 408"):
+                    closed = True
+                    break
+            except (socket.timeout, TimeoutError):
+                pass
+            except (ConnectionResetError, ssl.SSLError):
+                closed = True
+                break
+            time.sleep(0.05)
+            if time.monotonic() - started > 8:
+                break
+    assert closed, "a head dribbled over ~14s was still being accepted"
+    assert upstream.requests == []
+
+
+def test_idle_keepalive_connection_closed(start_proxy, upstream):
+    p = start_proxy({"timeout_idle": "1s", "routes": [route(upstream.url)]})
+    conn = https(p.port)
+    get_json(conn, "GET", "/echo")
+    sock = conn.sock
+    started = time.monotonic()
+    out, closed = read_until_close(sock, timeout=10)
+    assert closed and out == b""
+    assert time.monotonic() - started < 9
+    conn.close()
+
+
+def test_keepalive_within_idle_timeout(start_proxy, upstream):
+    p = start_proxy({"timeout_idle": "5s", "routes": [route(upstream.url)]})
+    conn = https(p.port)
+    get_json(conn, "GET", "/echo")
+    sock = conn.sock
+    time.sleep(1)
+    get_json(conn, "GET", "/echo")
+    assert conn.sock is sock
+    conn.close()
+
+
+# --------------------------------------------------------------------------- redirect listener
+
+@pytest.fixture
+def redirect_proxy(start_proxy):
+    rport = free_port()
+    p = start_proxy({"http_redirect_addr": f"127.0.0.1:{rport}",
+                     "routes": [{"from": f"https://{HOST}", "response": {"status": 200, "body": "ok"}}]})
+    wait_port(rport)
+    return p
+
+
+def _plain(port: int, method: str, path: str, host: str = "www.example.com", body=None):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, body=body, headers={"Host": host})
+    resp = conn.getresponse()
+    data = resp.read()
+    conn.close()
+    return resp, data
+
+
+def test_redirect_get_head_301(redirect_proxy):
+    p = redirect_proxy
+    resp, _ = _plain(p.redirect_port, "GET", "/a/b?x=1&y=2")
+    assert resp.status == 301
+    assert resp.getheader("location") == f"https://www.example.com:{p.port}/a/b?x=1&y=2"
+    resp, body = _plain(p.redirect_port, "HEAD", "/h", host="www.example.com:80")
+    assert resp.status == 301 and body == b""
+    assert resp.getheader("location") == f"https://www.example.com:{p.port}/h"
+
+
+def test_redirect_post_308(redirect_proxy):
+    p = redirect_proxy
+    for method in ("POST", "PUT", "DELETE"):
+        resp, _ = _plain(p.redirect_port, method, "/form?q=1", body=b"data")
+        assert resp.status == 308, method
+        assert resp.getheader("location") == f"https://www.example.com:{p.port}/form?q=1"
+
+
+def test_redirect_to_port_443_has_no_port():
+    from proxy.http.redirect import redirect_location
+    assert redirect_location(b"www.example.com:80", b"/p?q", 443) == b"https://www.example.com/p?q"
+
+
+def test_redirect_acme_challenge_is_404(redirect_proxy):
+    resp, body = _plain(redirect_proxy.redirect_port, "GET", "/.well-known/acme-challenge/x")
+    assert resp.status == 404
+    assert resp.getheader("location") is None
+
+
+def test_redirect_with_curl_follows_to_https(redirect_proxy):
+    p = redirect_proxy
+    r = subprocess.run(["curl", "-sS", "-k", "-L", "--max-time", "10",
+                        "--resolve", f"{HOST}:{p.redirect_port}:127.0.0.1",
+                        "--resolve", f"{HOST}:{p.port}:127.0.0.1",
+                        f"http://{HOST}:{p.redirect_port}/"], capture_output=True, timeout=15)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"ok"
+
+
+def test_redirect_keepalive_and_garbage(redirect_proxy):
+    p = redirect_proxy
+    conn = http.client.HTTPConnection("127.0.0.1", p.redirect_port, timeout=10)
+    for path in ("/1", "/2"):
+        conn.request("GET", path, headers={"Host": "h.example.com"})
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 301
+    conn.close()
+    with socket.create_connection(("127.0.0.1", p.redirect_port), timeout=10) as s:
+        s.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+        out, closed = read_until_close(s, timeout=10)
+        assert closed
+    assert p.proc.poll() is None
+    assert "Traceback" not in p.log()
