@@ -254,8 +254,9 @@ class GCSStorage(LeaseLocks, Storage):
             headers={"Content-Type": f"multipart/related; boundary={boundary}"})
         if status == 200:
             return status, json.loads(resp)
-        if status in (409, 412):
-            return status, {}
+        if status in (409, 412) or (status == 404 and "ifGenerationMatch" in q
+                                    and q["ifGenerationMatch"] != "0"):
+            return status, {}              # precondition lost (404: the record is gone)
         raise self._fail(op, key, status, resp)
 
     # ------------------------------------------------------------------ key-value
