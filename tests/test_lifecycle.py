@@ -1,0 +1,147 @@
+"""Lifecycle as an operator sees it: SIGHUP reloads without dropping connections, SIGTERM drains."""
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.infra.proxyproc import served_certificate
+from tests.test_proxy import get_json, https, read_until_close
+
+
+def _wait(cond, timeout=10.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached within {timeout}s")
+
+
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+        return False
+    except OSError:
+        return True
+
+
+@pytest.fixture
+def reloadable(start_proxy, upstream, ca):
+    a = ca.issue(["a.test"])
+    cfg = {"certificates": [{"cert": str(a.cert_path), "key": str(a.key_path)}],
+           "routes": [{"from": "https://a.test", "to": upstream.url}]}
+    return start_proxy(cfg), cfg
+
+
+def test_sighup_adds_route_and_certificate_keeping_connections(reloadable, ca, upstream):
+    p, cfg = reloadable
+    conn = https(p.port, host="a.test")
+    get_json(conn, "GET", "/echo?before")
+    sock = conn.sock
+    assert p.curl("b.test", "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == b"404"
+    b = ca.issue(["b.test"])
+    assert served_certificate(p.port, "b.test").serial_number != b.cert.serial_number
+
+    new = dict(cfg)
+    new["certificates"] = cfg["certificates"] + [{"cert": str(b.cert_path), "key": str(b.key_path)}]
+    new["routes"] = cfg["routes"] + [{"from": "https://b.test", "response": {"status": 200, "body": "new route"}}]
+    p.write_config(new)
+    p.reload()
+    p.wait_log("configuration reloaded")
+
+    # The connection opened before the reload keeps serving, on the same socket.
+    seen = get_json(conn, "GET", "/echo?after")
+    assert conn.sock is sock
+    assert seen["path"] == "/echo?after"
+    assert len({r["path"] for r in upstream.requests}) == 2
+    conn.close()
+
+    # The new route and the new certificate are served (and the certificate verifies).
+    r = p.curl("b.test", "/", cacert=ca.cert_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"new route"
+    assert served_certificate(p.port, "b.test").serial_number == b.cert.serial_number
+    assert p.proc.poll() is None
+
+
+def test_sighup_with_invalid_config_keeps_old_one(reloadable, ca, upstream):
+    p, cfg = reloadable
+    conn = https(p.port, host="a.test")
+    get_json(conn, "GET", "/echo")
+    sock = conn.sock
+
+    bad = dict(cfg, log_level="loud", routes=[{"from": "https://c.test", "to": "nope://x"}])
+    p.write_config(bad)
+    p.reload()
+    p.wait_log("reload rejected")
+    log = p.log()
+    assert "log_level" in log and "loud" in log and "routes[0].to" in log
+
+    get_json(conn, "GET", "/echo")           # old route, old connection
+    assert conn.sock is sock
+    conn.close()
+    r = p.curl("a.test", "/echo", cacert=ca.cert_path)
+    assert r.returncode == 0, r.stderr
+    assert p.curl("c.test", "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == b"404"
+
+    # A good config after the bad one is taken.
+    p.write_config(dict(cfg, routes=cfg["routes"] + [{"from": "https://c.test",
+                                                       "response": {"status": 200, "body": "c"}}]))
+    p.reload()
+    p.wait_log("configuration reloaded")
+    assert p.curl("c.test", "/").stdout == b"c"
+
+
+def test_sighup_removes_route(reloadable, upstream):
+    p, cfg = reloadable
+    assert p.curl("a.test", "/echo").returncode == 0
+    p.write_config(dict(cfg, routes=[{"from": "https://other.test", "to": upstream.url}]))
+    p.reload()
+    p.wait_log("configuration reloaded")
+    assert p.curl("a.test", "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == b"404"
+
+
+def _curl_bg(p, host, path):
+    cmd = ["curl", "-sS", "-k", "--max-time", "20", "-o", "-", "-w", "\n%{http_code}",
+           "--resolve", f"{host}:{p.port}:127.0.0.1", f"https://{host}:{p.port}{path}"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_drains_in_flight_request(start_proxy, upstream, sig):
+    p = start_proxy({"routes": [{"from": "https://a.test", "to": upstream.url}]})
+    idle = https(p.port, host="a.test")
+    get_json(idle, "GET", "/echo")           # an idle keep-alive connection
+    slow = _curl_bg(p, "a.test", "/slow?s=3")
+    _wait(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), what="slow request at upstream")
+    p.signal(sig)
+    # New connections are refused while the slow one is still being served.
+    _wait(lambda: _refused(p.port), timeout=2.5, what="listener closed")
+    assert slow.poll() is None, "the in-flight request ended before its response"
+    # The idle keep-alive connection is closed instead of waiting for its timeout.
+    out, closed = read_until_close(idle.sock, timeout=2.5)
+    assert closed and out == b""
+    out, err = slow.communicate(timeout=15)
+    body, _, code = out.rpartition(b"\n")
+    assert code == b"200", (out, err)
+    assert b'"/slow?s=3"' in body
+    assert p.proc.wait(15) == 0
+    assert "shutting down" in p.log()
+
+
+def test_drain_timeout_bounds_shutdown(start_proxy, upstream):
+    p = start_proxy({"shutdown_timeout": "1s", "routes": [{"from": "https://a.test", "to": upstream.url}]})
+    slow = _curl_bg(p, "a.test", "/slow?s=10")
+    _wait(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), what="slow request at upstream")
+    started = time.monotonic()
+    p.signal(signal.SIGTERM)
+    rc = p.proc.wait(8)            # well before the 10 s upstream answer
+    assert time.monotonic() - started < 8
+    assert rc == 0
+    slow.communicate(timeout=15)
+    assert slow.returncode != 0     # the client saw its connection cut
+    assert "drain timeout" in p.log()
