@@ -118,8 +118,9 @@ class AutocertManager:
             challenge_types=types)
 
     # ------------------------------------------------------------------ traffic-side hooks
-    def tls_alpn(self, server_name: str) -> Optional[tuple[bytes, bytes]]:
-        return self.challenges.tls_alpn(server_name)
+    def tls_alpn(self, server_name: str):
+        """(certificate, key) objects for a pending TLS-ALPN-01 challenge: no parsing per handshake."""
+        return self.challenges.tls_alpn_objects(server_name)
 
     async def http01(self, host: str, token: str) -> Optional[str]:
         key_auth = self.challenges.http01(token)

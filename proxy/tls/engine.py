@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 
 from .certcache import SELF_SIGNED, Certificate, CertificateCache
 
@@ -35,8 +35,9 @@ INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
 
-# Returns (cert_pem, key_pem) for a name with a pending TLS-ALPN-01 challenge, else None.
-ChallengeLookup = Callable[[str], Optional[tuple[bytes, bytes]]]
+# Returns (certificate, private key) as cryptography objects for a name with a pending
+# TLS-ALPN-01 challenge, else None.
+ChallengeLookup = Callable[[str], Optional[tuple[object, object]]]
 
 
 def self_signed_certificate(name: str = "autocert-proxy.invalid") -> Certificate:
@@ -86,11 +87,10 @@ class TLSEngine:
         ctx = cert.tls_context
         if ctx is None:
             ctx = self._base_context()
-            ctx.use_certificate(crypto.X509.from_cryptography(cert.leaf))
+            ctx.use_certificate(cert.leaf)
             for extra in cert.chain[1:]:
-                ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-            ctx.use_privatekey(crypto.PKey.from_cryptography_key(
-                serialization.load_pem_private_key(cert.key_pem, password=None)))
+                ctx.add_extra_chain_cert(extra)
+            ctx.use_privatekey(serialization.load_pem_private_key(cert.key_pem, password=None))
             ctx.set_ocsp_server_callback(self._on_status, data=cert)
             cert.tls_context = ctx
         return ctx
@@ -124,10 +124,9 @@ class TLSEngine:
             if material is None:
                 log.warning("acme-tls/1 handshake for %r with no pending challenge", raw)
                 return SSL.NO_OVERLAPPING_PROTOCOLS
-            cert_pem, key_pem = material
-            conn.use_certificate(crypto.X509.from_cryptography(x509.load_pem_x509_certificate(cert_pem)))
-            conn.use_privatekey(crypto.PKey.from_cryptography_key(
-                serialization.load_pem_private_key(key_pem, password=None)))
+            cert, key = material
+            conn.use_certificate(cert)
+            conn.use_privatekey(key)
             conn.set_app_data("acme-tls/1")
             return ACME_TLS_1
         if HTTP_1_1 in offered:
