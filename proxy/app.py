@@ -123,7 +123,11 @@ class App:
 
     async def _install_manual(self, certs: list[Certificate]) -> None:
         """Serve the manual certificates; must-staple ones only once they have a staple."""
-        self.cache.replace_manual([c for c in certs if not c.must_staple])
+        # an unchanged certificate keeps its served object (and staple): a reload while the
+        # responder is down must not drop a must-staple certificate that holds a valid staple
+        served = {c.chain_pem: c for c in self.cache.all() if c.source == MANUAL}
+        certs = [served.get(c.chain_pem, c) for c in certs]
+        self.cache.replace_manual([c for c in certs if not c.must_staple or c.ocsp_staple is not None])
         if not any(c.must_staple for c in certs):
             return
         ready = []
