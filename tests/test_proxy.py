@@ -602,3 +602,114 @@ def test_redirect_keepalive_and_garbage(redirect_proxy):
         assert closed
     assert p.proc.poll() is None
     assert "Traceback" not in p.log()
+
+
+# --------------------------------------------------------------------------- unusual upstreams
+
+class RawUpstream:
+    """A socket upstream that answers every request head with fixed bytes, then closes
+    after ``hold`` seconds without reading the request body."""
+
+    def __init__(self, response: bytes, hold: float = 0.5):
+        import threading
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.response, self.hold = response, hold
+        self.heads: list[bytes] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                c.settimeout(5)
+                buf = b""
+                try:
+                    while b"\r\n\r\n" not in buf:
+                        data = c.recv(4096)
+                        if not data:
+                            break
+                        buf += data
+                    self.heads.append(buf.split(b"\r\n\r\n")[0])
+                    c.sendall(self.response)
+                    time.sleep(self.hold)
+                except OSError:
+                    pass
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self):
+        self.sock.close()
+
+
+@pytest.fixture
+def raw_upstream():
+    made = []
+
+    def make(response: bytes, hold: float = 0.5) -> RawUpstream:
+        made.append(RawUpstream(response, hold))
+        return made[-1]
+    yield make
+    for u in made:
+        u.stop()
+
+
+def test_upstream_early_answer_during_upload_is_forwarded(start_proxy, raw_upstream, tmp_path):
+    up = raw_upstream(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big!")
+    p = start_proxy({"routes": [route(up.url)]})
+    f = tmp_path / "body"
+    f.write_bytes(os.urandom(20 * 1024 * 1024))
+    for expect in ("Expect: 100-continue", "Expect:"):    # "Expect:" makes curl send no Expect
+        r = p.curl(HOST, "/upload", "-i", "-H", expect, "--data-binary", f"@{f}", timeout=30)
+        final = r.stdout.split(b"HTTP/1.1 100 Continue\r\n\r\n")[-1]
+        assert final.startswith(b"HTTP/1.1 413"), (expect, r.stdout[:300], r.stderr)
+        assert final.endswith(b"too big!")
+    assert len(up.heads) == 2
+
+
+def test_close_delimited_upstream_response(start_proxy, raw_upstream):
+    up = raw_upstream(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nbody until close", hold=0)
+    p = start_proxy({"routes": [route(up.url)]})
+    conn = https(p.port)
+    for _ in range(2):     # the client connection stays usable (the proxy re-frames the body)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read() == b"body until close"
+    conn.close()
+
+
+def test_upstream_garbage_is_502(start_proxy, raw_upstream):
+    up = raw_upstream(b"SSH-2.0-OpenSSH_9.2\r\n\r\n", hold=0)
+    p = start_proxy({"routes": [route(up.url)]})
+    r = p.curl(HOST, "/", "-i")
+    assert r.stdout.startswith(b"HTTP/1.1 502"), r.stdout
+    assert "Traceback" not in p.log()
+
+
+def test_client_that_stops_reading_is_dropped(start_proxy, upstream):
+    """A client that never reads its response must not hold the proxy (and the upstream) forever."""
+    p = start_proxy({"timeout_idle": "1s", "routes": [route(upstream.url)]})
+    with tls_socket(p.port) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        s.sendall(f"GET /big?mb=100 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        time.sleep(4)              # not reading: the proxy's writes stall
+        got = 0
+        s.settimeout(10)
+        try:
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    break
+                got += len(data)
+        except (ConnectionResetError, ssl.SSLError, socket.timeout):
+            pass
+    assert got < 100 * 1024 * 1024
+    assert p.curl(HOST, "/echo").returncode == 0

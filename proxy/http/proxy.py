@@ -25,6 +25,7 @@ from .upstream import UpstreamPool, UpstreamRefused
 log = logging.getLogger("proxy.http")
 
 MAX_HEAD = 64 * 1024
+LINGER_SECONDS = 5.0   # how long a request body is read after an early answer
 SERVER_NAME = b"autocert-proxy"
 
 
@@ -230,7 +231,13 @@ class ClientConnection:
         finally:
             self.busy = False
         state.access_log.write(entry, started)
-        await self.stream.drain()
+        try:
+            await self.stream.drain(opts.timeout_idle)
+        except TimeoutError:
+            return False   # the client stopped reading its response
+        if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY \
+                and not conn.client_is_waiting_for_100_continue:
+            await self._linger(opts)
         if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not state.draining:
             conn.start_next_cycle()
             return True
@@ -316,19 +323,8 @@ class ClientConnection:
             upstream = Side(stream, h11.CLIENT)
             try:
                 upstream.send(up_req)
-                if isinstance(first_body, h11.Data):
-                    upstream.send(h11.Data(data=first_body.data))
-                    await stream.drain()
-                    while True:
-                        ev = await client.next_event(opts.timeout_idle)
-                        if isinstance(ev, h11.Data):
-                            upstream.send(h11.Data(data=ev.data))
-                            await stream.drain()
-                        elif isinstance(ev, h11.EndOfMessage):
-                            break
-                        else:
-                            raise StreamClosed("client went away during the request body")
-                upstream.send(h11.EndOfMessage())
+                if await self._send_body(first_body, upstream, opts):
+                    upstream.send(h11.EndOfMessage())
                 resp = await upstream.next_event(opts.default_upstream_timeout)
                 while isinstance(resp, h11.InformationalResponse) and resp.status_code != 101:
                     resp = await upstream.next_event(opts.default_upstream_timeout)
@@ -366,7 +362,7 @@ class ClientConnection:
                 if isinstance(ev, h11.Data):
                     client.send(h11.Data(data=ev.data))
                     sent += len(ev.data)
-                    await self.stream.drain()
+                    await self.stream.drain(opts.timeout_idle)
                 elif isinstance(ev, h11.EndOfMessage):
                     client.send(h11.EndOfMessage())
                     break
@@ -386,6 +382,38 @@ class ClientConnection:
         else:
             stream.close()
         return False
+
+    async def _send_body(self, first_body, upstream: Side, opts: Options) -> bool:
+        """Streams the request body to the upstream. Returns False when the upstream stopped
+        taking it: it may have answered early (a 413 or 401 before the upload ends), and
+        that answer is still read and forwarded."""
+        client = self.side
+        ev = first_body
+        while True:
+            if isinstance(ev, h11.Data):
+                try:
+                    upstream.send(h11.Data(data=ev.data))
+                    await upstream.stream.drain(opts.default_upstream_timeout)
+                except (StreamClosed, ConnectionError):
+                    return False
+            elif isinstance(ev, h11.EndOfMessage):
+                return True
+            else:
+                raise StreamClosed("client went away during the request body")
+            ev = await client.next_event(opts.timeout_idle)
+
+    async def _linger(self, opts: Options) -> None:
+        """After answering before the request body ended, read (and drop) the rest for a
+        while: closing with unread data makes the kernel send a reset, which can destroy
+        the response before the client reads it. When the body ends, keep-alive goes on."""
+        try:
+            async with asyncio.timeout(min(opts.timeout_idle, LINGER_SECONDS)):
+                while self.side.conn.their_state is h11.SEND_BODY:
+                    ev = await self.side.next_event(None)
+                    if isinstance(ev, h11.ConnectionClosed):
+                        return
+        except (TimeoutError, h11.RemoteProtocolError):
+            pass
 
     def _gateway_error(self, status: int, detail: str, req, entry) -> bool:
         headers, body = error_page(status, detail)
@@ -417,7 +445,7 @@ async def _pipe(src: Stream, dst: Stream, timeout: float) -> None:
             if not data:
                 break
             dst.write(data)
-            await dst.drain()
+            await dst.drain(timeout)
     except (StreamClosed, ConnectionError, TimeoutError):
         pass
     finally:

@@ -146,13 +146,22 @@ class Stream(asyncio.Protocol):
             raise StreamClosed("write on a closed connection")
         self.transport.write(data)
 
-    async def drain(self) -> None:
+    async def drain(self, timeout: Optional[float] = None) -> None:
+        """Waits while the write buffer is full. Raises TimeoutError when the peer has not
+        read for ``timeout`` seconds (a reader that stalls must not hold the other side)."""
         if self._lost:
             raise StreamClosed("connection lost")
         if self._write_paused:
             w = self._loop.create_future()
             self._drain_waiters.append(w)
-            await w
+            if timeout is None:
+                await w
+                return
+            try:
+                await asyncio.wait_for(w, timeout)
+            finally:
+                if w in self._drain_waiters:
+                    self._drain_waiters.remove(w)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
