@@ -587,3 +587,71 @@ def test_directory_filled_by_caddy_is_served_without_a_new_order(shared_ca, star
     assert shared_ca.order_count() == orders + 1
     assert served_certificate(proxy.port, name).serial_number == caddy_serial
     assert curl_ok(proxy, name, write_root(shared_ca, tmp_path / "root.pem"))
+
+
+# --------------------------------------------------------------------------------------------
+# backoff kept in storage; reloads
+# --------------------------------------------------------------------------------------------
+def test_backoff_survives_a_restart_and_renew_overrides_it(shared_ca, start_proxy, tmp_path):
+    """A crash loop must not hammer the CA: the next attempt time is read back from storage."""
+    store = tmp_path / "ac"
+    bad = TestCA(tmp_path / "other-ca", name="Some other CA")
+    good_cfg = ac_config(shared_ca, store, ["backoff.test"])
+    p1 = start_proxy(dict(good_cfg, autocert_trusted_ca_file=str(bad.cert_path)), env=FAST, name="failing")
+    p1.wait_log("obtaining a certificate for backoff.test failed")
+    p1.stop()
+    orders = shared_ca.order_count()
+
+    # Restart with a working configuration: the stored backoff (~5 min) still holds.
+    p2 = start_proxy(good_cfg, env=FAST, name="restarted")
+    time.sleep(1.0)   # five maintenance checks
+    assert_self_signed(p2, "backoff.test")
+    assert shared_ca.order_count() == orders
+    assert p2.log().count("obtaining a certificate for backoff.test") == 0
+    row = certs_rows(p2)["backoff.test"]
+    assert "certificate verification failed" in row
+
+    # An operator's explicit renew request does not wait for the backoff.
+    out = cli(p2, "renew", "backoff.test")
+    assert out.returncode == 0, out.stderr
+    wait_pebble_cert(p2, "backoff.test")
+    assert shared_ca.order_count() == orders + 1
+    assert certs_rows(p2)["backoff.test"].rstrip().endswith("-")   # error cleared
+
+
+def test_reload_with_a_new_route_obtains_its_certificate(shared_ca, start_proxy, tmp_path):
+    proxy = start_proxy(ac_config(shared_ca, tmp_path / "ac", ["one.test"]),
+                        env={**FAST, "AUTOCERT_PROXY_CHECK_INTERVAL": "3600"})
+    wait_pebble_cert(proxy, "one.test")
+    cfg = dict(proxy.config)
+    cfg["routes"] = cfg["routes"] + [{"from": "https://two.test", "to": "http://127.0.0.1:9"}]
+    proxy.write_config(cfg)
+    proxy.reload()
+    proxy.wait_log("configuration reloaded")
+    wait_pebble_cert(proxy, "two.test")
+
+
+def test_fixing_the_trusted_ca_and_reloading_issues_at_once(shared_ca, start_proxy, tmp_path):
+    """A reload that changes autocert settings (here the trusted CA) uses them at once."""
+    bad = TestCA(tmp_path / "other-ca", name="Some other CA")
+    good_cfg = ac_config(shared_ca, tmp_path / "ac", ["fix.test"])
+    proxy = start_proxy(dict(good_cfg, autocert_trusted_ca_file=str(bad.cert_path)), env=FAST)
+    proxy.wait_log("obtaining a certificate for fix.test failed")
+    proxy.write_config(dict(proxy.config, autocert_trusted_ca_file=str(shared_ca.trusted_ca_file)))
+    proxy.reload()
+    proxy.wait_log("configuration reloaded")
+    wait_pebble_cert(proxy, "fix.test")
+    assert proxy.log().count("obtaining a certificate for fix.test failed") == 1
+
+
+def test_fixing_the_eab_key_and_reloading_issues_at_once(pebble_factory, start_proxy, tmp_path):
+    key = b64url(secrets.token_bytes(48))
+    ca = pebble_factory(tls_port=free_port(), eab={"kid-1": key})
+    cfg = ac_config(ca, tmp_path / "ac", ["eabfix.test"], autocert_eab_key_id="kid-1",
+                    autocert_eab_mac_key=b64url(secrets.token_bytes(48)))
+    proxy = start_proxy(cfg, env=FAST)
+    proxy.wait_log("obtaining a certificate for eabfix.test failed")
+    proxy.write_config(dict(proxy.config, autocert_eab_mac_key=key))
+    proxy.reload()
+    proxy.wait_log("configuration reloaded")
+    wait_pebble_cert(proxy, "eabfix.test")

@@ -94,6 +94,7 @@ class AutocertManager:
         self._apply(options)
         self._issuer: Optional[AcmeIssuer] = None
         self._by_type: dict[str, AcmeIssuer] = {}
+        self._issuer_settings: Optional[IssuerSettings] = None
         self._issuer_lock = asyncio.Lock()
         self._states: dict[str, NameState] = {}
         self._ari: dict[int, Optional[tuple[dt.datetime, dt.datetime]]] = {}
@@ -201,8 +202,20 @@ class AutocertManager:
         await self.storage.close()
 
     async def reconfigure(self, options: Options) -> None:
-        old_ca = self.ca
+        old_ca, old_settings = self.ca, self.settings
         self._apply(options)
+        if self.settings != old_settings:
+            # New trust, EAB key, email, must-staple or challenge types: the next order uses them
+            # (the issuers were built with the old ones). In-flight orders keep their own issuer.
+            self._issuer = None
+            self._by_type = {}
+            if options.autocert_ca == old_ca:
+                # The operator changed something: names waiting out a backoff try again now.
+                for n, st in list(self._states.items()):
+                    if st.failures and st.next_attempt > time.time():
+                        log.info("autocert settings changed: retrying %s now instead of waiting its backoff", n)
+                        st.next_attempt = 0.0
+                        await self._save_state(n, st)
         if options.autocert_ca != old_ca:
             # Staging and production never mix: drop what the old CA issued.
             log.info("autocert CA changed from %s to %s: obtaining new certificates", old_ca, self.ca)
@@ -227,6 +240,9 @@ class AutocertManager:
     # ------------------------------------------------------------------ maintenance
     async def _maintain(self) -> None:
         while True:
+            # Cleared before the check, not after: a wake() during the check (a reload, a revoked
+            # certificate) must start another check at once instead of being lost.
+            self._wake.clear()
             try:
                 await self.check_all()
             except asyncio.CancelledError:
@@ -239,7 +255,6 @@ class AutocertManager:
                 st = self._states.get(n)
                 if st is not None and st.next_attempt > now:
                     delay = min(delay, st.next_attempt - now + 0.05)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), max(0.05, delay))
             except TimeoutError:
@@ -263,7 +278,11 @@ class AutocertManager:
                 t = self._inflight[n] = asyncio.ensure_future(self._ensure(n))
             tasks.append(t)
         if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            for n, r in zip(names, results):
+                if isinstance(r, Exception):   # never silent
+                    log.error("autocert: checking %s failed: %s: %s", n, type(r).__name__, r,
+                              exc_info=(type(r), r, r.__traceback__))
         self._missing = {n for n in names if self.cache.managed(n) is None}
 
     async def _read_renew_requests(self, names: list[str]) -> None:
@@ -339,17 +358,20 @@ class AutocertManager:
                 log.warning("autocert: releasing the lock for %s failed (its lease will lapse): %s", name, e)
 
     async def _obtain(self, name: str, state: NameState) -> None:
-        issuer = None
+        # The CA and settings of this order, fixed at its start: a reload switching the CA while
+        # the order runs must not file the old CA's certificate (or failure) under the new CA.
+        ikey, ca = self.issuer_key, self.ca
         try:
-            await self._get_issuer()
+            _, by_type, settings = await self._get_issuer()
+            ikey, ca = issuer_id(settings.directory_url), settings.directory_url
             key_pem = new_certificate_key()
-            types = list(self.settings.challenge_types)
+            types = list(settings.challenge_types)
             issued = None
             for i, first in enumerate(types):
                 # Each challenge type in turn: a CA that cannot reach one port may reach the other.
                 try:
                     issued = await asyncio.to_thread(
-                        self._by_type[first].obtain, [name], key_pem, self._present, self._cleanup)
+                        by_type[first].obtain, [name], key_pem, self._present, self._cleanup)
                     break
                 except AcmeError as e:
                     short = e.problem_type.rsplit(":", 1)[-1]
@@ -361,28 +383,39 @@ class AutocertManager:
                     raise
             assert issued is not None
         except AcmeError as e:
-            await self._failed(name, state, str(e), e.retry_after)
+            if ikey == self.issuer_key:
+                await self._failed(name, state, str(e), e.retry_after)
             return
         except StorageError as e:
-            await self._failed(name, state, f"storage: {e}", None)
+            if ikey == self.issuer_key:
+                await self._failed(name, state, f"storage: {e}", None)
+            return
+        except Exception as e:   # never silent (pomerium#1232): logged, and backed off like any failure
+            log.exception("autocert: unexpected error while obtaining a certificate for %s", name)
+            if ikey == self.issuer_key:
+                await self._failed(name, state, f"unexpected error: {type(e).__name__}: {e}", None)
             return
         try:
             cert = Certificate(chain_pem=issued.chain_pem, key_pem=key_pem, source=ACME,
-                               origin=layout.cert_key(self.issuer_key, name), issuer_id=self.issuer_key)
+                               origin=layout.cert_key(ikey, name), issuer_id=ikey)
         except CertificateProblem as e:
             await self._failed(name, state, f"the CA returned an unusable certificate: {e}", None)
             return
         meta = json.dumps({"sans": list(issued.domains),
-                           "issuer_data": {"url": issued.cert_url, "ca": self.ca}}, indent=1).encode()
+                           "issuer_data": {"url": issued.cert_url, "ca": ca}}, indent=1).encode()
         try:
             # key first, certificate last: a reader that sees the certificate finds its key
-            await self.storage.store(layout.private_key_key(self.issuer_key, name), key_pem, private=True)
-            await self.storage.store(layout.meta_key(self.issuer_key, name), meta)
-            await self.storage.store(layout.cert_key(self.issuer_key, name), issued.chain_pem)
+            await self.storage.store(layout.private_key_key(ikey, name), key_pem, private=True)
+            await self.storage.store(layout.meta_key(ikey, name), meta)
+            await self.storage.store(layout.cert_key(ikey, name), issued.chain_pem)
         except StorageError as e:
             log.error("autocert: certificate for %s obtained but not stored (%s); serving it from memory", name, e)
         log.info("autocert: obtained a certificate for %s from %s in %.2fs (valid until %s)",
-                 name, self.ca, issued.elapsed, issued.not_after.isoformat())
+                 name, ca, issued.elapsed, issued.not_after.isoformat())
+        if ikey != self.issuer_key:
+            log.info("autocert: the CA changed to %s while %s was being obtained from %s: not serving it",
+                     self.ca, name, ca)
+            return
         state.failures = 0
         state.next_attempt = 0.0
         state.last_error = ""
@@ -455,13 +488,16 @@ class AutocertManager:
         except StorageError as e:
             log.warning("autocert: saving the retry state for %s failed: %s", name, e)
 
-    async def _get_issuer(self) -> AcmeIssuer:
+    async def _get_issuer(self) -> tuple[AcmeIssuer, dict[str, AcmeIssuer], IssuerSettings]:
+        """The account's issuer, one issuer per challenge type, and the settings they were built with."""
         async with self._issuer_lock:
-            if self._issuer is not None and self._issuer.ca == self.ca:
-                return self._issuer
-            email = self.options.autocert_email
-            kkey = layout.account_key_key(self.issuer_key, email)
-            rkey = layout.account_reg_key(self.issuer_key, email)
+            settings = self.settings
+            if self._issuer is not None and self._issuer_settings == settings:
+                return self._issuer, self._by_type, settings
+            email = settings.email
+            ikey = issuer_id(settings.directory_url)
+            kkey = layout.account_key_key(ikey, email)
+            rkey = layout.account_reg_key(ikey, email)
 
             async def load(k):
                 try:
@@ -469,19 +505,20 @@ class AutocertManager:
                 except NotFound:
                     return None
 
-            async with self.storage.locked(f"account_{self.issuer_key}"):
+            async with self.storage.locked(f"account_{ikey}"):
                 key_pem, reg = await load(kkey), await load(rkey)
-                issuer = AcmeIssuer(self.settings, key_pem, reg)
+                issuer = AcmeIssuer(settings, key_pem, reg)
                 new_key, new_reg = await asyncio.to_thread(issuer.account)
                 if new_key != key_pem:
                     await self.storage.store(kkey, new_key, private=True)
                 if new_reg != reg:
                     await self.storage.store(rkey, new_reg)
             # One issuer per challenge type, all on the same account.
-            self._by_type = {t: AcmeIssuer(dataclasses.replace(self.settings, challenge_types=(t,)), new_key, new_reg)
-                             for t in self.settings.challenge_types}
-            self._issuer = issuer
-            return issuer
+            by_type = {t: AcmeIssuer(dataclasses.replace(settings, challenge_types=(t,)), new_key, new_reg)
+                       for t in settings.challenge_types}
+            if self.settings == settings:   # not reconfigured meanwhile
+                self._issuer, self._by_type, self._issuer_settings = issuer, by_type, settings
+            return issuer, by_type, settings
 
     async def _refresh_ari(self, cert: Certificate) -> None:
         serial = cert.leaf.serial_number
