@@ -1,10 +1,15 @@
 """`autocert-proxy certs` and `autocert-proxy renew`: the state of every certificate, read from
-the configuration and the storage a running proxy uses."""
+the configuration and the storage a running proxy uses.
+
+The OCSP column is asked live: for each certificate with an OCSP URL its responder is asked
+(all at once, ``OCSP_TIMEOUT`` each) and the answer verified: good / revoked / unknown /
+error ("-": no OCSP URL). Revocation and errors are spelled out in LAST_ERROR."""
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import sys
-from typing import Mapping, Sequence
+from typing import Mapping, Optional, Sequence
 
 from cryptography.x509.oid import NameOID
 
@@ -26,6 +31,60 @@ def _issuer_cn(cert: Certificate) -> str:
     return str(attrs[0].value) if attrs else cert.leaf.issuer.rfc4514_string()
 
 
+OCSP_TIMEOUT = 3.0   # s per responder asked by `certs` (it must not hang on a dead one)
+
+
+async def ocsp_check(cert: Certificate, timeout: float = OCSP_TIMEOUT, session=None) -> tuple[str, str]:
+    """Ask the certificate's OCSP responder now and verify the answer.
+
+    Returns (column, detail): column is "-" (no OCSP URL), "good", "revoked", "unknown" or
+    "error"; detail is a sentence for LAST_ERROR ("" when there is nothing to say).
+    """
+    from .tls.ocsp import (GOOD, REVOKED, OCSPError, build_request, fetch, issuer_of, ocsp_url,
+                           verify_response)
+
+    url = ocsp_url(cert.leaf)
+    if url is None:
+        return "-", ""
+    issuer = issuer_of(cert)
+    if issuer is None:
+        return "error", f"OCSP: chain has no issuer certificate, cannot ask {url}"
+    try:
+        der = await fetch(url, build_request(cert.leaf, issuer), timeout, session=session)
+        result = verify_response(der, cert.leaf, issuer)
+    except OCSPError as e:
+        msg = str(e)
+        return "error", msg if msg.startswith("OCSP") else f"OCSP: {msg}"
+    except Exception as e:   # a status command reports, it does not crash
+        return "error", f"OCSP: {url}: {type(e).__name__}: {e}"
+    if result.status == GOOD:
+        return GOOD, ""
+    if result.status == REVOKED:
+        since = _fmt(result.revocation_time) if result.revocation_time else "unknown time"
+        return REVOKED, f"REVOKED since {since} according to {url}"
+    return "unknown", f"OCSP: responder {url} does not know this certificate"
+
+
+async def _ocsp_columns(rows: list[dict], certs: list[Optional[Certificate]]) -> None:
+    """Fill the OCSP column (and LAST_ERROR) of each row, all responders asked concurrently."""
+    targets = [(r, c) for r, c in zip(rows, certs) if c is not None]
+    for r in rows:
+        r.setdefault("ocsp", "-")
+    if not targets:
+        return
+    import aiohttp
+
+    session = aiohttp.ClientSession()
+    try:
+        results = await asyncio.gather(*(ocsp_check(c, session=session) for _, c in targets))
+    finally:
+        await session.close()
+    for (row, _), (col, detail) in zip(targets, results):
+        row["ocsp"] = col
+        if detail:
+            row["last_error"] = detail if row["last_error"] == "-" else f"{row['last_error']}; {detail}"
+
+
 async def collect(options: Options) -> list[dict]:
     from .app import manual_certificates
     from .autocert import layout
@@ -36,12 +95,15 @@ async def collect(options: Options) -> list[dict]:
     cache = CertificateCache()
     cache.replace_manual(manual_certificates(options))
     now = dt.datetime.now(dt.timezone.utc)
-    rows = []
+    rows: list[dict] = []
+    certs: list[Optional[Certificate]] = []
     for c in cache.all():
+        certs.append(c)
         rows.append({"name": ",".join(c.names), "source": MANUAL, "issuer": _issuer_cn(c),
                      "not_after": _fmt(c.not_after), "next_renewal": "-",
                      "last_error": "EXPIRED" if c.expired(now) else "-", "next_attempt": "-"})
     if not options.autocert:
+        await _ocsp_columns(rows, certs)
         return rows
     storage = open_storage(options.autocert_dir)
     issuer = issuer_id(options.autocert_ca)
@@ -49,11 +111,13 @@ async def collect(options: Options) -> list[dict]:
         for n in wanted_names(options, cache, now):
             row = {"name": n, "source": "acme", "issuer": "-", "not_after": "-", "next_renewal": "-",
                    "last_error": "-", "next_attempt": "-"}
+            obtained = None
             try:
                 cert = Certificate(chain_pem=await storage.load(layout.cert_key(issuer, n)),
                                    key_pem=await storage.load(layout.private_key_key(issuer, n)), source="acme")
                 row.update(issuer=_issuer_cn(cert), not_after=_fmt(cert.not_after),
                            next_renewal=_fmt(renewal_time(cert.not_before, cert.not_after)))
+                obtained = cert
             except NotFound:
                 row["issuer"] = "(not obtained yet)"
             except (CertificateProblem, StorageError) as e:
@@ -67,8 +131,10 @@ async def collect(options: Options) -> list[dict]:
             except (NotFound, StorageError):
                 pass
             rows.append(row)
+            certs.append(obtained)
     finally:
         await storage.close()
+    await _ocsp_columns(rows, certs)
     return rows
 
 
@@ -78,7 +144,7 @@ async def print_certificates(options: Options, environ: Mapping[str, str]) -> in
     except StorageError as e:
         print(f"autocert-proxy: {e}", file=sys.stderr)
         return 1
-    cols = ["name", "source", "issuer", "not_after", "next_renewal", "next_attempt", "last_error"]
+    cols = ["name", "source", "issuer", "not_after", "next_renewal", "ocsp", "next_attempt", "last_error"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols[:-1]}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols[:-1]) + "  LAST_ERROR")
     for r in rows:
