@@ -74,9 +74,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if options.workers > 1:
         from .workers import run_workers
         return run_workers(options, runner)
+    from .storage import StorageError
     try:
         runner(App(options).run_forever())
-    except OSError as e:
+    except (OSError, StorageError) as e:   # a listener address in use, an unusable autocert_dir
         logging.getLogger("proxy").error("cannot start: %s", e)
         return 1
     return 0

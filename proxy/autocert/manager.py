@@ -106,6 +106,7 @@ class AutocertManager:
         self._limit = asyncio.Semaphore(4)   # orders run concurrently, a few at a time
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._warned_manual_expired: set[str] = set()
+        self._store_down = False
 
     def _apply(self, options: Options) -> None:
         self.options = options
@@ -181,7 +182,11 @@ class AutocertManager:
             log.warning("autocert: neither the TLS listener (%s) is on port 443 nor the HTTP listener on "
                         "port 80: a public CA will fail to validate (fine for a CA configured for these ports)",
                         opts.address)
-        await check(self.storage)   # a bad autocert_dir is a start-up error naming the setting
+        try:
+            await check(self.storage)   # a bad autocert_dir is a start-up error naming the setting
+        except BaseException:
+            await self.storage.close()
+            raise
         # Certificates already in storage are served from the first connection on.
         await asyncio.gather(*(self._sync_from_storage(n) for n in wanted_names(opts, self.cache)),
                              return_exceptions=True)
@@ -289,8 +294,17 @@ class AutocertManager:
         """Names someone asked to renew (``autocert-proxy renew``): one list call per check."""
         try:
             keys = await self.storage.list(layout.renew_request_prefix(self.issuer_key))
-        except StorageError:
+        except StorageError as e:
+            # This list runs at every check: it is how an outage of the store is noticed.
+            # Logged once per outage; certificates keep being served from memory.
+            if not self._store_down:
+                self._store_down = True
+                log.error("autocert: storage unreachable (%s); serving certificates from memory, "
+                          "checking again every %gs: %s", self.storage.describe(), self.check_interval, e)
             return
+        if self._store_down:
+            self._store_down = False
+            log.info("autocert: storage reachable again (%s)", self.storage.describe())
         requested = {k.rstrip("/").rsplit("/", 1)[-1] for k in keys}
         for n in names:
             if layout.renew_request_key(self.issuer_key, n).rsplit("/", 1)[-1] in requested:
