@@ -340,7 +340,6 @@ def test_ca_down_at_start_serves_self_signed_then_the_real_certificate(start_pro
     port = free_port()
     ca = Pebble(tmp_path / "pebble", tls_port=port)   # not started: the CA is down
     try:
-        t0 = time.monotonic()
         proxy = start_proxy(ac_config(ca, tmp_path / "ac", ["down.test"]),
                             env={**FAST, "AUTOCERT_PROXY_RETRY_BASE": "1"})
         assert_self_signed(proxy, "down.test")
@@ -350,7 +349,6 @@ def test_ca_down_at_start_serves_self_signed_then_the_real_certificate(start_pro
         ca.start()
         wait_pebble_cert(proxy, "down.test", timeout=30)
         assert proxy.proc.poll() is None
-        assert time.monotonic() - t0 < 60
     finally:
         ca.stop()
 
