@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.infra.proxyproc import free_port, tls_client_context, wait_port
+from tests.infra.proxyproc import ProxyProcess, free_port, tls_client_context, wait_port
 from tests.infra.upstream import UpstreamServer, WebSocketEchoServer
 
 HOST = "app.test"
@@ -70,9 +70,26 @@ def route(to, **extra) -> dict:
     return {"from": f"https://{HOST}", "to": to, **extra}
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One proxy and upstream for the tests that need nothing special (starting costs ~1 s)."""
+    up = UpstreamServer()
+    p = ProxyProcess(tmp_path_factory.mktemp("shared"), {"routes": [route(up.url)]}).start()
+    yield p, up
+    p.stop()
+    up.stop()
+
+
 @pytest.fixture
-def proxy(start_proxy, upstream):
-    return start_proxy({"routes": [route(upstream.url)]})
+def upstream(shared):
+    shared[1].requests.clear()
+    return shared[1]
+
+
+@pytest.fixture
+def proxy(shared, upstream):
+    assert shared[0].proc.poll() is None, shared[0].log()[-3000:]
+    return shared[0]
 
 
 def vm_kib(pid: int, key: str) -> int:
@@ -530,13 +547,15 @@ def test_keepalive_within_idle_timeout(start_proxy, upstream):
 
 # --------------------------------------------------------------------------- redirect listener
 
-@pytest.fixture
-def redirect_proxy(start_proxy):
+@pytest.fixture(scope="module")
+def redirect_proxy(tmp_path_factory):
     rport = free_port()
-    p = start_proxy({"http_redirect_addr": f"127.0.0.1:{rport}",
-                     "routes": [{"from": f"https://{HOST}", "response": {"status": 200, "body": "ok"}}]})
+    p = ProxyProcess(tmp_path_factory.mktemp("redirect"), {
+        "http_redirect_addr": f"127.0.0.1:{rport}",
+        "routes": [{"from": f"https://{HOST}", "response": {"status": 200, "body": "ok"}}]}).start()
     wait_port(rport)
-    return p
+    yield p
+    p.stop()
 
 
 def _plain(port: int, method: str, path: str, host: str = "www.example.com", body=None):
@@ -700,7 +719,7 @@ def test_client_that_stops_reading_is_dropped(start_proxy, upstream):
     with tls_socket(p.port) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         s.sendall(f"GET /big?mb=100 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
-        time.sleep(4)              # not reading: the proxy's writes stall
+        time.sleep(3)              # not reading: the proxy's writes stall
         got = 0
         s.settimeout(10)
         try:

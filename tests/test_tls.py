@@ -11,7 +11,8 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from tests.infra.proxyproc import s_client, served_certificate, tls_client_context
+from tests.infra.pki import TestCA
+from tests.infra.proxyproc import ProxyProcess, s_client, served_certificate, tls_client_context
 
 
 def _names(cert: x509.Certificate) -> list[str]:
@@ -19,21 +20,29 @@ def _names(cert: x509.Certificate) -> list[str]:
     return san.get_values_for_type(x509.DNSName)
 
 
-@pytest.fixture
-def three_certs(ca):
+@pytest.fixture(scope="module")
+def module_ca(tmp_path_factory):
+    return TestCA(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def three_certs(module_ca):
     return {
-        "a": ca.issue(["a.example.com"]),
-        "b": ca.issue(["b.example.com", "b2.example.com"]),
-        "wild": ca.issue(["*.wild.example.com"]),
+        "a": module_ca.issue(["a.example.com"]),
+        "b": module_ca.issue(["b.example.com", "b2.example.com"]),
+        "wild": module_ca.issue(["*.wild.example.com"]),
     }
 
 
-@pytest.fixture
-def sni_proxy(start_proxy, three_certs):
+@pytest.fixture(scope="module")
+def sni_proxy(tmp_path_factory, three_certs):
+    """One proxy with three manual certificates, shared by the module (starting costs ~1 s)."""
     certs = [{"cert": str(c.cert_path), "key": str(c.key_path)} for c in three_certs.values()]
     routes = [{"from": f"https://{h}", "response": {"status": 200, "body": f"hello {h}"}}
               for h in ("a.example.com", "b.example.com", "b2.example.com", "*.wild.example.com")]
-    return start_proxy({"certificates": certs, "routes": routes})
+    p = ProxyProcess(tmp_path_factory.mktemp("sni"), {"certificates": certs, "routes": routes}).start()
+    yield p
+    p.stop()
 
 
 @pytest.mark.parametrize("server_name,which", [
@@ -43,8 +52,9 @@ def sni_proxy(start_proxy, three_certs):
     ("x.wild.example.com", "wild"),
     ("A.EXAMPLE.COM", "a"),
 ])
-def test_sni_selects_certificate_s_client(sni_proxy, three_certs, ca, server_name, which):
-    out = s_client(sni_proxy.port, server_name, "-CAfile", str(ca.cert_path), "-verify_hostname", server_name.lower())
+def test_sni_selects_certificate_s_client(sni_proxy, three_certs, module_ca, server_name, which):
+    out = s_client(sni_proxy.port, server_name, "-CAfile", str(module_ca.cert_path),
+                   "-verify_hostname", server_name.lower())
     expected = three_certs[which].cert
     cn = expected.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
     assert f"CN = {cn}" in out or f"CN={cn}" in out, out
@@ -53,8 +63,8 @@ def test_sni_selects_certificate_s_client(sni_proxy, three_certs, ca, server_nam
 
 
 @pytest.mark.parametrize("host", ["a.example.com", "b2.example.com", "deep.wild.example.com"])
-def test_sni_curl_verifies_served_certificate(sni_proxy, ca, host):
-    r = sni_proxy.curl(host, "/", cacert=ca.cert_path)
+def test_sni_curl_verifies_served_certificate(sni_proxy, module_ca, host):
+    r = sni_proxy.curl(host, "/", cacert=module_ca.cert_path)
     assert r.returncode == 0, r.stderr
     expected = host if not host.endswith("wild.example.com") else "*.wild.example.com"
     assert r.stdout.decode() == f"hello {expected}"
