@@ -122,23 +122,26 @@ class App:
             self.autocert.request_renewal(cert)
 
     async def _install_manual(self, certs: list[Certificate]) -> None:
-        """Serve the manual certificates; must-staple ones only once they have a staple."""
+        """Serve the manual certificates. The cache never picks a must-staple certificate
+        without a staple; priming here fetches its first staple at once (the stapler keeps
+        retrying afterwards) and says clearly when it cannot be served yet."""
         # an unchanged certificate keeps its served object (and staple): a reload while the
         # responder is down must not drop a must-staple certificate that holds a valid staple
-        served = {c.chain_pem: c for c in self.cache.all() if c.source == MANUAL}
+        served = {c.chain_pem: c for c in self.cache.manual()}
         certs = [served.get(c.chain_pem, c) for c in certs]
-        self.cache.replace_manual([c for c in certs if not c.must_staple or c.ocsp_staple is not None])
-        if not any(c.must_staple for c in certs):
-            return
-        ready = []
-        for c in certs:
+        self.cache.replace_manual(certs)
+        pending = [c for c in certs if c.must_staple and c.ocsp_staple is None]
+        if pending:
+            asyncio.get_running_loop().create_task(self._prime(pending))
+
+    async def _prime(self, certs: list[Certificate]) -> None:
+        async def one(c: Certificate) -> None:
             try:
                 await self._before_publish(c)
             except Exception as e:
-                log.error("manual certificate %s not served: %s", c.origin, e)
-                continue
-            ready.append(c)
-        self.cache.replace_manual(ready)
+                log.error("manual certificate %s not served until its OCSP staple can be obtained: %s",
+                          c.origin, e)
+        await asyncio.gather(*(one(c) for c in certs))
 
     def _on_stop(self) -> None:
         asyncio.get_running_loop().create_task(self.shutdown())

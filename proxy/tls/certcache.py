@@ -97,6 +97,11 @@ class Certificate:
             return False
         return x509.TLSFeatureType.status_request in feat.value
 
+    @property
+    def servable(self) -> bool:
+        """False for a must-staple certificate without a staple: no client may see it so."""
+        return self.ocsp_staple is not None or not self.must_staple
+
     def covers(self, name: str) -> bool:
         name = name.lower().rstrip(".")
         return name in self.names or wildcard_of(name) in self.names
@@ -131,16 +136,28 @@ class CertificateCache:
             return None
         now = _now()
         for c in cands:
-            if not c.expired(now) and not c.revoked:
+            if not c.expired(now) and not c.revoked and c.servable:
                 return c
-        return cands[0]
+        for c in cands:   # nothing better: an expired or revoked one beats a wrong name
+            if c.servable:
+                return c
+        return None
 
     def default(self) -> Optional[Certificate]:
         """The certificate for clients without SNI or with an unknown name."""
-        return self._default
+        d = self._default
+        if d is not None and not d.servable:
+            for c in self._manual:
+                if c.servable:
+                    return c
+            return self._fallback
+        return d
 
     def all(self) -> list[Certificate]:
         return list(self._manual) + list(self._managed.values())
+
+    def manual(self) -> list[Certificate]:
+        return list(self._manual)
 
     def managed(self, name: str) -> Optional[Certificate]:
         return self._managed.get(name.lower())
