@@ -72,23 +72,15 @@ class App:
         opts = self.options
         for w in opts.warnings:
             log.warning("%s", w)
-        from .tls.ocsp import Stapler
-        storage = None
-        if opts.autocert:
-            from .autocert.manager import AutocertManager   # only when enabled
-            from .storage import open_storage
-            storage = open_storage(opts.autocert_dir)
-            self.stapler = Stapler(self.cache, storage, on_revoked=self._on_revoked,
-                                   poll_interval=float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5")))
-            self.autocert = AutocertManager(opts, self.cache, self.environ, storage=storage,
-                                            before_publish=self._before_publish)
-            self.engine.challenge_lookup = self.autocert.tls_alpn
-            self.engine.prepare = self.autocert.prepare_handshake
-        else:
-            self.stapler = Stapler(self.cache, None, on_revoked=self._on_revoked,
-                                   poll_interval=float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5")))
-        await self._install_manual(manual_certificates(opts))
-        self._stapler_task = loop.create_task(self.stapler.run())
+        for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
+                             (signal.SIGHUP, self._on_reload)):
+            try:
+                loop.add_signal_handler(sig, handler)
+            except (NotImplementedError, RuntimeError):
+                pass
+        # Listeners first: they never wait for imports, storage or a CA.
+        manual = manual_certificates(opts)
+        self.cache.replace_manual(manual)
         self.servers.append(await loop.create_server(
             self._tls_protocol, opts.address.host or None, opts.address.port,
             reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))
@@ -99,14 +91,22 @@ class App:
                 self._redirect_protocol, a.host or None, a.port,
                 reuse_address=True, reuse_port=opts.workers > 1, backlog=1024))
             log.info("listening for HTTP (redirect, HTTP-01) on %s", a)
+        from .tls.ocsp import Stapler
+        storage = None
+        poll = float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5"))
+        if opts.autocert:
+            from .autocert.manager import AutocertManager   # only when enabled
+            from .storage import open_storage
+            storage = open_storage(opts.autocert_dir)
+            self.autocert = AutocertManager(opts, self.cache, self.environ, storage=storage,
+                                            before_publish=self._before_publish)
+            self.engine.challenge_lookup = self.autocert.tls_alpn
+            self.engine.prepare = self.autocert.prepare_handshake
+        self.stapler = Stapler(self.cache, storage, on_revoked=self._on_revoked, poll_interval=poll)
+        await self._install_manual(manual)
+        self._stapler_task = loop.create_task(self.stapler.run())
         if self.autocert is not None:
             await self.autocert.start()
-        for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
-                             (signal.SIGHUP, self._on_reload)):
-            try:
-                loop.add_signal_handler(sig, handler)
-            except (NotImplementedError, RuntimeError):
-                pass
 
     async def _before_publish(self, cert: Certificate) -> None:
         """A must-staple certificate enters the cache only with a good staple (raises otherwise)."""

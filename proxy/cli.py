@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 from . import __version__
 from .config import ConfigError, load_config
+from .storage.base import StorageError
 
 
 class _JSONFormatter(logging.Formatter):
