@@ -138,3 +138,14 @@ def test_round_robin_over_upstreams():
     t = RouteTable([r])
     picks = [t.upstream(r).host for _ in range(6)]
     assert picks == ["10.0.0.1", "10.0.0.2", "10.0.0.3"] * 2
+
+
+def test_head_size_limit():
+    head = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 100 + b"\r\n\r\n"
+    codec.check_head_bytes(head, max_size=len(head))
+    codec.check_head_bytes(head + b"body bytes after the head do not count", max_size=len(head))
+    with pytest.raises(codec.HeadTooLarge) as e:
+        codec.check_head_bytes(head, max_size=len(head) - 1)
+    assert e.value.status == 431
+    with pytest.raises(codec.HeadTooLarge):
+        codec.check_head_bytes(b"GET / HTTP/1.1\r\nX: " + b"a" * 200, max_size=100)   # still incomplete

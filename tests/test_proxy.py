@@ -732,3 +732,47 @@ def test_client_that_stops_reading_is_dropped(start_proxy, upstream):
             pass
     assert got < 100 * 1024 * 1024
     assert p.curl(HOST, "/echo").returncode == 0
+
+
+@pytest.mark.parametrize("size", [70_000, 100_000, 300_000])
+def test_oversized_head_is_431(proxy, upstream, size):
+    req = f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\nX-Big: {'a' * size}\r\n\r\n".encode()
+    out, closed = raw_exchange(proxy.port, req)
+    assert closed
+    assert out.startswith(b"HTTP/1.1 431"), out[:200]
+    assert upstream.requests == []
+
+
+def test_http10_client(proxy, upstream):
+    out, closed = raw_exchange(proxy.port, f"GET /echo HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+    assert closed
+    assert out.startswith(b"HTTP/1.0 200") or out.startswith(b"HTTP/1.1 200"), out[:200]
+    assert b'"method": "GET"' in out
+
+
+def test_missing_host_is_400(proxy, upstream):
+    out, closed = raw_exchange(proxy.port, b"GET /echo HTTP/1.1\r\n\r\n")
+    assert closed and out.startswith(b"HTTP/1.1 400"), out[:200]
+    assert upstream.requests == []
+
+
+def test_access_log_one_line_per_request(proxy):
+    marker = f"marker-{os.getpid()}-{time.monotonic_ns()}"
+    conn = https(proxy.port)
+    for _ in range(3):
+        get_json(conn, "GET", f"/echo?{marker}")
+    conn.close()
+    proxy.wait_log(marker, count=3)
+    lines = [l for l in proxy.log().splitlines() if marker in l]
+    assert len(lines) == 3
+    assert all(" 200 " in l and "route=https://app.test" in l for l in lines), lines
+
+
+def test_access_log_json(start_proxy, upstream):
+    p = start_proxy({"access_log_format": "json", "routes": [route(upstream.url)]})
+    assert p.curl(HOST, "/echo?json-log").returncode == 0
+    p.wait_log("json-log")
+    line = next(l for l in p.log().splitlines() if "json-log" in l)
+    record = json.loads(line)
+    inner = json.loads(record["message"]) if isinstance(record.get("message"), str) else record
+    assert inner["status"] == 200 and inner["target"] == "/echo?json-log"

@@ -24,13 +24,21 @@ Headers = list[tuple[bytes, bytes]]
 
 
 class BadRequest(Exception):
-    """The request is malformed or ambiguous: answer 400 and close the connection."""
+    """The request is malformed or ambiguous: answer ``status`` and close the connection."""
+    status = 400
 
 
-def check_head_bytes(buf: bytes) -> None:
-    """Reject a request head (as received so far) that uses a bare LF as line ending."""
+class HeadTooLarge(BadRequest):
+    status = 431
+
+
+def check_head_bytes(buf: bytes, max_size: Optional[int] = None) -> None:
+    """Reject a request head (as received so far) that uses a bare LF as line ending, or
+    that is longer than ``max_size`` bytes (h11 only limits heads that arrive incomplete)."""
     end = buf.find(HEAD_END)
     head = buf if end < 0 else buf[: end + 4]
+    if max_size is not None and len(head) > max_size:
+        raise HeadTooLarge(f"request head larger than {max_size} bytes")
     if _BARE_LF.search(head):
         raise BadRequest("bare LF in request head")
 

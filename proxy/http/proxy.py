@@ -84,7 +84,7 @@ class Side:
             data = await self.stream.read(65536, remaining)
             if head_buf is not None and data:
                 head_buf += data
-                codec.check_head_bytes(bytes(head_buf))
+                codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
             conn.receive_data(data)
 
     def send(self, event) -> None:
@@ -141,13 +141,13 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         head_buf = bytearray(_pending_bytes(conn))
-        codec.check_head_bytes(bytes(head_buf))
+        codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
         if not head_buf and not first:
             data = await self.stream.read(65536, opts.timeout_idle)
             if not data:
                 return None
             head_buf += data
-            codec.check_head_bytes(bytes(head_buf))
+            codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
             conn.receive_data(data)
         ev = await side.next_event(opts.timeout_read_header, head_buf)
         return ev
@@ -166,7 +166,7 @@ class ClientConnection:
             self._raw_error(408, "the request head did not arrive in time")
             return False
         except codec.BadRequest as e:
-            self._raw_error(400, str(e))
+            self._raw_error(e.status, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
             return False
         except h11.RemoteProtocolError as e:
