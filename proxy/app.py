@@ -147,7 +147,8 @@ class App:
         asyncio.get_running_loop().create_task(self.shutdown())
 
     def _on_reload(self) -> None:
-        if not self._reloading:
+        # A reload while draining would install a fresh, non-draining state.
+        if not self._reloading and not self.state.draining:
             asyncio.get_running_loop().create_task(self.reload())
 
     async def reload(self) -> bool:
