@@ -145,3 +145,16 @@ def test_drain_timeout_bounds_shutdown(start_proxy, upstream):
     slow.communicate(timeout=15)
     assert slow.returncode != 0     # the client saw its connection cut
     assert "drain timeout" in p.log()
+
+
+def test_sighup_during_drain_is_ignored(start_proxy, upstream):
+    p = start_proxy({"routes": [{"from": "https://a.test", "to": upstream.url}]})
+    slow = _curl_bg(p, "a.test", "/slow?s=2")
+    _wait(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), what="slow request at upstream")
+    p.signal(signal.SIGTERM)
+    p.wait_log("shutting down")
+    p.reload()
+    out, _ = slow.communicate(timeout=15)
+    assert out.endswith(b"\n200")
+    assert p.proc.wait(15) == 0
+    assert "configuration reloaded" not in p.log()

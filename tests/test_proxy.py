@@ -776,3 +776,24 @@ def test_access_log_json(start_proxy, upstream):
     record = json.loads(line)
     inner = json.loads(record["message"]) if isinstance(record.get("message"), str) else record
     assert inner["status"] == 200 and inner["target"] == "/echo?json-log"
+
+
+def test_concurrent_clients_get_their_own_responses(proxy, upstream):
+    """Pooled upstream connections never mix up bodies or responses between clients."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def client(i: int) -> list[bool]:
+        conn = https(proxy.port)
+        ok = []
+        for j in range(5):
+            body = os.urandom(1000 + i * 97 + j)
+            seen = get_json(conn, "POST", f"/echo?c={i}&r={j}", body=body)
+            ok.append(seen["path"] == f"/echo?c={i}&r={j}"
+                      and seen["body_sha256"] == hashlib.sha256(body).hexdigest())
+        conn.close()
+        return ok
+
+    with ThreadPoolExecutor(20) as pool:
+        results = list(pool.map(client, range(20)))
+    assert all(all(r) for r in results)
+    assert len(upstream.requests) == 100

@@ -221,3 +221,48 @@ def test_silent_client_closed_after_read_header_timeout(start_proxy):
             except (ssl.SSLError, ConnectionResetError):
                 data = b""
             assert data == b"" or data.startswith(b"HTTP/1.1 408"), data
+
+
+def _issue_via_intermediate(ca: TestCA, directory, name: str):
+    """leaf <- intermediate <- test CA; returns (fullchain path, key path, leaf, intermediate)."""
+    import datetime as dt
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+    now = dt.datetime.now(dt.timezone.utc)
+    ikey = ec.generate_private_key(ec.SECP256R1())
+    inter = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Intermediate")]))
+             .issuer_name(ca.cert.subject).public_key(ikey.public_key())
+             .serial_number(x509.random_serial_number())
+             .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+             .sign(ca.key, hashes.SHA256()))
+    lkey = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(inter.subject).public_key(lkey.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(hours=1)).not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ikey, hashes.SHA256()))
+    chain = directory / f"{name}.fullchain.pem"
+    chain.write_bytes(leaf.public_bytes(serialization.Encoding.PEM) + inter.public_bytes(serialization.Encoding.PEM))
+    key = directory / f"{name}.key"
+    key.write_bytes(lkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return chain, key, leaf, inter
+
+
+def test_intermediate_chain_is_served(start_proxy, ca, tmp_path):
+    # Two chained certificates, so that the one chosen by SNI (not the default) must send its own chain.
+    c1, k1, _, _ = _issue_via_intermediate(ca, tmp_path, "first.test")
+    c2, k2, leaf2, inter2 = _issue_via_intermediate(ca, tmp_path, "second.test")
+    p = start_proxy({"certificates": [{"cert": str(c1), "key": str(k1)}, {"cert": str(c2), "key": str(k2)}],
+                     "routes": [{"from": "https://second.test", "response": {"status": 200, "body": "chained"}}]})
+    out = s_client(p.port, "second.test", "-CAfile", str(ca.cert_path))
+    assert out.count("BEGIN CERTIFICATE") == 2, out
+    assert "Verify return code: 0 (ok)" in out, out
+    r = p.curl("second.test", "/", cacert=ca.cert_path)   # only the root is trusted
+    assert r.returncode == 0 and r.stdout == b"chained", r.stderr
