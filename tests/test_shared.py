@@ -221,10 +221,15 @@ def from_pebble(cert: x509.Certificate) -> bool:
 
 
 def wait_served(proxy: ProxyProcess, name: str, pred: Callable[[x509.Certificate], bool],
-                timeout: float = ISSUE_TIMEOUT) -> x509.Certificate:
+                timeout: float = ISSUE_TIMEOUT, peers: tuple[ProxyProcess, ...] = ()) -> x509.Certificate:
+    """Wait until ``proxy`` serves a certificate for ``name`` that satisfies ``pred``; give up at
+    once when it or a peer logs a failed issuance (nothing retries within a test)."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
+        for p in (proxy, *peers):
+            if "autocert: obtaining a certificate for" in p.log():
+                raise AssertionError(f"{p.config_path.stem}: issuance failed:\n{p.log()[-4000:]}")
         try:
             last = served_certificate(proxy.port, name)
         except OSError:
@@ -368,7 +373,7 @@ def test_three_instances_one_order_per_name_all_serve_it(kind, bucket_factory, i
 
     serials = {}
     for n in names:
-        certs = [wait_served(p, n, from_pebble) for p in procs]
+        certs = [wait_served(p, n, from_pebble, peers=tuple(procs)) for p in procs]
         assert len({c.serial_number for c in certs}) == 1, \
             f"{n}: instances serve different certificates {[hex(c.serial_number) for c in certs]}"
         assert x509.DNSName(n) in certs[0].extensions.get_extension_for_class(
@@ -441,7 +446,7 @@ def test_http01_answered_by_the_instance_that_did_not_order(kind, bucket_factory
     ca.start()
     gate.open()
 
-    certs = [wait_served(p, name, from_pebble) for p in (orderer, helper)]
+    certs = [wait_served(p, name, from_pebble, peers=(orderer, helper)) for p in (orderer, helper)]
     assert certs[0].serial_number == certs[1].serial_number
     wait_locks_released(bucket, PREFIX)
     olog, hlog = orderer.log(), helper.log()
