@@ -7,6 +7,7 @@ import os
 import signal
 from typing import Optional
 
+from . import metrics
 from .config import ConfigError, Options, load_config
 from .http.access_log import AccessLog
 from .http.proxy import ClientConnection, ProxyState
@@ -78,6 +79,7 @@ class App:
                 loop.add_signal_handler(sig, handler)
             except (NotImplementedError, RuntimeError):
                 pass
+        metrics.register_gauges(self._gauges)
         # Listeners first: they never wait for imports, storage or a CA.
         manual = manual_certificates(opts)
         self.cache.replace_manual(manual)
@@ -91,6 +93,17 @@ class App:
                 self._redirect_protocol, a.host or None, a.port,
                 reuse_address=True, reuse_port=opts.workers > 1, backlog=1024))
             log.info("listening for HTTP (redirect, HTTP-01) on %s", a)
+        if opts.metrics_address is not None:
+            from .http.metrics_listener import MetricsConnection
+            m = opts.metrics_address
+
+            def metrics_protocol() -> Stream:
+                stream = Stream()
+                self._track(MetricsConnection(stream))
+                return stream
+            self.servers.append(await loop.create_server(metrics_protocol, m.host or None, m.port,
+                                                         reuse_address=True, reuse_port=opts.workers > 1))
+            log.info("serving metrics on http://%s/metrics", m)
         from .tls.ocsp import Stapler
         storage = None
         poll = float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5"))
@@ -107,6 +120,12 @@ class App:
         self._stapler_task = loop.create_task(self.stapler.run())
         if self.autocert is not None:
             await self.autocert.start()
+
+    def _gauges(self):
+        yield "autocert_proxy_connections_open", {}, float(len(self.connections))
+        for c in self.cache.all():
+            yield ("autocert_proxy_certificate_not_after_seconds",
+                   {"name": c.names[0] if c.names else "", "source": c.source}, c.not_after.timestamp())
 
     async def _before_publish(self, cert: Certificate) -> None:
         """A must-staple certificate enters the cache only with a good staple (raises otherwise)."""

@@ -91,6 +91,7 @@ class CertificatePair:
 class Options:
     address: Address = Address("", 443)
     http_redirect_addr: Optional[Address] = None
+    metrics_address: Optional[Address] = None   # Prometheus /metrics listener (plain HTTP)
     routes: tuple[Route, ...] = ()
     certificates: tuple[CertificatePair, ...] = ()
     log_level: str = "info"                    # debug | info | warning | error
@@ -122,6 +123,7 @@ class Options:
 KNOWN_KEYS: tuple[str, ...] = (
     "address",
     "http_redirect_addr",
+    "metrics_address",
     "routes",
     "certificates",
     "certificate_file",
@@ -728,6 +730,7 @@ def load_config(path: Optional[str], environ: Mapping[str, str]) -> Options:
 
     scalar("address", parse_address)
     scalar("http_redirect_addr", parse_address)
+    scalar("metrics_address", parse_address)
     for key in ("autocert", "autocert_use_staging", "autocert_must_staple"):
         scalar(key, parse_bool)
     scalar("log_level", lambda v: parse_choice(v, LOG_LEVELS, {"warn": "warning"}))

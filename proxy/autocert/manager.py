@@ -23,6 +23,7 @@ from typing import Awaitable, Callable, Mapping, Optional
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from .. import metrics
 from ..config import Options
 from ..storage import NotFound, Storage, StorageError, check, open_storage
 from ..tls.certcache import ACME, Certificate, CertificateCache, CertificateProblem
@@ -295,6 +296,7 @@ class AutocertManager:
         try:
             keys = await self.storage.list(layout.renew_request_prefix(self.issuer_key))
         except StorageError as e:
+            metrics.inc("autocert_proxy_storage_errors_total", op="list")
             # This list runs at every check: it is how an outage of the store is noticed.
             # Logged once per outage; certificates keep being served from memory.
             if not self._store_down:
@@ -345,6 +347,7 @@ class AutocertManager:
         try:
             await self.storage.lock(lock)
         except StorageError as e:
+            metrics.inc("autocert_proxy_storage_errors_total", op="lock")
             log.warning("autocert: cannot take the lock for %s in %s: %s", name, self.storage.describe(), e)
             return
         try:
@@ -423,7 +426,9 @@ class AutocertManager:
             await self.storage.store(layout.meta_key(ikey, name), meta)
             await self.storage.store(layout.cert_key(ikey, name), issued.chain_pem)
         except StorageError as e:
+            metrics.inc("autocert_proxy_storage_errors_total", op="store")
             log.error("autocert: certificate for %s obtained but not stored (%s); serving it from memory", name, e)
+        metrics.inc("autocert_proxy_acme_orders_total", result="valid")
         log.info("autocert: obtained a certificate for %s from %s in %.2fs (valid until %s)",
                  name, ca, issued.elapsed, issued.not_after.isoformat())
         if ikey != self.issuer_key:
@@ -448,6 +453,7 @@ class AutocertManager:
         state.next_attempt = time.time() + delay
         state.last_error = error
         state.last_error_at = time.time()
+        metrics.inc("autocert_proxy_acme_orders_total", result="failed")
         log.error("autocert: obtaining a certificate for %s failed (attempt %d); next attempt in %.0fs: %s",
                   name, state.failures, delay, error)
         await self._save_state(name, state)
@@ -472,6 +478,7 @@ class AutocertManager:
         except NotFound:
             return None
         except StorageError as e:
+            metrics.inc("autocert_proxy_storage_errors_total", op="load")
             log.warning("autocert: reading the certificate for %s from %s failed: %s", name, self.storage.describe(), e)
             return None
         try:
@@ -500,6 +507,7 @@ class AutocertManager:
         try:
             await self.storage.store(layout.state_key(self.issuer_key, name), state.to_json())
         except StorageError as e:
+            metrics.inc("autocert_proxy_storage_errors_total", op="store")
             log.warning("autocert: saving the retry state for %s failed: %s", name, e)
 
     async def _get_issuer(self) -> tuple[AcmeIssuer, dict[str, AcmeIssuer], IssuerSettings]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+
+from .. import metrics
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger("proxy.access")
@@ -28,6 +30,7 @@ class AccessLog:
         self.fmt = fmt
 
     def write(self, entry: Entry, started: float) -> None:
+        metrics.inc("autocert_proxy_http_requests_total", code=str(entry.status))
         if not log.isEnabledFor(logging.INFO):
             return
         entry.duration_ms = round((time.monotonic() - started) * 1000, 3)

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, p
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAlgorithmOID
 
+from .. import metrics
 from .certcache import Certificate
 
 log = logging.getLogger(__name__)
@@ -628,6 +629,7 @@ class Stapler:
             st.result = None
             st.next_attempt = None
             when = result.revocation_time.isoformat() if result.revocation_time else "unknown time"
+            metrics.inc("autocert_proxy_ocsp_revoked_total")
             log.error("OCSP: certificate for %s (serial %x) is REVOKED (since %s) according to %s",
                       names, cert.leaf.serial_number, when, st.url)
             if self.on_revoked is not None:
@@ -642,6 +644,7 @@ class Stapler:
             self._failed(cert, st, f"responder {st.url} does not know this certificate (status unknown)")
 
     def _failed(self, cert: Certificate, st: _State, reason: str) -> None:
+        metrics.inc("autocert_proxy_ocsp_fetch_errors_total")
         now = self.clock()
         st.failures += 1
         st.last_error = reason

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 from OpenSSL import SSL
 
+from .. import metrics
+
 log = logging.getLogger("proxy.tls")
 
 READ_LIMIT = 256 * 1024
@@ -163,6 +165,11 @@ class Stream(asyncio.Protocol):
                 if w in self._drain_waiters:
                     self._drain_waiters.remove(w)
 
+    def shutdown_write(self) -> None:
+        """Signal the end of what we send (the peer reads EOF); reading goes on."""
+        if self.transport is not None and not self.is_closing and self.transport.can_write_eof():
+            self.transport.write_eof()
+
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.close()
@@ -190,6 +197,7 @@ class TLSStream(Stream):
         self.server_name: Optional[str] = None
         self.alpn: Optional[bytes] = None
         self.tls_version: str = ""
+        self._sent_shutdown = False
 
     def _on_connected(self) -> None:
         self.conn = self._new_connection()
@@ -234,6 +242,7 @@ class TLSStream(Stream):
             except Exception as e:   # SSL.Error, or an exception raised inside a callback
                 self._flush()
                 log.debug("TLS handshake failed from %s: %s", self.peer, e)
+                metrics.inc("autocert_proxy_tls_handshake_errors_total")
                 self._fail(None)
                 return
             self._handshaked = True
@@ -296,8 +305,18 @@ class TLSStream(Stream):
             raise StreamClosed(f"TLS write failed: {e}") from None
         self._flush()
 
+    def shutdown_write(self) -> None:
+        """Send close_notify (the peer reads EOF) and keep the connection open for reading."""
+        if self.conn is not None and self._handshaked and not self.is_closing and not self._sent_shutdown:
+            self._sent_shutdown = True
+            try:
+                self.conn.shutdown()
+            except SSL.Error:
+                pass
+            self._flush()
+
     def close(self) -> None:
-        if self.conn is not None and self._handshaked and not self.is_closing:
+        if self.conn is not None and self._handshaked and not self.is_closing and not self._sent_shutdown:
             try:
                 self.conn.shutdown()
             except SSL.Error:
