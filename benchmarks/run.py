@@ -478,7 +478,8 @@ class Bench:
             raise NA(f"tlsload: {r.stdout[-200:]} {r.stderr[-200:]}")
         n, fail, reused, secs = int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4))
         if n == 0:
-            raise NA(f"no successful handshakes ({fail} failures)")
+            state = "server running" if srv.alive() else f"server exited: {srv.tail(300)}"
+            raise NA(f"no successful handshakes ({fail} failures; {state})")
         return {"conns": n, "fail": fail, "reused": reused, "rate": n / secs, "cpu_us": cpu / n * 1e6}
 
     def idle_memory(self, srv: Server) -> dict:
