@@ -26,6 +26,8 @@ log = logging.getLogger("proxy.http")
 
 MAX_HEAD = 64 * 1024
 LINGER_SECONDS = 5.0   # how long a request body is read after an early answer
+LINGER_AFTER_ERROR = 2.0           # and after an error answer that closes the connection
+LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
 
 
@@ -112,6 +114,7 @@ class ClientConnection:
         self.scheme = scheme
         self.busy = False          # a request is in flight (drain waits for these)
         self.side = Side(stream, h11.SERVER, check_head=True)
+        self._close_gently = False   # an error answer was sent: linger before closing
 
     async def run(self) -> None:
         stream = self.stream
@@ -134,6 +137,8 @@ class ClientConnection:
             log.exception("unexpected error on connection from %s", stream.peer)
         finally:
             self.busy = False
+            if self._close_gently:
+                await self._discard_input()
             stream.close()
 
     async def _read_head(self, first: bool, opts: Options):
@@ -252,7 +257,24 @@ class ClientConnection:
         head += b"connection: close\r\nserver: " + SERVER_NAME + b"\r\n\r\n"
         try:
             self.stream.write(head + body)
+            self.stream.shutdown_write()
         except StreamClosed:
+            return
+        self._close_gently = True
+
+    async def _discard_input(self) -> None:
+        """Lingering close: after an error answer, read and drop what the client still sends
+        (bounded), so that closing does not reset the connection before the client has
+        read the answer. Nothing read here is parsed."""
+        left = LINGER_BYTES
+        try:
+            async with asyncio.timeout(LINGER_AFTER_ERROR):
+                while left > 0:
+                    data = await self.stream.read(65536)
+                    if not data:
+                        return
+                    left -= len(data)
+        except (TimeoutError, StreamClosed, ConnectionError):
             pass
 
     def _respond_local(self, status, headers, body, req, entry) -> None:
