@@ -95,8 +95,12 @@ def test_split_host(host, expected):
 def test_redirect_location():
     assert redirect_location(b"a.example.com", b"/x?y=1", 443) == b"https://a.example.com/x?y=1"
     assert redirect_location(b"a.example.com:80", b"/x", 8443) == b"https://a.example.com:8443/x"
-    # An absolute-form target is not trusted as a path.
+    # absolute-form: the path and query are kept, the authority in it is not trusted.
     assert redirect_location(b"a", b"http://evil/", 443) == b"https://a/"
+    assert redirect_location(b"a", b"http://evil/p/q?x=1", 443) == b"https://a/p/q?x=1"
+    assert redirect_location(b"a", b"HTTP://evil?x=1", 443) == b"https://a/?x=1"
+    assert redirect_location(b"a", b"http://evil", 443) == b"https://a/"
+    assert redirect_location(b"a", b"*", 443) == b"https://a/"
 
 
 # --------------------------------------------------------------------------- routes

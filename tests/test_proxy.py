@@ -797,3 +797,27 @@ def test_concurrent_clients_get_their_own_responses(proxy, upstream):
         results = list(pool.map(client, range(20)))
     assert all(all(r) for r in results)
     assert len(upstream.requests) == 100
+
+
+def test_pooled_connection_closed_by_upstream_is_not_used(start_proxy, raw_upstream):
+    # The upstream keeps each connection 0.3 s after its answer, then closes it.
+    up = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", hold=0.3)
+    p = start_proxy({"routes": [route(up.url)]})
+    for _ in range(3):
+        r = p.curl(HOST, "/", "-i")
+        assert r.stdout.startswith(b"HTTP/1.1 200") and r.stdout.endswith(b"ok"), r.stdout
+        time.sleep(0.8)
+    assert len(up.heads) == 3
+
+
+def test_upstream_stalling_mid_body_cuts_the_client(start_proxy, raw_upstream):
+    up = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", hold=8)
+    p = start_proxy({"default_upstream_timeout": "1s", "routes": [route(up.url)]})
+    with tls_socket(p.port) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        started = time.monotonic()
+        out, closed = read_until_close(s, timeout=7)
+    assert closed, out                       # cut, not left hanging with a short body
+    assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"0123456789")
+    assert time.monotonic() - started < 6
+    assert "broke off" in p.log()

@@ -27,8 +27,21 @@ def redirect_location(host_header: bytes, target: bytes, https_port: int) -> byt
     if https_port != 443:
         authority = f"{authority}:{https_port}"
     if not target.startswith(b"/"):
-        target = b"/"
+        target = _origin_form(target)
     return b"https://" + authority.encode("ascii") + target
+
+
+def _origin_form(target: bytes) -> bytes:
+    """absolute-form "http://host/p?q" (RFC 9112 3.2.2) -> "/p?q"; its authority is not
+    trusted (the Host header decides); anything else ("*") -> "/"."""
+    scheme, sep, rest = target.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return b"/"
+    cuts = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
+    if not cuts:
+        return b"/"
+    tail = rest[min(cuts):]
+    return tail if tail.startswith(b"/") else b"/" + tail
 
 
 class RedirectConnection:
