@@ -80,9 +80,19 @@ class App:
             except (NotImplementedError, RuntimeError):
                 pass
         metrics.register_gauges(self._gauges)
-        # Listeners first: they never wait for imports, storage or a CA.
         manual = manual_certificates(opts)
         self.cache.replace_manual(manual)
+        storage = None
+        if opts.autocert:
+            from .autocert.manager import AutocertManager   # only when enabled
+            from .storage import open_storage
+            storage = open_storage(opts.autocert_dir)
+            self.autocert = AutocertManager(opts, self.cache, self.environ, storage=storage,
+                                            before_publish=self._before_publish)
+            self.engine.challenge_lookup = self.autocert.tls_alpn
+            self.engine.prepare = self.autocert.prepare_handshake
+        # Listeners before anything slow: they never wait for storage or a CA (a handshake
+        # for a managed name waits briefly for the first look into storage).
         self.servers.append(await loop.create_server(
             self._tls_protocol, opts.address.host or None, opts.address.port,
             reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))
@@ -105,16 +115,7 @@ class App:
                                                          reuse_address=True, reuse_port=opts.workers > 1))
             log.info("serving metrics on http://%s/metrics", m)
         from .tls.ocsp import Stapler
-        storage = None
         poll = float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5"))
-        if opts.autocert:
-            from .autocert.manager import AutocertManager   # only when enabled
-            from .storage import open_storage
-            storage = open_storage(opts.autocert_dir)
-            self.autocert = AutocertManager(opts, self.cache, self.environ, storage=storage,
-                                            before_publish=self._before_publish)
-            self.engine.challenge_lookup = self.autocert.tls_alpn
-            self.engine.prepare = self.autocert.prepare_handshake
         self.stapler = Stapler(self.cache, storage, on_revoked=self._on_revoked, poll_interval=poll)
         await self._install_manual(manual)
         self._stapler_task = loop.create_task(self.stapler.run())

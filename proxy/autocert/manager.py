@@ -99,7 +99,10 @@ class AutocertManager:
         self._issuer_lock = asyncio.Lock()
         self._states: dict[str, NameState] = {}
         self._ari: dict[int, Optional[tuple[dt.datetime, dt.datetime]]] = {}
-        self._missing: set[str] = set()
+        # Until the first look into storage is done, every managed name counts as missing, and
+        # a handshake for one waits (briefly) for that look instead of getting the default.
+        self._missing: set[str] = set(wanted_names(options, cache))
+        self._ready = asyncio.Event()
         self._miss_lookups: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
@@ -153,6 +156,8 @@ class AutocertManager:
                 return None
             return asyncio.ensure_future(self._adopt_stored_challenge(name))
         if name in self._missing and self.cache.managed(name) is None:
+            if not self._ready.is_set():
+                return asyncio.ensure_future(asyncio.wait_for(self._ready.wait(), 5.0))
             now = time.monotonic()
             if now - self._miss_lookups.get(name, -1e9) < 2.0:
                 return None
@@ -189,8 +194,11 @@ class AutocertManager:
             await self.storage.close()
             raise
         # Certificates already in storage are served from the first connection on.
-        await asyncio.gather(*(self._sync_from_storage(n) for n in wanted_names(opts, self.cache)),
-                             return_exceptions=True)
+        try:
+            await asyncio.gather(*(self._sync_from_storage(n) for n in wanted_names(opts, self.cache)),
+                                 return_exceptions=True)
+        finally:
+            self._ready.set()
         self._task = asyncio.get_running_loop().create_task(self._maintain())
 
     async def stop(self) -> None:
