@@ -91,6 +91,12 @@ class App:
                                             before_publish=self._before_publish)
             self.engine.challenge_lookup = self.autocert.tls_alpn
             self.engine.prepare = self.autocert.prepare_handshake
+        from .tls.ocsp import Stapler
+        poll = float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5"))
+        self.stapler = Stapler(self.cache, storage, on_revoked=self._on_revoked, poll_interval=poll)
+        # A must-staple manual certificate gets a few seconds for its first staple, so that it
+        # is served from the first handshake on; after that, priming goes on in the background.
+        await self._install_manual(manual, wait=5.0)
         # Listeners before anything slow: they never wait for storage or a CA (a handshake
         # for a managed name waits briefly for the first look into storage).
         self.servers.append(await loop.create_server(
@@ -114,10 +120,6 @@ class App:
             self.servers.append(await loop.create_server(metrics_protocol, m.host or None, m.port,
                                                          reuse_address=True, reuse_port=opts.workers > 1))
             log.info("serving metrics on http://%s/metrics", m)
-        from .tls.ocsp import Stapler
-        poll = float(self.environ.get("AUTOCERT_PROXY_OCSP_POLL", "5"))
-        self.stapler = Stapler(self.cache, storage, on_revoked=self._on_revoked, poll_interval=poll)
-        await self._install_manual(manual)
         self._stapler_task = loop.create_task(self.stapler.run())
         if self.autocert is not None:
             await self.autocert.start()
@@ -141,7 +143,7 @@ class App:
             log.error("certificate for %s was revoked: renewing it now with a new key", ", ".join(cert.names))
             self.autocert.request_renewal(cert)
 
-    async def _install_manual(self, certs: list[Certificate]) -> None:
+    async def _install_manual(self, certs: list[Certificate], wait: float = 0.0) -> None:
         """Serve the manual certificates. The cache never picks a must-staple certificate
         without a staple; priming here fetches its first staple at once (the stapler keeps
         retrying afterwards) and says clearly when it cannot be served yet."""
@@ -152,7 +154,9 @@ class App:
         self.cache.replace_manual(certs)
         pending = [c for c in certs if c.must_staple and c.ocsp_staple is None]
         if pending:
-            asyncio.get_running_loop().create_task(self._prime(pending))
+            task = asyncio.get_running_loop().create_task(self._prime(pending))
+            if wait:
+                await asyncio.wait([task], timeout=wait)
 
     async def _prime(self, certs: list[Certificate]) -> None:
         async def one(c: Certificate) -> None:
