@@ -821,3 +821,25 @@ def test_upstream_stalling_mid_body_cuts_the_client(start_proxy, raw_upstream):
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"0123456789")
     assert time.monotonic() - started < 6
     assert "broke off" in p.log()
+
+
+def test_bad_chunk_after_good_ones_is_400(proxy, upstream):
+    """A body that turns bad midway is the client's fault: 400 (not 502), connection closed."""
+    req = (f"POST /echo HTTP/1.1\r\nHost: {HOST}\r\nTransfer-Encoding: chunked\r\n\r\n"
+           f"5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n").encode()
+    out, closed = raw_exchange(proxy.port, req)
+    assert closed
+    assert out.startswith(b"HTTP/1.1 400"), out[:300]
+    assert out.count(b"HTTP/1.1") == 1
+
+
+def test_client_stalling_mid_body_is_408_not_504(start_proxy, upstream):
+    p = start_proxy({"timeout_idle": "1s", "routes": [route(upstream.url)]})
+    with tls_socket(p.port) as s:
+        s.sendall(f"POST /echo HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 100\r\n\r\n0123456789".encode())
+        started = time.monotonic()
+        out, closed = read_until_close(s, timeout=10)
+    assert closed
+    assert out.startswith(b"HTTP/1.1 408"), out[:300]
+    assert time.monotonic() - started < 9
+    assert "upstream" not in "\n".join(l for l in p.log().splitlines() if "WARNING" in l)

@@ -31,6 +31,10 @@ LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
 
 
+class ClientTimeout(Exception):
+    """The client stalled while sending its request body (not an upstream timeout)."""
+
+
 def error_page(status: int, detail: str = "") -> tuple[list[tuple[bytes, bytes]], bytes]:
     reason = _REASONS.get(status, "Error")
     body = (f"<!doctype html><title>{status} {reason}</title>\n"
@@ -227,7 +231,7 @@ class ClientConnection:
                 entry.status = 400
             state.access_log.write(entry, started)
             return False
-        except TimeoutError:
+        except (TimeoutError, ClientTimeout):
             if conn.our_state in (h11.SEND_RESPONSE,):
                 self._raw_error(408, "the request body did not arrive in time")
                 entry.status = 408
@@ -350,6 +354,9 @@ class ClientConnection:
                 resp = await upstream.next_event(opts.default_upstream_timeout)
                 while isinstance(resp, h11.InformationalResponse) and resp.status_code != 101:
                     resp = await upstream.next_event(opts.default_upstream_timeout)
+            except ClientTimeout:
+                stream.abort()
+                raise
             except TimeoutError:
                 stream.abort()
                 log.warning("upstream %s timed out for %s", entry.upstream, route.from_url)
@@ -358,6 +365,8 @@ class ClientConnection:
                 stream.abort()
                 if isinstance(e, StreamClosed) and client.conn.their_state is not h11.DONE:
                     raise
+                if client.conn.their_state is h11.ERROR:
+                    raise   # the client's body was malformed: answered 400 by the caller
                 if reused and attempt + 1 < attempts:
                     continue
                 log.warning("upstream %s failed for %s: %s", entry.upstream, route.from_url, e)
@@ -422,7 +431,10 @@ class ClientConnection:
                 return True
             else:
                 raise StreamClosed("client went away during the request body")
-            ev = await client.next_event(opts.timeout_idle)
+            try:
+                ev = await client.next_event(opts.timeout_idle)
+            except TimeoutError:
+                raise ClientTimeout() from None
 
     async def _linger(self, opts: Options) -> None:
         """After answering before the request body ended, read (and drop) the rest for a
