@@ -843,3 +843,23 @@ def test_client_stalling_mid_body_is_408_not_504(start_proxy, upstream):
     assert out.startswith(b"HTTP/1.1 408"), out[:300]
     assert time.monotonic() - started < 9
     assert "upstream" not in "\n".join(l for l in p.log().splitlines() if "WARNING" in l)
+
+
+def test_no_descriptor_leak_across_mixed_traffic(start_proxy, upstream):
+    p = start_proxy({"timeout_idle": "2s", "routes": [route(upstream.url)]})
+    pid = p.proc.pid
+    fds = lambda: len(os.listdir(f"/proc/{pid}/fd"))
+    assert p.curl(HOST, "/echo").returncode == 0
+    baseline = fds()
+    for i in range(6):
+        assert p.curl(HOST, "/echo", "--data-binary", "x" * 5000).returncode == 0
+        assert p.curl("nowhere.test", "/").returncode == 0                    # 404
+        raw_exchange(p.port, SMUGGLING["cl_and_te"] % HOST.encode())          # 400 + close
+        raw_exchange(p.port, f"GET /echo HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
+        with tls_socket(p.port) as s:                                         # client leaves mid-request
+            s.sendall(f"POST /echo HTTP/1.1\r\nHost: {HOST}\r\nContent-Length: 1000\r\n\r\nabc".encode())
+    deadline = time.monotonic() + 8
+    while fds() > baseline + 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fds() <= baseline + 1, (baseline, fds(), os.listdir(f"/proc/{pid}/fd"))
+    assert "Traceback" not in p.log()
