@@ -158,3 +158,38 @@ def test_sighup_during_drain_is_ignored(start_proxy, upstream):
     assert out.endswith(b"\n200")
     assert p.proc.wait(15) == 0
     assert "configuration reloaded" not in p.log()
+
+
+def test_sighup_picks_up_certificate_renewed_in_place(reloadable, ca):
+    """certbot-style renewal: the same file paths get new contents, then SIGHUP."""
+    p, cfg = reloadable
+    old_serial = served_certificate(p.port, "a.test").serial_number
+    renewed = ca.issue(["a.test"], filename="a.test.renewed")
+    path = cfg["certificates"][0]
+    open(path["cert"], "wb").write(renewed.cert_path.read_bytes())
+    open(path["key"], "wb").write(renewed.key_path.read_bytes())
+    p.reload()
+    p.wait_log("configuration reloaded")
+    new_serial = served_certificate(p.port, "a.test").serial_number
+    assert new_serial == renewed.cert.serial_number != old_serial
+    assert p.curl("a.test", "/echo", cacert=ca.cert_path).returncode == 0
+
+
+def test_websocket_survives_sighup(start_proxy):
+    from websockets.sync.client import connect
+    from tests.infra.proxyproc import tls_client_context
+    from tests.infra.upstream import WebSocketEchoServer
+    ws_server = WebSocketEchoServer()
+    try:
+        p = start_proxy({"routes": [{"from": "https://ws.test", "to": ws_server.url}]})
+        sock = socket.create_connection(("127.0.0.1", p.port), timeout=10)
+        with connect(f"wss://ws.test:{p.port}/", ssl=tls_client_context(), sock=sock,
+                     server_hostname="ws.test", open_timeout=10, close_timeout=5) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=10) == "before"
+            p.reload()
+            p.wait_log("configuration reloaded")
+            ws.send("after")
+            assert ws.recv(timeout=10) == "after"
+    finally:
+        ws_server.stop()
