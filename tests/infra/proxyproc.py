@@ -40,6 +40,8 @@ class ProxyProcess:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
+        # a port we chose ourselves may be taken by another process before the proxy binds it
+        self._auto_port = "_port" not in self.config and "address" not in self.config
         self.port = self.config.setdefault("_port", free_port())
         self.config.pop("_port")
         self.config.setdefault("address", f"127.0.0.1:{self.port}")
@@ -59,6 +61,18 @@ class ProxyProcess:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> "ProxyProcess":
+        for attempt in range(3):
+            try:
+                return self._start(wait, timeout)
+            except RuntimeError:
+                if not (self._auto_port and "already in use" in self.log() and attempt < 2):
+                    raise
+                self.port = free_port()
+                self.config["address"] = f"127.0.0.1:{self.port}"
+                self.write_config()
+        raise AssertionError("unreachable")
+
+    def _start(self, wait: bool, timeout: float) -> "ProxyProcess":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "proxy", "--config", str(self.config_path)],
