@@ -17,7 +17,7 @@ import h11
 
 from ..config import Options, Route
 from ..tls.transport import Stream, StreamClosed
-from . import codec
+from . import codec, fastcodec
 from .access_log import AccessLog, Entry
 from .routes import RouteTable
 from .upstream import UpstreamPool, UpstreamRefused
@@ -29,6 +29,10 @@ LINGER_SECONDS = 5.0   # how long a request body is read after an early answer
 LINGER_AFTER_ERROR = 2.0           # and after an error answer that closes the connection
 LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
+# The HTTP/1.1 engine, h11's API either way: fastcodec (httptools) when installed, h11 itself
+# (the strict reference) with AUTOCERT_PROXY_HTTP_PARSER=h11. Events stay h11 classes, so the
+# isinstance checks and exceptions below are the same; HTTP.Request/Response are the cheap constructors.
+HTTP = fastcodec.engine()
 
 
 class ClientTimeout(Exception):
@@ -67,7 +71,7 @@ class Side:
 
     def __init__(self, stream: Stream, role, check_head: bool = False):
         self.stream = stream
-        self.conn = h11.Connection(role, max_incomplete_event_size=MAX_HEAD)
+        self.conn = HTTP.Connection(role, max_incomplete_event_size=MAX_HEAD)
         self.check_head = check_head
 
     async def next_event(self, timeout: Optional[float], head_buf: Optional[bytearray] = None):
@@ -285,8 +289,8 @@ class ClientConnection:
         draining = self.get_state().draining
         if draining:
             headers = headers + [(b"connection", b"close")]
-        self.side.send(h11.Response(status_code=status, headers=headers + [(b"server", SERVER_NAME)],
-                                    reason=reason_phrase(status)))
+        self.side.send(HTTP.Response(status_code=status, headers=headers + [(b"server", SERVER_NAME)],
+                                     reason=reason_phrase(status)))
         if req.method != b"HEAD":
             self.side.send(h11.Data(data=body))
         self.side.send(h11.EndOfMessage())
@@ -320,7 +324,7 @@ class ClientConnection:
         headers.append((b"x-forwarded-host", host_header))
         if codec.header_value(req.headers, b"transfer-encoding") is not None:
             headers.append((b"transfer-encoding", b"chunked"))
-        return h11.Request(method=req.method, target=req.target, headers=headers)
+        return HTTP.Request(method=req.method, target=req.target, headers=headers)
 
     async def _proxy(self, req: h11.Request, route: Route, host_header: bytes, state: ProxyState, entry: Entry) -> bool:
         """Forwards one request. Returns True when the connection was upgraded (and is done)."""
@@ -385,7 +389,7 @@ class ClientConnection:
         headers = codec.end_to_end(resp.headers)
         if draining:
             headers.append((b"connection", b"close"))
-        client.send(h11.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
+        client.send(HTTP.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
         sent = 0
         try:
             while True:

@@ -50,7 +50,9 @@ class ProxyProcess:
             self.redirect_port = int(str(self.config["http_redirect_addr"]).rsplit(":", 1)[1])
         self.config_path = self.workdir / f"{name}.yaml"
         self.log_path = self.workdir / f"{name}.log"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS"))}
+        # AUTOCERT_PROXY_HTTP_PARSER passes through: the suite runs once per HTTP parser.
+        self.env = {k: v for k, v in os.environ.items()
+                    if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS")) or k == "AUTOCERT_PROXY_HTTP_PARSER"}
         self.env.update(env or {})
         self.proc: Optional[subprocess.Popen] = None
         self.write_config()

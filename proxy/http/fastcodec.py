@@ -1,0 +1,811 @@
+"""A fast HTTP/1.1 connection with the subset of h11's API the proxy uses, parsing heads with
+httptools (llhttp, the parser of Node.js). h11 stays the strict reference: same events,
+states, framing and exceptions, and tests/test_fastcodec.py runs both on the same inputs.
+
+Why it is shaped this way:
+- **Only heads go through llhttp**, one fresh parser per head (under a microsecond). The head
+  is cut at the first CRLFCRLF here, so llhttp never sees a byte past the message it parses,
+  and bodies (Content-Length, chunked, close-delimited) are framed here in Python exactly as
+  h11 frames them. That keeps h11's buffer semantics: after a message the rest stays in
+  ``_receive_buffer`` (a pipelined head, the bytes after an Upgrade: ``trailing_data``)
+  until ``start_next_cycle``, which httptools alone cannot do (it has no pause and no offsets).
+- **Events are h11's own classes**, made with ``object.__new__`` (no header regexes), so
+  every ``isinstance(ev, h11.Request)`` and ``except h11.RemoteProtocolError`` in the proxy
+  works unchanged for both parsers. Received ``headers`` is a plain list of (lower-case name,
+  value) pairs, h11's iteration form. ``Request``/``Response``/``InformationalResponse``
+  here are cheap constructors with h11's keyword signature; the proxy picks them or h11's
+  through ``engine()``. ``send`` also takes real h11 events.
+- **The state machine is h11's** (``h11/_state.py``), written out for two roles: the same
+  sentinels (``h11.IDLE``, ``h11.DONE``, ``h11.MUST_CLOSE``...) and the same transitions,
+  keep-alive and switch-protocol rules.
+
+Stricter than h11 (each rejection is RemoteProtocolError, so a 400/502, never a different
+reading of the bytes): methods llhttp does not know, a request line with extra spaces,
+duplicate Content-Length headers even when equal, "Content-Length: 5, 5", control characters
+(DEL) in values, obs-fold, bare LF also in responses, heads over ``max_incomplete_event_size``
+even when they arrive complete, chunk sizes over 16 hex digits or with whitespace after them.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import h11
+
+try:
+    import httptools
+    from httptools import HttpParserError, HttpParserUpgrade
+except ImportError:   # engine() then picks h11
+    httptools = None
+
+from h11 import (CLIENT, CLOSED, DONE, ERROR, IDLE, MIGHT_SWITCH_PROTOCOL, MUST_CLOSE, NEED_DATA,
+                 PAUSED, SEND_BODY, SEND_RESPONSE, SERVER, SWITCHED_PROTOCOL,
+                 LocalProtocolError, RemoteProtocolError)
+
+__all__ = ["Connection", "Request", "Response", "InformationalResponse", "Data", "EndOfMessage",
+           "ConnectionClosed", "engine", "PARSER_ENV"]
+
+PARSER_ENV = "AUTOCERT_PROXY_HTTP_PARSER"
+
+_Request = h11.Request
+_Response = h11.Response
+_Info = h11.InformationalResponse
+_Data = h11.Data
+_EOM = h11.EndOfMessage
+_Closed = h11.ConnectionClosed
+_new = object.__new__
+_set = object.__setattr__
+
+# Framing kinds for a body (h11's _body_framing results).
+_CL, _CHUNKED, _HTTP10 = 0, 1, 2
+
+_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_FIELD_CONTENT = rb"[^\x00\s\x7f](?:[ \t]*[^\x00\s\x7f])*"
+# A whole header block as we write it: "name: value\r\n"... "\r\n" (h11's validation on send).
+_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb": (?:" + _FIELD_CONTENT + rb")?\r\n)*\r\n")
+_HEADER_LINE = re.compile(rb"(?P<name>" + _TOKEN + rb"):[ \t]*(?P<value>(?:" + _FIELD_CONTENT + rb")?)[ \t]*")
+_METHOD = re.compile(_TOKEN)
+_TARGET = re.compile(rb"[\x21-\x7e]+")
+_REASON = re.compile(rb"[\t \x21-\x7e\x80-\xff]*")
+# chunk-size [ BWS ";" ext ] CRLF; no sign, no 0x, no spaces after the size, no CR/LF/NUL in the extension.
+_CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n\x00]*)?\r\n")
+
+
+# --- cheap event constructors (h11's keyword signatures, no regex validation here; send checks) ---
+
+def Request(*, method: bytes, target: bytes, headers, http_version: bytes = b"1.1") -> h11.Request:
+    ev = _new(_Request)
+    _set(ev, "method", method)
+    _set(ev, "target", target)
+    _set(ev, "headers", headers)
+    _set(ev, "http_version", http_version)
+    return ev
+
+
+def Response(*, status_code: int, headers, reason: bytes = b"", http_version: bytes = b"1.1") -> h11.Response:
+    if not 200 <= status_code <= 999:
+        raise LocalProtocolError("Response status_code should be in range [200, 1000)")
+    ev = _new(_Response)
+    _set(ev, "status_code", status_code)
+    _set(ev, "headers", headers)
+    _set(ev, "reason", reason)
+    _set(ev, "http_version", http_version)
+    return ev
+
+
+def InformationalResponse(*, status_code: int, headers, reason: bytes = b"",
+                          http_version: bytes = b"1.1") -> h11.InformationalResponse:
+    if not 100 <= status_code < 200:
+        raise LocalProtocolError("InformationalResponse status_code should be in range [100, 200)")
+    ev = _new(_Info)
+    _set(ev, "status_code", status_code)
+    _set(ev, "headers", headers)
+    _set(ev, "reason", reason)
+    _set(ev, "http_version", http_version)
+    return ev
+
+
+Data = h11.Data
+EndOfMessage = h11.EndOfMessage
+ConnectionClosed = h11.ConnectionClosed
+
+
+def _data(data: bytes, chunk_start: bool = False, chunk_end: bool = False) -> h11.Data:
+    ev = _new(_Data)
+    _set(ev, "data", data)
+    _set(ev, "chunk_start", chunk_start)
+    _set(ev, "chunk_end", chunk_end)
+    return ev
+
+
+def _eom(trailers) -> h11.EndOfMessage:
+    ev = _new(_EOM)
+    _set(ev, "headers", trailers)
+    return ev
+
+
+_CLOSED_EVENT = _Closed()
+
+
+def _items(headers):
+    """(raw name, lower-case name, value) for a plain list or an h11 Headers object."""
+    full = getattr(headers, "_full_items", None)
+    if full is not None:
+        return full
+    return [(n, n.lower(), v) for n, v in headers]
+
+
+def _comma_tokens(items, name: bytes) -> list:
+    out = []
+    for _, n, v in items:
+        if n == name:
+            for t in v.lower().split(b","):
+                t = t.strip()
+                if t:
+                    out.append(t)
+    return out
+
+
+class _HeadSink:
+    """httptools callbacks for one head."""
+    __slots__ = ("url", "status", "headers")
+
+    def __init__(self):
+        self.url = b""
+        self.status = b""
+        self.headers = []
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_status(self, status: bytes) -> None:
+        self.status += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+
+def _remote(msg: str, hint: int = 400) -> RemoteProtocolError:
+    return RemoteProtocolError(msg, error_status_hint=hint)
+
+
+class Connection:
+    """h11.Connection's API (the part the proxy uses) with llhttp parsing heads."""
+
+    def __init__(self, our_role, max_incomplete_event_size: int = 16 * 1024):
+        if our_role not in (CLIENT, SERVER):
+            raise ValueError(f"expected CLIENT or SERVER, not {our_role!r}")
+        self.our_role = our_role
+        self.their_role = SERVER if our_role is CLIENT else CLIENT
+        self._max = max_incomplete_event_size
+        self._receive_buffer = bytearray()
+        self._receive_buffer_closed = False
+        self._search_from = 0          # where to resume looking for the end of a head
+        self.their_http_version: Optional[bytes] = None
+        self._request_method: Optional[bytes] = None
+        self.client_is_waiting_for_100_continue = False
+        # h11's ConnectionState, flattened
+        self._cstate = IDLE
+        self._sstate = IDLE
+        self._keep_alive = True
+        self._switch_upgrade = False
+        self._switch_connect = False
+        # body reader for their SEND_BODY: (kind, remaining) / chunked sub-state
+        self._rkind = _CL
+        self._rleft = 0
+        self._rchunk_phase = 0         # chunked: 0 size line, 1 data, 2 CRLF after data, 3 trailer
+        # body writer for our SEND_BODY
+        self._wkind = _CL
+        self._wleft = 0
+
+    # --- states ---
+    @property
+    def our_state(self):
+        return self._sstate if self.our_role is SERVER else self._cstate
+
+    @property
+    def their_state(self):
+        return self._cstate if self.our_role is SERVER else self._sstate
+
+    @property
+    def states(self):
+        return {CLIENT: self._cstate, SERVER: self._sstate}
+
+    @property
+    def they_are_waiting_for_100_continue(self) -> bool:
+        return self.their_role is CLIENT and self.client_is_waiting_for_100_continue
+
+    @property
+    def trailing_data(self):
+        return bytes(self._receive_buffer), self._receive_buffer_closed
+
+    def _settle(self) -> None:
+        """h11's _fire_state_triggered_transitions."""
+        c, s = self._cstate, self._sstate
+        while True:
+            c0, s0 = c, s
+            if self._switch_upgrade or self._switch_connect:
+                if c is DONE:
+                    c = MIGHT_SWITCH_PROTOCOL
+            elif c is MIGHT_SWITCH_PROTOCOL:
+                c = DONE
+            if not self._keep_alive:
+                if c is DONE:
+                    c = MUST_CLOSE
+                if s is DONE:
+                    s = MUST_CLOSE
+            if c is MIGHT_SWITCH_PROTOCOL and s is SWITCHED_PROTOCOL:
+                c = SWITCHED_PROTOCOL
+            elif c is CLOSED and (s is DONE or s is IDLE):
+                s = MUST_CLOSE
+            elif c is ERROR and s is DONE:
+                s = MUST_CLOSE
+            elif (c is DONE or c is IDLE) and s is CLOSED:
+                c = MUST_CLOSE
+            elif c is DONE and s is ERROR:
+                c = MUST_CLOSE
+            if c is c0 and s is s0:
+                break
+        self._cstate, self._sstate = c, s
+
+    def _process_error(self, role) -> None:
+        if role is CLIENT:
+            self._cstate = ERROR
+        else:
+            self._sstate = ERROR
+        self._settle()
+
+    def _transition(self, role, etype, switch=None) -> None:
+        """h11's _fire_event_triggered_transitions for ``role`` (and the server on a Request)."""
+        if role is CLIENT:
+            st = self._cstate
+            if st is IDLE and etype is _Request:
+                self._cstate = SEND_BODY
+                if self._sstate is not IDLE:
+                    raise LocalProtocolError(f"can't handle event type Request when role=SERVER and state={self._sstate}")
+                self._sstate = SEND_RESPONSE
+            elif st is SEND_BODY and (etype is _Data or etype is _EOM):
+                if etype is _EOM:
+                    self._cstate = DONE
+            elif etype is _Closed and st in (IDLE, DONE, MUST_CLOSE, CLOSED):
+                self._cstate = CLOSED
+            else:
+                raise LocalProtocolError(f"can't handle event type {etype.__name__} when role=CLIENT and state={st}")
+        else:
+            st = self._sstate
+            if st is SEND_RESPONSE and etype is _Info:
+                if switch is not None:
+                    self._sstate = SWITCHED_PROTOCOL
+            elif (st is SEND_RESPONSE or st is IDLE) and etype is _Response:
+                self._sstate = SWITCHED_PROTOCOL if (switch is not None and st is SEND_RESPONSE) else SEND_BODY
+            elif st is SEND_BODY and (etype is _Data or etype is _EOM):
+                if etype is _EOM:
+                    self._sstate = DONE
+            elif etype is _Closed and st in (IDLE, DONE, MUST_CLOSE, CLOSED):
+                self._sstate = CLOSED
+            else:
+                raise LocalProtocolError(f"can't handle event type {etype.__name__} when role=SERVER and state={st}")
+
+    def _process_head(self, role, etype, method, status, version, items) -> tuple:
+        """State changes for a Request / Response / InformationalResponse from ``role``.
+        Returns the body framing (kind, length) when the sender enters SEND_BODY."""
+        switch = None
+        if etype is _Request:
+            if method == b"CONNECT":
+                self._switch_connect = True
+            if _comma_tokens(items, b"upgrade"):
+                self._switch_upgrade = True
+        else:
+            if etype is _Info and status == 101:
+                switch = "upgrade"
+                if not self._switch_upgrade:
+                    raise LocalProtocolError("Received server _SWITCH_UPGRADE event without a pending proposal")
+            elif etype is _Response and self._switch_connect and 200 <= status < 300:
+                switch = "connect"
+            if switch is None and etype is _Response:
+                self._switch_upgrade = self._switch_connect = False
+        self._transition(role, etype, switch)
+        self._settle()
+        if etype is _Request:
+            self._request_method = method
+        if role is self.their_role:
+            self.their_http_version = version
+        if etype is not _Info:
+            if b"close" in _comma_tokens(items, b"connection") or version < b"1.1":
+                self._keep_alive = False
+                self._settle()
+        if etype is _Request:
+            if version >= b"1.1" and b"100-continue" in _comma_tokens(items, b"expect"):
+                self.client_is_waiting_for_100_continue = True
+        else:
+            self.client_is_waiting_for_100_continue = False
+        # framing of the body that follows, if the sender is now in SEND_BODY
+        state = self._cstate if role is CLIENT else self._sstate
+        if state is not SEND_BODY:
+            return None
+        return self._framing(self._request_method, etype, status, items)
+
+    @staticmethod
+    def _framing(method, etype, status, items) -> tuple:
+        """h11's _body_framing."""
+        if etype is _Response:
+            if status in (204, 304) or method == b"HEAD" or (method == b"CONNECT" and 200 <= status < 300):
+                return _CL, 0
+        te = cl = None
+        for _, n, v in items:
+            if n == b"transfer-encoding":
+                te = v
+            elif n == b"content-length":
+                cl = v
+        if te is not None:
+            return _CHUNKED, 0
+        if cl is not None:
+            return _CL, int(cl)
+        if etype is _Request:
+            return _CL, 0
+        return _HTTP10, 0
+
+    def start_next_cycle(self) -> None:
+        if self._cstate is not DONE or self._sstate is not DONE:
+            raise LocalProtocolError(
+                f"not in a reusable state. self.states={{CLIENT: {self._cstate}, SERVER: {self._sstate}}}")
+        self._cstate = self._sstate = IDLE
+        self._request_method = None
+
+    # --- receiving ---
+    def receive_data(self, data: bytes) -> None:
+        if data:
+            if self._receive_buffer_closed:
+                raise RuntimeError("received close, then received more data?")
+            self._receive_buffer += data
+        else:
+            self._receive_buffer_closed = True
+
+    def next_event(self):
+        their = self.their_state
+        if their is ERROR:
+            raise RemoteProtocolError("Can't receive data when peer state is ERROR")
+        try:
+            buf = self._receive_buffer
+            if their is DONE and buf:
+                return PAUSED
+            if their is MIGHT_SWITCH_PROTOCOL or their is SWITCHED_PROTOCOL:
+                return PAUSED
+            if their is SEND_BODY:
+                ev = self._read_body(buf)
+            elif their is IDLE or their is SEND_RESPONSE:
+                ev = self._read_head(buf)
+            else:   # DONE, MUST_CLOSE, CLOSED
+                if buf:
+                    raise LocalProtocolError("Got data when expecting EOF")
+                ev = None
+            if ev is None:
+                if not buf and self._receive_buffer_closed:
+                    if their is SEND_BODY:
+                        ev = self._body_eof()
+                    else:
+                        ev = _CLOSED_EVENT
+                        self._transition(self.their_role, _Closed)
+                        self._settle()
+                    return ev
+                if len(buf) > self._max:
+                    raise RemoteProtocolError("Receive buffer too long", error_status_hint=431)
+                if self._receive_buffer_closed:
+                    raise RemoteProtocolError("peer unexpectedly closed connection")
+                return NEED_DATA
+            return ev
+        except BaseException as exc:
+            self._process_error(self.their_role)
+            if isinstance(exc, LocalProtocolError) and not isinstance(exc, RemoteProtocolError):
+                raise RemoteProtocolError(str(exc), error_status_hint=exc.error_status_hint) from None
+            raise
+
+    def _read_head(self, buf: bytearray):
+        if not buf:
+            return None
+        if buf[0] == 10 or buf[:2] == b"\r\n":
+            raise LocalProtocolError("no request line received" if self.their_role is CLIENT
+                                     else "no response line received")
+        end = buf.find(b"\r\n\r\n", self._search_from)
+        if end < 0:
+            self._search_from = max(0, len(buf) - 3)
+            if buf[0] < 0x21:
+                raise LocalProtocolError("illegal request line")
+            if buf.count(b"\n") != buf.count(b"\r\n"):
+                raise LocalProtocolError("bare LF in message head")
+            if len(buf) > self._max:
+                raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
+            return None
+        self._search_from = 0
+        end += 4
+        if end > self._max:
+            raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
+        head = bytes(buf[:end])
+        if head.count(b"\n") != head.count(b"\r\n"):
+            raise LocalProtocolError("bare LF in message head")
+        sink = _HeadSink()
+        if self.their_role is CLIENT:
+            parser = httptools.HttpRequestParser(sink)
+        else:
+            parser = httptools.HttpResponseParser(sink)
+        try:
+            parser.feed_data(head)
+        except HttpParserUpgrade:
+            pass
+        except HttpParserError as e:
+            raise LocalProtocolError(f"illegal message head: {e}") from None
+        version = parser.get_http_version().encode()
+        # Headers: lower-case names, trailing whitespace dropped (llhttp drops the leading),
+        # h11's Content-Length / Transfer-Encoding / Host rules.
+        items = []
+        hosts = 0
+        te_seen = False
+        for name, value in sink.headers:
+            lname = name.lower()
+            if value and (value[-1] == 32 or value[-1] == 9):
+                value = value.rstrip(b" \t")
+            if lname == b"host":
+                hosts += 1
+            elif lname == b"transfer-encoding":
+                if te_seen:
+                    raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
+                value = value.lower()
+                if value != b"chunked":
+                    raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+                te_seen = True
+            elif lname == b"content-length" and len(value) > 20:
+                raise LocalProtocolError("bad Content-Length")
+            items.append((name, lname, value))
+        del buf[:end]
+        headers = [(n, v) for _, n, v in items]
+        if self.their_role is CLIENT:
+            method = parser.get_method()
+            target = sink.url
+            # llhttp tolerates extra spaces in the request line; h11 does not.
+            if not head.startswith(b"%s %s HTTP/%s\r\n" % (method, target, version)):
+                raise LocalProtocolError("illegal request line")
+            if version == b"1.1" and hosts == 0:
+                raise LocalProtocolError("Missing mandatory Host: header")
+            if hosts > 1:
+                raise LocalProtocolError("Found multiple Host: headers")
+            ev = _new(_Request)
+            _set(ev, "method", method)
+            _set(ev, "target", target)
+            _set(ev, "headers", headers)
+            _set(ev, "http_version", version)
+            etype, status = _Request, 0
+        else:
+            method = None
+            status = parser.get_status_code()
+            etype = _Info if status < 200 else _Response
+            ev = _new(etype)
+            _set(ev, "status_code", status)
+            _set(ev, "headers", headers)
+            _set(ev, "reason", sink.status)
+            _set(ev, "http_version", version)
+        framing = self._process_head(self.their_role, etype, method, status, version, items)
+        if framing is not None:
+            self._rkind, self._rleft = framing
+            self._rchunk_phase = 0
+        return ev
+
+    def _read_body(self, buf: bytearray):
+        kind = self._rkind
+        if kind is _CL:
+            left = self._rleft
+            if left == 0:
+                return self._their_eom(())
+            if not buf:
+                return None
+            if len(buf) <= left:
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:left])
+                del buf[:left]
+            self._rleft = left - len(data)
+            return self._their_data(_data(data))
+        if kind is _HTTP10:
+            if not buf:
+                return None
+            data = bytes(buf)
+            buf.clear()
+            return self._their_data(_data(data))
+        return self._read_chunked(buf)
+
+    def _read_chunked(self, buf: bytearray):
+        while True:
+            phase = self._rchunk_phase
+            if phase == 0:
+                nl = buf.find(b"\r\n")
+                if nl < 0:
+                    if b"\n" in buf:
+                        raise LocalProtocolError("illegal chunk header: bare LF")
+                    return None
+                m = _CHUNK_HEADER.match(buf, 0, nl + 2)
+                if m is None or m.end() != nl + 2:
+                    raise LocalProtocolError(f"illegal chunk header: {bytes(buf[:nl + 2])!r}")
+                size = int(m.group(1), 16)
+                del buf[:nl + 2]
+                if size == 0:
+                    self._rchunk_phase = 3
+                    continue
+                self._rleft = size
+                self._rchunk_phase = 1
+                start = True
+            elif phase == 1:
+                start = False
+            elif phase == 2:
+                if len(buf) < 2:
+                    if buf and buf[0] != 13:
+                        raise LocalProtocolError(f"malformed chunk footer: {bytes(buf)!r}")
+                    return None
+                if buf[0] != 13 or buf[1] != 10:
+                    raise LocalProtocolError(f"malformed chunk footer: {bytes(buf[:2])!r}")
+                del buf[:2]
+                self._rchunk_phase = 0
+                continue
+            else:
+                return self._read_trailer(buf)
+            if not buf:
+                return None
+            left = self._rleft
+            if len(buf) <= left:
+                data = bytes(buf)
+                buf.clear()
+            else:
+                data = bytes(buf[:left])
+                del buf[:left]
+            left -= len(data)
+            self._rleft = left
+            if left == 0:
+                self._rchunk_phase = 2
+            return self._their_data(_data(data, start, left == 0))
+
+    def _read_trailer(self, buf: bytearray):
+        if buf[:2] == b"\r\n":
+            del buf[:2]
+            return self._their_eom(())
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if buf.count(b"\n") != buf.count(b"\r\n"):
+                raise LocalProtocolError("bare LF in trailer")
+            return None
+        block = bytes(buf[:end])
+        if b"\n" in block.replace(b"\r\n", b""):
+            raise LocalProtocolError("bare LF in trailer")
+        trailers = []
+        for line in block.split(b"\r\n"):
+            m = _HEADER_LINE.fullmatch(line)
+            if m is None:
+                raise LocalProtocolError(f"illegal header line: {line!r}")
+            trailers.append((m.group("name").lower(), m.group("value")))
+        del buf[:end + 4]
+        return self._their_eom(trailers)
+
+    def _body_eof(self):
+        if self._rkind is _HTTP10:
+            return self._their_eom(())
+        if self._rkind is _CL:
+            raise RemoteProtocolError(
+                "peer closed connection without sending complete message body "
+                f"(received some bytes, expected {self._rleft} more)")
+        raise RemoteProtocolError("peer closed connection without sending complete message body "
+                                  "(incomplete chunked read)")
+
+    def _their_data(self, ev):
+        if self.their_role is CLIENT:
+            self.client_is_waiting_for_100_continue = False
+        return ev
+
+    def _their_eom(self, trailers):
+        ev = _eom(trailers)
+        self._transition(self.their_role, _EOM)
+        if self.their_role is CLIENT:
+            self.client_is_waiting_for_100_continue = False
+        self._settle()
+        return ev
+
+    # --- sending ---
+    def send(self, event):
+        if self.our_state is ERROR:
+            raise LocalProtocolError("Can't send data when our state is ERROR")
+        try:
+            etype = type(event)
+            role = self.our_role
+            if etype is _Data:
+                self._transition(role, _Data)
+                if role is CLIENT:
+                    self.client_is_waiting_for_100_continue = False
+                return self._write_data(event.data)
+            if etype is _EOM:
+                self._transition(role, _EOM)
+                if role is CLIENT:
+                    self.client_is_waiting_for_100_continue = False
+                self._settle()
+                return self._write_eom(event.headers)
+            if etype is _Response or etype is _Info:
+                return self._send_response(event, etype)
+            if etype is _Request:
+                return self._send_request(event)
+            if etype is _Closed:
+                self._transition(role, _Closed)
+                self._settle()
+                return None
+            raise LocalProtocolError(f"can't send {event!r}")
+        except BaseException:
+            self._process_error(self.our_role)
+            raise
+
+    def _send_request(self, ev) -> bytes:
+        if ev.http_version != b"1.1":
+            raise LocalProtocolError("I only send HTTP/1.1")
+        method, target = ev.method, ev.target
+        if _METHOD.fullmatch(method) is None:
+            raise LocalProtocolError("Illegal method characters")
+        if _TARGET.fullmatch(target) is None:
+            raise LocalProtocolError("Illegal target characters")
+        items = _items(ev.headers)
+        hosts = sum(1 for _, n, _v in items if n == b"host")
+        if hosts == 0:
+            raise LocalProtocolError("Missing mandatory Host: header")
+        if hosts > 1:
+            raise LocalProtocolError("Found multiple Host: headers")
+        items = _check_framing_headers(items)
+        head = b"%s %s HTTP/1.1\r\n%s" % (method, target, _header_block(items))
+        framing = self._process_head(self.our_role, _Request, method, 0, b"1.1", items)
+        self._wkind, self._wleft = framing
+        return head
+
+    def _send_response(self, ev, etype) -> bytes:
+        if ev.http_version != b"1.1":
+            raise LocalProtocolError("I only send HTTP/1.1")
+        status = ev.status_code
+        reason = ev.reason
+        if _REASON.fullmatch(reason) is None:
+            raise LocalProtocolError("Illegal reason phrase")
+        items = _check_framing_headers(_items(ev.headers))
+        if etype is _Response:
+            items = self._clean_up_response_headers(status, items)
+        head = b"HTTP/1.1 %d %s\r\n%s" % (status, reason, _header_block(items))
+        framing = self._process_head(self.our_role, etype, None, status, b"1.1", items)
+        if framing is not None:
+            self._wkind, self._wleft = framing
+        return head
+
+    def _clean_up_response_headers(self, status: int, items):
+        """h11's _clean_up_response_headers_for_sending."""
+        method = self._request_method
+        kind, _ = self._framing(b"GET" if method == b"HEAD" else method, _Response, status, items)
+        need_close = False
+        if kind != _CL:
+            items = [it for it in items if it[1] != b"content-length"]
+            if self.their_http_version is None or self.their_http_version < b"1.1":
+                items = [it for it in items if it[1] != b"transfer-encoding"]
+                if method != b"HEAD":
+                    need_close = True
+            else:
+                items = [it for it in items if it[1] != b"transfer-encoding"]
+                items.append((b"Transfer-Encoding", b"transfer-encoding", b"chunked"))
+        if not self._keep_alive or need_close:
+            tokens = set(_comma_tokens(items, b"connection"))
+            tokens.discard(b"keep-alive")
+            tokens.add(b"close")
+            items = [it for it in items if it[1] != b"connection"]
+            items += [(b"Connection", b"connection", t) for t in sorted(tokens)]
+        return items
+
+    def _write_data(self, data: bytes) -> bytes:
+        kind = self._wkind
+        if kind is _CL:
+            left = self._wleft - len(data)
+            if left < 0:
+                raise LocalProtocolError("Too much data for declared Content-Length")
+            self._wleft = left
+            return data
+        if kind is _CHUNKED:
+            if not data:
+                return b""
+            return b"%x\r\n%s\r\n" % (len(data), data)
+        return data
+
+    def _write_eom(self, trailers) -> bytes:
+        kind = self._wkind
+        if kind is _CL:
+            if self._wleft != 0:
+                raise LocalProtocolError("Too little data for declared Content-Length")
+            if trailers:
+                raise LocalProtocolError("Content-Length and trailers don't mix")
+            return b""
+        if kind is _CHUNKED:
+            return b"0\r\n" + _header_block(_items(trailers) if trailers else ())
+        if trailers:
+            raise LocalProtocolError("can't send trailers to HTTP/1.0 client")
+        return b""
+
+
+def _check_framing_headers(items):
+    """h11's normalize_and_validate for Content-Length / Transfer-Encoding on what we send
+    (events built with the cheap constructors skip it)."""
+    out = None
+    seen_cl = None
+    te = False
+    for i, (raw, n, v) in enumerate(items):
+        if n == b"content-length":
+            lengths = {x.strip() for x in v.split(b",")}
+            if len(lengths) != 1:
+                raise LocalProtocolError("conflicting Content-Length headers")
+            value = lengths.pop()
+            if not value.isdigit() or len(value) > 20:
+                raise LocalProtocolError("bad Content-Length")
+            if seen_cl is None:
+                seen_cl = value
+                if value != v:
+                    out = out if out is not None else list(items[:i])
+                    out.append((raw, n, value))
+                    continue
+            elif seen_cl != value:
+                raise LocalProtocolError("conflicting Content-Length headers")
+            else:
+                out = out if out is not None else list(items[:i])
+                continue
+        elif n == b"transfer-encoding":
+            if te:
+                raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
+            if v.lower() != b"chunked":
+                raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+            te = True
+            if v != b"chunked":
+                out = out if out is not None else list(items[:i])
+                out.append((raw, n, b"chunked"))
+                continue
+        if out is not None:
+            out.append((raw, n, v))
+    return items if out is None else out
+
+
+def _header_block(items) -> bytes:
+    """Host first, then the rest in order (as h11 writes them); validated like h11 does."""
+    parts = []
+    rest = []
+    for raw, n, v in items:
+        if n == b"host":
+            parts.append(b"%s: %s\r\n" % (raw, v))
+        else:
+            rest.append(b"%s: %s\r\n" % (raw, v))
+    parts += rest
+    parts.append(b"\r\n")
+    block = b"".join(parts)
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        for raw, _, v in items:
+            if not re.fullmatch(_TOKEN, raw):
+                raise LocalProtocolError(f"Illegal header name {raw!r}")
+        raise LocalProtocolError("Illegal header value")
+    return block
+
+
+# --- selection ---
+
+class _FastEngine:
+    """The names the proxy takes from its HTTP engine, fastcodec flavour (h11's module is the other)."""
+    Connection = Connection
+    Request = staticmethod(Request)
+    Response = staticmethod(Response)
+    InformationalResponse = staticmethod(InformationalResponse)
+    Data = h11.Data
+    EndOfMessage = h11.EndOfMessage
+    name = "httptools"
+
+
+def engine(choice: Optional[str] = None):
+    """The HTTP/1.1 engine: this module (httptools) by default, ``h11`` itself when
+    ``AUTOCERT_PROXY_HTTP_PARSER=h11``. ``=httptools`` forces this one."""
+    choice = (choice if choice is not None else os.environ.get(PARSER_ENV, "")).strip().lower()
+    if choice not in ("", "h11", "httptools"):
+        raise ValueError(f"{PARSER_ENV}={choice!r}: expected 'h11' or 'httptools'")
+    if choice == "h11" or (choice == "" and httptools is None):
+        return h11
+    if httptools is None:
+        raise ImportError(f"{PARSER_ENV}=httptools but httptools is not installed")
+    return _FastEngine
