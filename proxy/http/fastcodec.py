@@ -434,7 +434,8 @@ class Connection:
         except HttpParserUpgrade:
             pass
         except HttpParserError as e:
-            raise LocalProtocolError(f"illegal message head: {e}") from None
+            hint = 501 if "Transfer-Encoding` header" in str(e) or "invalid `Transfer-Encoding`" in str(e) else 400
+            raise LocalProtocolError(f"illegal message head: {e}", error_status_hint=hint) from None
         version = parser.get_http_version().encode()
         # Headers: lower-case names, trailing whitespace dropped (llhttp drops the leading),
         # h11's Content-Length / Transfer-Encoding / Host rules.
@@ -777,7 +778,8 @@ def _header_block(items) -> bytes:
     parts += rest
     parts.append(b"\r\n")
     block = b"".join(parts)
-    if _HEADER_BLOCK.fullmatch(block) is None:
+    lines = len(parts)   # a CR or LF inside a value would add a line the regex cannot tell apart
+    if block.count(b"\n") != lines or block.count(b"\r") != lines or _HEADER_BLOCK.fullmatch(block) is None:
         for raw, _, v in items:
             if not re.fullmatch(_TOKEN, raw):
                 raise LocalProtocolError(f"Illegal header name {raw!r}")

@@ -1,0 +1,545 @@
+"""fastcodec (httptools) against h11 (the reference) on the same bytes: the same events, the
+same states, the same bytes on the wire, and the same rejections. Pure, no sockets."""
+from __future__ import annotations
+
+import h11
+import pytest
+
+from proxy.http import codec, fastcodec
+from proxy.http.fastcodec import _FastEngine
+
+MAX = 64 * 1024
+H11 = h11
+FAST = _FastEngine
+ENGINES = [pytest.param(H11, id="h11"), pytest.param(FAST, id="httptools")]
+
+STOP = (h11.NEED_DATA, h11.PAUSED)
+
+
+def norm(ev):
+    """An event as comparable plain data (h11's Headers and our lists compare the same)."""
+    if ev is h11.NEED_DATA or ev is h11.PAUSED:
+        return ev
+    t = type(ev)
+    if t is h11.Request:
+        return ("Request", ev.method, ev.target, [tuple(h) for h in ev.headers], ev.http_version)
+    if t in (h11.Response, h11.InformationalResponse):
+        return (t.__name__, ev.status_code, ev.reason, [tuple(h) for h in ev.headers], ev.http_version)
+    if t is h11.Data:
+        return ("Data", bytes(ev.data))
+    if t is h11.EndOfMessage:
+        return ("EndOfMessage", [tuple(h) for h in ev.headers])
+    if t is h11.ConnectionClosed:
+        return ("ConnectionClosed",)
+    raise AssertionError(ev)
+
+
+def merge_data(events):
+    """Data events may be cut differently; compare their concatenation."""
+    out = []
+    for e in events:
+        if out and isinstance(e, tuple) and e[0] == "Data" and isinstance(out[-1], tuple) and out[-1][0] == "Data":
+            out[-1] = ("Data", out[-1][1] + e[1])
+        else:
+            out.append(e)
+    return out
+
+
+def drain(conn, chunks, eof=False):
+    """Feeds ``chunks`` one by one, collecting events and states until the parser stops.
+    A request head goes through the proxy's own framing check (codec.check_framing) like in
+    the proxy, so "rejected" means rejected by the parser or by the proxy before any upstream."""
+    trace = []
+    chunks = list(chunks)
+    while True:
+        try:
+            ev = conn.next_event()
+            if type(ev) is h11.Request:
+                codec.check_framing(ev.headers)
+        except (h11.RemoteProtocolError, codec.BadRequest):
+            trace.append(("error", "RemoteProtocolError"))
+            return trace, conn
+        if ev is h11.NEED_DATA:
+            if chunks:
+                conn.receive_data(chunks.pop(0))
+                continue
+            if eof:
+                conn.receive_data(b"")
+                eof = False
+                continue
+        trace.append(norm(ev))
+        trace.append((conn.our_state, conn.their_state))
+        if ev in STOP or type(ev) is h11.ConnectionClosed:
+            return trace, conn
+
+
+def feed(engine, role, data: bytes, split: int = 0, eof: bool = False):
+    conn = engine.Connection(role, max_incomplete_event_size=MAX)
+    chunks = [data[i:i + split] for i in range(0, len(data), split)] if split else [data]
+    return drain(conn, chunks, eof)
+
+
+def both(role, data, split=0, eof=False):
+    (t1, c1), (t2, c2) = feed(H11, role, data, split, eof), feed(FAST, role, data, split, eof)
+    return t1, t2, c1, c2
+
+
+def same_trace(t1, t2):
+    def squash(trace):
+        events = [x for x in trace if not (isinstance(x, tuple) and len(x) == 2 and x[0] in (
+            h11.IDLE, h11.SEND_BODY, h11.SEND_RESPONSE, h11.DONE, h11.MUST_CLOSE, h11.CLOSED, h11.ERROR,
+            h11.MIGHT_SWITCH_PROTOCOL, h11.SWITCHED_PROTOCOL))]
+        return merge_data(events)
+    states1 = [x for x in t1 if x not in squash(t1)]
+    states2 = [x for x in t2 if x not in squash(t2)]
+    assert squash(t1) == squash(t2)
+    assert states1[-1:] == states2[-1:]
+
+
+# --- requests the server role accepts ---------------------------------------------------------
+
+VALID_REQUESTS = {
+    "get": b"GET /a?b=c HTTP/1.1\r\nHost: example.com\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+    "ows trimmed": b"GET / HTTP/1.1\r\nHost:   example.com  \r\nX-Empty:\r\nX-Tab:\tv\t\r\n\r\n",
+    "content-length": b"POST /up HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\nhello world",
+    "chunked": b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\n\r\n",
+    "chunked upper-case TE": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+    "chunked trailers": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        b"3\r\nabc\r\n0\r\nX-Sum: 1\r\nX-Other: two\r\n\r\n",
+    "pipelined": b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n",
+    "head": b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "http/1.0": b"GET / HTTP/1.0\r\n\r\n",
+    "http/1.0 keep-alive": b"GET / HTTP/1.0\r\nConnection: keep-alive\r\nHost: a\r\n\r\n",
+    "connection close": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    "connection tokens": b"GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Close\r\n\r\n",
+    "upgrade": b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\nFRAMEDATA",
+    "expect 100-continue": b"POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+    "absolute-form": b"GET http://a/x?y HTTP/1.1\r\nHost: a\r\n\r\n",
+    "asterisk": b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n",
+    "obs-text value": b"GET / HTTP/1.1\r\nHost: a\r\nX-Latin: caf\xe9\r\n\r\n",
+    "large head": b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 100) for i in range(300)) + b"\r\n",
+}
+
+
+@pytest.mark.parametrize("split", [0, 1, 7])
+@pytest.mark.parametrize("name", list(VALID_REQUESTS))
+def test_requests_parse_like_h11(name, split):
+    t1, t2, c1, c2 = both(h11.SERVER, VALID_REQUESTS[name], split)
+    assert ("error", "RemoteProtocolError") not in t1, t1
+    same_trace(t1, t2)
+    assert c1.client_is_waiting_for_100_continue == c2.client_is_waiting_for_100_continue
+    assert c1.their_http_version == c2.their_http_version
+    assert c1.trailing_data == c2.trailing_data
+    assert bytes(c1._receive_buffer) == bytes(c2._receive_buffer)
+
+
+def test_every_event_and_state_matches_h11_step_by_step():
+    data = VALID_REQUESTS["chunked trailers"] + VALID_REQUESTS["pipelined"]
+    c1 = h11.Connection(h11.SERVER)
+    c2 = fastcodec.Connection(h11.SERVER)
+    c1.receive_data(data)
+    c2.receive_data(data)
+    for _ in range(3):
+        while True:
+            e1, e2 = c1.next_event(), c2.next_event()
+            assert norm(e1) == norm(e2)
+            assert (c1.our_state, c1.their_state) == (c2.our_state, c2.their_state)
+            if e1 in STOP or type(e1) is h11.EndOfMessage:
+                break
+        if c1.their_state is h11.DONE:
+            for c, eng in ((c1, H11), (c2, FAST)):
+                c.send(eng.Response(status_code=200, headers=[(b"content-length", b"0")]))
+                c.send(h11.EndOfMessage())
+                c.start_next_cycle()
+            assert (c1.our_state, c1.their_state) == (c2.our_state, c2.their_state) == (h11.IDLE, h11.IDLE)
+
+
+# --- requests both reject ---------------------------------------------------------------------
+
+INVALID_REQUESTS = {
+    "CL and TE (smuggling)": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE and CL (smuggling)": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    "conflicting CL": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nContent-Length: 5\r\n\r\nabcde",
+    "conflicting CL list": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4, 5\r\n\r\nabcde",
+    "CL with sign": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +4\r\n\r\nabcd",
+    "CL hex": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x4\r\n\r\nabcd",
+    "CL negative": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+    "TE gzip": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+    "TE gzip, chunked": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+    "TE chunked, identity": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "two TE headers": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE with space before colon": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "space in header name": b"GET / HTTP/1.1\r\nHost: a\r\nX Y: z\r\n\r\n",
+    "bad char in header name": b"GET / HTTP/1.1\r\nHost: a\r\nX@Y: z\r\n\r\n",
+    "NUL in value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+    "bare CR in value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+    "obs-fold on first header": b"GET / HTTP/1.1\r\n X: a\r\nHost: a\r\n\r\n",
+    "bad chunk size": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nxyz\r\nabc\r\n0\r\n\r\n",
+    "chunk size 0x": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+    "negative chunk size": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n-3\r\nabc\r\n0\r\n\r\n",
+    "chunk size overflow": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + b"f" * 21 + b"\r\nabc\r\n0\r\n\r\n",
+    "chunk data too long": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcd\r\n0\r\n\r\n",
+    "chunk without CRLF": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXX0\r\n\r\n",
+    "chunk size with space inside": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n1 0\r\nabc\r\n0\r\n\r\n",
+    "missing host": b"GET / HTTP/1.1\r\nUser-Agent: t\r\n\r\n",
+    "two hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "space in target": b"GET /a b HTTP/1.1\r\nHost: a\r\n\r\n",
+    "no version": b"GET /\r\nHost: a\r\n\r\n",
+    "lower-case version": b"GET / http/1.1\r\nHost: a\r\n\r\n",
+    "leading empty line": b"\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "leading space": b" GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "header without colon": b"GET / HTTP/1.1\r\nHost: a\r\nJunk\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    "incomplete body then close": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc",
+    "incomplete chunked then close": b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+    "incomplete head then close": b"GET / HTTP/1.1\r\nHost: a\r\n",
+    "oversized incomplete head": b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * (MAX + 10),
+}
+
+
+@pytest.mark.parametrize("split", [0, 5])
+@pytest.mark.parametrize("name", list(INVALID_REQUESTS))
+def test_invalid_requests_both_reject(name, split):
+    t1, t2, c1, c2 = both(h11.SERVER, INVALID_REQUESTS[name], split, eof=True)
+    assert t1[-1] == ("error", "RemoteProtocolError"), t1
+    assert t2[-1] == ("error", "RemoteProtocolError"), t2
+    # Nothing the reference did not deliver either: no request the reference refused.
+    ok1 = [e for e in t1 if isinstance(e, tuple) and e[0] == "Request"]
+    ok2 = [e for e in t2 if isinstance(e, tuple) and e[0] == "Request"]
+    assert len(ok2) <= len(ok1)
+
+
+# Where h11 is laxer, fastcodec rejects (proxy/http/codec.py rejects several of these for h11 too).
+STRICTER = {
+    "bare LF line endings": b"GET / HTTP/1.1\nHost: a\n\n",
+    "bare LF in one line": b"GET / HTTP/1.1\r\nHost: a\nX: b\r\n\r\n",
+    "duplicate equal CL": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 3\r\n\r\nabc",
+    "CL list of equal values": b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\nabc",
+    "DEL in value": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n",
+    "two spaces in request line": b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    "complete head over the limit": b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"v" * MAX + b"\r\n\r\n",
+    # h11 unfolds obs-fold into one space (RFC 9112 5.2 allows either); we reject.
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n  b\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(STRICTER))
+def test_fastcodec_rejects_what_h11_tolerates(name):
+    trace, conn = feed(FAST, h11.SERVER, STRICTER[name], eof=True)
+    assert trace[-1] == ("error", "RemoteProtocolError"), trace
+    assert not any(isinstance(e, tuple) and e[0] == "Request" for e in trace)
+
+
+def test_bare_lf_in_chunk_line_is_rejected():
+    trace, _ = feed(FAST, h11.SERVER, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                                       b"3\nabc\r\n0\r\n\r\n", eof=True)
+    assert trace[-1] == ("error", "RemoteProtocolError")
+    assert not any(isinstance(e, tuple) and e[0] == "Data" for e in trace)
+
+
+def test_oversized_head_hints_431():
+    conn = fastcodec.Connection(h11.SERVER, max_incomplete_event_size=MAX)
+    conn.receive_data(STRICTER["complete head over the limit"])
+    with pytest.raises(h11.RemoteProtocolError) as e:
+        conn.next_event()
+    assert e.value.error_status_hint == 431
+
+
+def test_parse_error_is_h11s_exception_with_400_hint():
+    conn = fastcodec.Connection(h11.SERVER)
+    conn.receive_data(INVALID_REQUESTS["space in header name"])
+    with pytest.raises(h11.RemoteProtocolError) as e:
+        conn.next_event()
+    assert e.value.error_status_hint == 400
+    with pytest.raises(h11.RemoteProtocolError):
+        conn.next_event()   # the peer state is ERROR from now on
+
+
+def test_unsupported_transfer_coding_hints_501_like_h11():
+    for eng in (H11, FAST):
+        conn = eng.Connection(h11.SERVER)
+        conn.receive_data(INVALID_REQUESTS["TE gzip"])
+        with pytest.raises(h11.RemoteProtocolError) as e:
+            conn.next_event()
+        assert e.value.error_status_hint == 501
+
+
+def test_error_in_pipelined_request_comes_after_the_first():
+    data = VALID_REQUESTS["head"] + INVALID_REQUESTS["space in header name"]
+    for eng in (H11, FAST):
+        conn = eng.Connection(h11.SERVER)
+        conn.receive_data(data)
+        assert type(conn.next_event()) is h11.Request
+        assert type(conn.next_event()) is h11.EndOfMessage
+        assert conn.next_event() is h11.PAUSED
+        conn.send(eng.Response(status_code=200, headers=[(b"content-length", b"0")]))
+        conn.send(h11.EndOfMessage())
+        conn.start_next_cycle()
+        with pytest.raises(h11.RemoteProtocolError):
+            conn.next_event()
+
+
+# --- responses (client role) ------------------------------------------------------------------
+
+def client_pair(method=b"GET", headers=((b"host", b"up"),)):
+    conns = []
+    for eng in (H11, FAST):
+        c = eng.Connection(h11.CLIENT, max_incomplete_event_size=MAX)
+        c.send(eng.Request(method=method, target=b"/", headers=list(headers)))
+        c.send(h11.EndOfMessage())
+        conns.append(c)
+    return conns
+
+
+VALID_RESPONSES = {
+    "content-length": (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nServer: x\r\n\r\nhello"),
+    "no reason": (b"GET", b"HTTP/1.1 204\r\n\r\n"),
+    "chunked": (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n"),
+    "close-delimited": (b"GET", b"HTTP/1.1 200 OK\r\n\r\nuntil the end"),
+    "http/1.0": (b"GET", b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"),
+    "head with length": (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"),
+    "304 with length": (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"),
+    "100 then 200": (b"POST", b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"),
+    "connection close": (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx"),
+    "reason with obs-text": (b"GET", b"HTTP/1.1 200 Tr\xe8s bien\r\nContent-Length: 0\r\n\r\n"),
+    "extra bytes after": (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxJUNK"),
+}
+
+
+@pytest.mark.parametrize("split", [0, 3])
+@pytest.mark.parametrize("name", list(VALID_RESPONSES))
+def test_responses_parse_like_h11(name, split):
+    method, data = VALID_RESPONSES[name]
+    c1, c2 = client_pair(method)
+    chunks = [data[i:i + split] for i in range(0, len(data), split)] if split else [data]
+    t1, _ = drain(c1, chunks, eof=True)
+    t2, _ = drain(c2, chunks, eof=True)
+    same_trace(t1, t2)
+    assert c1.trailing_data == c2.trailing_data
+
+
+def test_upgrade_101_and_trailing_data_like_h11():
+    for eng in (H11, FAST):
+        client = eng.Connection(h11.CLIENT)
+        client.send(eng.Request(method=b"GET", target=b"/ws", headers=[
+            (b"host", b"a"), (b"connection", b"upgrade"), (b"upgrade", b"websocket")]))
+        client.send(h11.EndOfMessage())
+        assert client.our_state is h11.MIGHT_SWITCH_PROTOCOL
+        client.receive_data(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n\x81\x02hi")
+        ev = client.next_event()
+        assert type(ev) is h11.InformationalResponse and ev.status_code == 101
+        assert (client.our_state, client.their_state) == (h11.SWITCHED_PROTOCOL, h11.SWITCHED_PROTOCOL)
+        assert client.trailing_data == (b"\x81\x02hi", False)
+        assert client.next_event() is h11.PAUSED
+
+        server = eng.Connection(h11.SERVER)
+        server.receive_data(VALID_REQUESTS["upgrade"])
+        assert type(server.next_event()) is h11.Request
+        assert type(server.next_event()) is h11.EndOfMessage
+        assert server.their_state is h11.MIGHT_SWITCH_PROTOCOL
+        assert server.next_event() is h11.PAUSED
+        out = server.send(eng.InformationalResponse(status_code=101, headers=[
+            (b"connection", b"upgrade"), (b"upgrade", b"websocket")], reason=b"Switching Protocols"))
+        assert out == b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n"
+        assert server.trailing_data == (b"FRAMEDATA", False)
+        assert (server.our_state, server.their_state) == (h11.SWITCHED_PROTOCOL, h11.SWITCHED_PROTOCOL)
+
+
+def test_upgrade_refused_with_a_normal_response_keeps_http():
+    for eng in (H11, FAST):
+        server = eng.Connection(h11.SERVER)
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n")
+        server.next_event(), server.next_event()
+        server.send(eng.Response(status_code=200, headers=[(b"content-length", b"0")]))
+        server.send(h11.EndOfMessage())
+        assert (server.our_state, server.their_state) == (h11.DONE, h11.DONE)
+
+
+def test_101_without_upgrade_request_is_an_error():
+    for eng in (H11, FAST):
+        server = eng.Connection(h11.SERVER)
+        server.receive_data(VALID_REQUESTS["get"])
+        server.next_event()
+        with pytest.raises(h11.LocalProtocolError):
+            server.send(eng.InformationalResponse(status_code=101, headers=[]))
+        assert server.our_state is h11.ERROR
+
+
+INVALID_RESPONSES = {
+    "CL and TE": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "conflicting CL": b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+    "bad status": b"HTTP/1.1 2000 OK\r\n\r\n",
+    "short status": b"HTTP/1.1 20 OK\r\n\r\n",
+    "no status line": b"\r\n\r\n",
+    "not http": b"SSH-2.0-OpenSSH_9.2\r\n\r\n",
+    "bad header": b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+    "truncated CL body": b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+    "bad chunk": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    "obs-fold": b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(INVALID_RESPONSES))
+def test_invalid_responses_both_reject(name):
+    data = INVALID_RESPONSES[name]
+    c1, c2 = client_pair()
+    t1, _ = drain(c1, [data], eof=True)
+    t2, _ = drain(c2, [data], eof=True)
+    if name in ("obs-fold", "CL and TE"):
+        assert t1[0][0] == "Response"   # h11 unfolds obs-fold and lets TE win; we reject both
+    else:
+        assert t1[-1] == ("error", "RemoteProtocolError"), t1
+    assert t2[-1] == ("error", "RemoteProtocolError"), t2
+
+
+# --- sending: byte-for-byte what h11 writes -----------------------------------------------------
+
+REQ_11 = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+REQ_10 = b"GET / HTTP/1.0\r\n\r\n"
+REQ_HEAD = b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n"
+REQ_CLOSE = b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+SEND_CASES = [
+    ("length", REQ_11, 200, [(b"content-type", b"text/plain"), (b"content-length", b"5")], [b"hello"]),
+    ("chunked for 1.1", REQ_11, 200, [(b"content-type", b"text/plain")], [b"hello", b"", b"world"]),
+    ("close-delimited for 1.0", REQ_10, 200, [(b"x-a", b"b")], [b"hello"]),
+    ("length for 1.0", REQ_10, 200, [(b"content-length", b"2")], [b"ok"]),
+    ("head without length", REQ_HEAD, 200, [(b"content-type", b"text/plain")], []),
+    ("head with length", REQ_HEAD, 200, [(b"content-length", b"99")], []),
+    ("204", REQ_11, 204, [(b"x", b"y")], []),
+    ("304 keeps length", REQ_11, 304, [(b"content-length", b"10"), (b"etag", b'"x"')], []),
+    ("client asked close", REQ_CLOSE, 200, [(b"content-length", b"0"), (b"connection", b"keep-alive")], []),
+    ("we close", REQ_11, 200, [(b"content-length", b"0"), (b"connection", b"close")], []),
+    ("we close, chunked", REQ_11, 200, [(b"connection", b"Close")], [b"x"]),
+    ("our TE replaced", REQ_11, 200, [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")], [b"abc"]),
+    ("mixed-case names kept", REQ_11, 200, [(b"Content-Type", b"a/b"), (b"Content-Length", b"1")], [b"x"]),
+    ("host first", REQ_11, 200, [(b"a", b"1"), (b"host", b"h"), (b"content-length", b"0")], []),
+]
+
+
+@pytest.mark.parametrize("case", SEND_CASES, ids=[c[0] for c in SEND_CASES])
+@pytest.mark.parametrize("via_h11_events", [False, True])
+def test_response_bytes_and_states_equal_h11(case, via_h11_events):
+    _, request, status, headers, chunks = case
+    outs = []
+    for eng in (H11, FAST):
+        conn = eng.Connection(h11.SERVER)
+        conn.receive_data(request)
+        conn.next_event(), conn.next_event()
+        make = h11.Response if via_h11_events else eng.Response
+        out = conn.send(make(status_code=status, headers=list(headers), reason=b"R"))
+        for c in chunks:
+            out += conn.send(h11.Data(data=c))
+        out += conn.send(h11.EndOfMessage())
+        outs.append((out, conn.our_state, conn.their_state))
+    assert outs[0] == outs[1]
+
+
+def test_request_bytes_and_framing_equal_h11():
+    for headers, body in [
+        ([(b"host", b"u"), (b"content-length", b"3")], [b"abc"]),
+        ([(b"x-forwarded-for", b"1.2.3.4"), (b"host", b"u"), (b"transfer-encoding", b"chunked")], [b"ab", b"cd"]),
+        ([(b"host", b"u"), (b"connection", b"close")], []),
+    ]:
+        outs = []
+        for eng in (H11, FAST):
+            conn = eng.Connection(h11.CLIENT)
+            out = conn.send(eng.Request(method=b"POST", target=b"/p?q", headers=list(headers)))
+            for c in body:
+                out += conn.send(h11.Data(data=c))
+            out += conn.send(h11.EndOfMessage())
+            outs.append((out, conn.our_state, conn.their_state))
+        assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("bad", [
+    dict(status=200, headers=[(b"content-length", b"2")], body=[b"abc"]),       # too much
+    dict(status=200, headers=[(b"content-length", b"5")], body=[b"abc"]),       # too little
+    dict(status=200, headers=[(b"x", b"a\r\nInjected: 1")], body=[]),           # header injection
+    dict(status=200, headers=[(b"bad name", b"v")], body=[]),
+    dict(status=200, headers=[(b"content-length", b"1"), (b"content-length", b"2")], body=[]),
+    dict(status=200, headers=[(b"transfer-encoding", b"gzip")], body=[]),
+])
+def test_local_errors_like_h11(bad):
+    for eng in (H11, FAST):
+        conn = eng.Connection(h11.SERVER)
+        conn.receive_data(REQ_11)
+        conn.next_event(), conn.next_event()
+        built = False
+        with pytest.raises(h11.LocalProtocolError):
+            # h11 refuses bad headers when the event is built, fastcodec when it is sent
+            ev = eng.Response(status_code=bad["status"], headers=bad["headers"])
+            built = True
+            conn.send(ev)
+            for c in bad["body"]:
+                conn.send(h11.Data(data=c))
+            conn.send(h11.EndOfMessage())
+        assert conn.our_state is (h11.ERROR if built else h11.SEND_RESPONSE)
+
+
+def test_request_without_host_or_with_bad_target_is_a_local_error():
+    for eng in (H11, FAST):
+        for kw in (dict(target=b"/", headers=[]), dict(target=b"/a b", headers=[(b"host", b"a")])):
+            with pytest.raises(h11.LocalProtocolError):
+                eng.Connection(h11.CLIENT).send(eng.Request(method=b"GET", **kw))
+
+
+def test_100_continue_flag_like_h11():
+    for eng in (H11, FAST):
+        conn = eng.Connection(h11.SERVER)
+        conn.receive_data(VALID_REQUESTS["expect 100-continue"])
+        assert type(conn.next_event()) is h11.Request
+        assert conn.client_is_waiting_for_100_continue
+        assert conn.next_event() is h11.NEED_DATA
+        assert conn.send(eng.InformationalResponse(status_code=100, headers=[], reason=b"Continue")) == \
+            b"HTTP/1.1 100 Continue\r\n\r\n"
+        assert not conn.client_is_waiting_for_100_continue
+        assert conn.our_state is h11.SEND_RESPONSE
+        conn.receive_data(b"abc")
+        assert bytes(conn.next_event().data) == b"abc"
+        assert type(conn.next_event()) is h11.EndOfMessage
+
+
+def test_keep_alive_rules_like_h11():
+    for request, reusable in [(REQ_11, True), (REQ_10, False), (REQ_CLOSE, False),
+                              (b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", False)]:
+        states = []
+        for eng in (H11, FAST):
+            conn = eng.Connection(h11.SERVER)
+            conn.receive_data(request)
+            conn.next_event(), conn.next_event()
+            conn.send(eng.Response(status_code=200, headers=[(b"content-length", b"0")]))
+            conn.send(h11.EndOfMessage())
+            states.append((conn.our_state, conn.their_state))
+            if reusable:
+                conn.start_next_cycle()
+            else:
+                with pytest.raises(h11.LocalProtocolError):
+                    conn.start_next_cycle()
+        assert states[0] == states[1] == ((h11.DONE, h11.DONE) if reusable else (h11.MUST_CLOSE, h11.MUST_CLOSE))
+
+
+def test_peer_close_after_done_and_idle_like_h11():
+    for eng in (H11, FAST):
+        conn = eng.Connection(h11.SERVER)
+        conn.receive_data(b"")
+        assert type(conn.next_event()) is h11.ConnectionClosed
+        assert conn.their_state is h11.CLOSED and conn.our_state is h11.MUST_CLOSE
+        with pytest.raises(RuntimeError):
+            conn.receive_data(b"more")
+
+
+def test_engine_selection(monkeypatch):
+    monkeypatch.delenv(fastcodec.PARSER_ENV, raising=False)
+    assert fastcodec.engine() is _FastEngine
+    monkeypatch.setenv(fastcodec.PARSER_ENV, "h11")
+    assert fastcodec.engine() is h11
+    monkeypatch.setenv(fastcodec.PARSER_ENV, "httptools")
+    assert fastcodec.engine() is _FastEngine
+    monkeypatch.setenv(fastcodec.PARSER_ENV, "nghttp")
+    with pytest.raises(ValueError):
+        fastcodec.engine()
+    monkeypatch.setattr(fastcodec, "httptools", None)
+    monkeypatch.delenv(fastcodec.PARSER_ENV)
+    assert fastcodec.engine() is h11
