@@ -62,8 +62,6 @@ _CL, _CHUNKED, _HTTP10 = 0, 1, 2
 
 _TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
 _FIELD_CONTENT = rb"[^\x00\s\x7f](?:[ \t]*[^\x00\s\x7f])*"
-# A whole header block as we write it: "name: value\r\n"... "\r\n" (h11's validation on send).
-_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb": (?:" + _FIELD_CONTENT + rb")?\r\n)*\r\n")
 _HEADER_LINE = re.compile(rb"(?P<name>" + _TOKEN + rb"):[ \t]*(?P<value>(?:" + _FIELD_CONTENT + rb")?)[ \t]*")
 _METHOD = re.compile(_TOKEN)
 _TARGET = re.compile(rb"[\x21-\x7e]+")
@@ -145,6 +143,34 @@ def _comma_tokens(items, name: bytes) -> list:
                 if t:
                     out.append(t)
     return out
+
+
+def _has_token(value: bytes, token: bytes) -> bool:
+    """``token`` among the comma-separated, case-insensitive tokens of a header value."""
+    return token in value.lower() and token in [t.strip() for t in value.lower().split(b",")]
+
+
+def _scan(items):
+    """What the state machine needs from a head, in one pass over (raw, lower, value) items:
+    (Connection: close, an Upgrade value, Expect: 100-continue, Transfer-Encoding, Content-Length)."""
+    close = upgrade = expect = te = False
+    cl = None
+    for _, n, v in items:
+        if n in _STATE_HEADERS:
+            if n == b"connection":
+                close = close or _has_token(v, b"close")
+            elif n == b"upgrade":
+                upgrade = upgrade or bool(v.strip(b" \t,"))
+            elif n == b"expect":
+                expect = expect or _has_token(v, b"100-continue")
+            elif n == b"transfer-encoding":
+                te = True
+            else:
+                cl = v
+    return close, upgrade, expect, te, cl
+
+
+_STATE_HEADERS = frozenset((b"connection", b"upgrade", b"expect", b"transfer-encoding", b"content-length"))
 
 
 class _HeadSink:
@@ -287,14 +313,14 @@ class Connection:
             else:
                 raise LocalProtocolError(f"can't handle event type {etype.__name__} when role=SERVER and state={st}")
 
-    def _process_head(self, role, etype, method, status, version, items) -> tuple:
+    def _process_head(self, role, etype, method, status, version, info) -> tuple:
         """State changes for a Request / Response / InformationalResponse from ``role``.
         Returns the body framing (kind, length) when the sender enters SEND_BODY."""
         switch = None
         if etype is _Request:
             if method == b"CONNECT":
                 self._switch_connect = True
-            if _comma_tokens(items, b"upgrade"):
+            if info[1]:
                 self._switch_upgrade = True
         else:
             if etype is _Info and status == 101:
@@ -312,11 +338,11 @@ class Connection:
         if role is self.their_role:
             self.their_http_version = version
         if etype is not _Info:
-            if b"close" in _comma_tokens(items, b"connection") or version < b"1.1":
+            if info[0] or version < b"1.1":
                 self._keep_alive = False
                 self._settle()
         if etype is _Request:
-            if version >= b"1.1" and b"100-continue" in _comma_tokens(items, b"expect"):
+            if info[2] and version >= b"1.1":
                 self.client_is_waiting_for_100_continue = True
         else:
             self.client_is_waiting_for_100_continue = False
@@ -324,21 +350,16 @@ class Connection:
         state = self._cstate if role is CLIENT else self._sstate
         if state is not SEND_BODY:
             return None
-        return self._framing(self._request_method, etype, status, items)
+        return self._framing(self._request_method, etype, status, info)
 
     @staticmethod
-    def _framing(method, etype, status, items) -> tuple:
+    def _framing(method, etype, status, info) -> tuple:
         """h11's _body_framing."""
         if etype is _Response:
             if status in (204, 304) or method == b"HEAD" or (method == b"CONNECT" and 200 <= status < 300):
                 return _CL, 0
-        te = cl = None
-        for _, n, v in items:
-            if n == b"transfer-encoding":
-                te = v
-            elif n == b"content-length":
-                cl = v
-        if te is not None:
+        cl = info[4]
+        if info[3]:
             return _CHUNKED, 0
         if cl is not None:
             return _CL, int(cl)
@@ -439,27 +460,37 @@ class Connection:
         version = parser.get_http_version().encode()
         # Headers: lower-case names, trailing whitespace dropped (llhttp drops the leading),
         # h11's Content-Length / Transfer-Encoding / Host rules.
-        items = []
+        headers = []
         hosts = 0
-        te_seen = False
+        close = upgrade = expect = te = False
+        cl = None
         for name, value in sink.headers:
             lname = name.lower()
             if value and (value[-1] == 32 or value[-1] == 9):
                 value = value.rstrip(b" \t")
-            if lname == b"host":
+            if lname in _STATE_HEADERS:
+                if lname == b"connection":
+                    close = close or _has_token(value, b"close")
+                elif lname == b"upgrade":
+                    upgrade = upgrade or bool(value.strip(b" \t,"))
+                elif lname == b"expect":
+                    expect = expect or _has_token(value, b"100-continue")
+                elif lname == b"transfer-encoding":
+                    if te:
+                        raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
+                    value = value.lower()
+                    if value != b"chunked":
+                        raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+                    te = True
+                else:
+                    if len(value) > 20:
+                        raise LocalProtocolError("bad Content-Length")
+                    cl = value
+            elif lname == b"host":
                 hosts += 1
-            elif lname == b"transfer-encoding":
-                if te_seen:
-                    raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
-                value = value.lower()
-                if value != b"chunked":
-                    raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
-                te_seen = True
-            elif lname == b"content-length" and len(value) > 20:
-                raise LocalProtocolError("bad Content-Length")
-            items.append((name, lname, value))
+            headers.append((lname, value))
+        info = (close, upgrade, expect, te, cl)
         del buf[:end]
-        headers = [(n, v) for _, n, v in items]
         if self.their_role is CLIENT:
             method = parser.get_method()
             target = sink.url
@@ -485,7 +516,7 @@ class Connection:
             _set(ev, "headers", headers)
             _set(ev, "reason", sink.status)
             _set(ev, "http_version", version)
-        framing = self._process_head(self.their_role, etype, method, status, version, items)
+        framing = self._process_head(self.their_role, etype, method, status, version, info)
         if framing is not None:
             self._rkind, self._rleft = framing
             self._rchunk_phase = 0
@@ -655,7 +686,7 @@ class Connection:
             raise LocalProtocolError("Found multiple Host: headers")
         items = _check_framing_headers(items)
         head = b"%s %s HTTP/1.1\r\n%s" % (method, target, _header_block(items))
-        framing = self._process_head(self.our_role, _Request, method, 0, b"1.1", items)
+        framing = self._process_head(self.our_role, _Request, method, 0, b"1.1", _scan(items))
         self._wkind, self._wleft = framing
         return head
 
@@ -670,7 +701,7 @@ class Connection:
         if etype is _Response:
             items = self._clean_up_response_headers(status, items)
         head = b"HTTP/1.1 %d %s\r\n%s" % (status, reason, _header_block(items))
-        framing = self._process_head(self.our_role, etype, None, status, b"1.1", items)
+        framing = self._process_head(self.our_role, etype, None, status, b"1.1", _scan(items))
         if framing is not None:
             self._wkind, self._wleft = framing
         return head
@@ -678,7 +709,7 @@ class Connection:
     def _clean_up_response_headers(self, status: int, items):
         """h11's _clean_up_response_headers_for_sending."""
         method = self._request_method
-        kind, _ = self._framing(b"GET" if method == b"HEAD" else method, _Response, status, items)
+        kind, _ = self._framing(b"GET" if method == b"HEAD" else method, _Response, status, _scan(items))
         need_close = False
         if kind != _CL:
             items = [it for it in items if it[1] != b"content-length"]
@@ -766,8 +797,15 @@ def _check_framing_headers(items):
     return items if out is None else out
 
 
+_TOKENS = re.compile(_TOKEN)
+# Bytes allowed in a field value (h11's field-vchar / SP / HTAB, minus DEL): ``translate``
+# deleting these leaves nothing for a valid value, checked for all values at once.
+_VALUE_BYTES = bytes([9] + list(range(0x20, 0x7f)) + list(range(0x80, 0x100)))
+
+
 def _header_block(items) -> bytes:
-    """Host first, then the rest in order (as h11 writes them); validated like h11 does."""
+    """Host first, then the rest in order (as h11 writes them); validated like h11 does
+    (names are tokens; values have no CR, LF, NUL or other controls, no outer whitespace)."""
     parts = []
     rest = []
     for raw, n, v in items:
@@ -775,16 +813,16 @@ def _header_block(items) -> bytes:
             parts.append(b"%s: %s\r\n" % (raw, v))
         else:
             rest.append(b"%s: %s\r\n" % (raw, v))
+        if v and (v[0] in b" \t" or v[-1] in b" \t"):
+            raise LocalProtocolError(f"Illegal header value {v!r}")
     parts += rest
     parts.append(b"\r\n")
-    block = b"".join(parts)
-    lines = len(parts)   # a CR or LF inside a value would add a line the regex cannot tell apart
-    if block.count(b"\n") != lines or block.count(b"\r") != lines or _HEADER_BLOCK.fullmatch(block) is None:
-        for raw, _, v in items:
-            if not re.fullmatch(_TOKEN, raw):
-                raise LocalProtocolError(f"Illegal header name {raw!r}")
-        raise LocalProtocolError("Illegal header value")
-    return block
+    if items:
+        if _TOKENS.fullmatch(b"".join([it[0] for it in items])) is None or any(not it[0] for it in items):
+            raise LocalProtocolError("Illegal header name")
+        if b"".join([it[2] for it in items]).translate(None, _VALUE_BYTES):
+            raise LocalProtocolError("Illegal header value")
+    return b"".join(parts)
 
 
 # --- selection ---
