@@ -472,8 +472,10 @@ def test_store_outage_keeps_serving_then_renewal_proceeds(kind, bucket_factory, 
     bucket = bucket_factory(kind)
     name = "outage.test"
     port = free_port()
+    metrics_port = free_port()
     ca = pebble_factory(tls_port=port)
-    proxy = start_proxy(proxy_config(ca, bucket.url(PREFIX), [name], port, upstream.url),
+    proxy = start_proxy(proxy_config(ca, bucket.url(PREFIX), [name], port, upstream.url,
+                                     metrics_address=f"127.0.0.1:{metrics_port}"),
                         env={**FAST, **bucket.env})
     first = wait_served(proxy, name, from_pebble)
     root = tmp_path / "root.pem"
@@ -496,6 +498,11 @@ def test_store_outage_keeps_serving_then_renewal_proceeds(kind, bucket_factory, 
     assert proxy.proc.poll() is None, proxy.log()
     assert proxy.log().count("storage unreachable") == 1, proxy.log()[-3000:]
     assert "Traceback" not in proxy.log(), proxy.log()
+    # logged once, but counted every time
+    scraped = subprocess.run(["curl", "-sS", f"http://127.0.0.1:{metrics_port}/metrics"],
+                             capture_output=True, text=True, timeout=10).stdout
+    faults = [ln for ln in scraped.splitlines() if ln.startswith("autocert_proxy_storage_errors_total")]
+    assert faults and sum(float(ln.rsplit(" ", 1)[1]) for ln in faults) >= 3, scraped
     assert served_certificate(proxy.port, name).serial_number == first.serial_number
 
     bucket.restart()                                # same port, bucket created again, empty
