@@ -22,8 +22,9 @@ log = logging.getLogger("proxy")
 
 
 def manual_certificates(options: Options) -> list[Certificate]:
-    return [Certificate(chain_pem=p.cert_pem, key_pem=p.key_pem, source=MANUAL, origin=p.origin)
-            for p in options.certificates]
+    # load_config has matched every key to its certificate already
+    return [Certificate(chain_pem=p.cert_pem, key_pem=p.key_pem, source=MANUAL, origin=p.origin,
+                        key_checked=True) for p in options.certificates]
 
 
 def set_log_level(level: str) -> None:

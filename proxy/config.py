@@ -632,7 +632,12 @@ def parse_autocert_dir(value: Any, base_dir: str) -> str:
 
 # --------------------------------------------------------------------------- loading
 
-class _SafeLoaderNoDuplicates(yaml.SafeLoader):
+# libyaml's C parser when PyYAML has it: the pure-Python one spends ~1 ms per certificate
+# entry, which dominates start-up with thousands of certificates.
+_BaseSafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _SafeLoaderNoDuplicates(_BaseSafeLoader):
     """PyYAML keeps the last of two equal keys silently; a repeated key is a mistake."""
 
 
@@ -646,7 +651,7 @@ def _construct_mapping(loader, node, deep=False):
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r}", key_node.start_mark)
         seen.add(key)
-    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+    return _BaseSafeLoader.construct_mapping(loader, node, deep)
 
 
 _SafeLoaderNoDuplicates.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)

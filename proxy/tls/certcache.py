@@ -62,11 +62,14 @@ class Certificate:
     ocsp_staple: Optional[bytes] = None   # DER OCSPResponse, "good" and valid, or None
     revoked: bool = False
     tls_context: object = None             # built lazily by the TLS engine
+    key_checked: bool = False              # the caller already matched key and certificate
 
     def __post_init__(self) -> None:
         self.chain = split_pem_chain(self.chain_pem)
         self.leaf = self.chain[0]
         self.names = certificate_names(self.leaf)
+        if self.key_checked:
+            return   # config validation parsed the key; it is parsed again only for the TLS context
         try:
             key = serialization.load_pem_private_key(self.key_pem, password=None)
         except (ValueError, TypeError) as e:
