@@ -342,7 +342,8 @@ class Bench:
                 "timeout_read_header": "600s",
             }
             (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            env = {k: v for k, v in env.items() if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS"))}
+            env = {k: v for k, v in env.items()   # the HTTP parser choice passes through
+                   if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS")) or k == "AUTOCERT_PROXY_HTTP_PARSER"}
             env["HOME"] = str(d)
             argv = [str(REPO / ".venv" / "bin" / "autocert-proxy"), "--config", str(d / "config.yaml")]
         elif name == "nginx":
