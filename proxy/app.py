@@ -7,7 +7,7 @@ import os
 import signal
 from typing import Optional
 
-from . import metrics
+from . import __version__, metrics
 from .config import ConfigError, Options, load_config
 from .http.access_log import AccessLog
 from .http.proxy import ClientConnection, ProxyState
@@ -74,6 +74,9 @@ class App:
         opts = self.options
         for w in opts.warnings:
             log.warning("%s", w)
+        from .http.proxy import HTTP
+        log.info("autocert-proxy %s, HTTP/1.1 parser: %s", __version__,
+                 "h11" if HTTP.__name__ == "h11" else "httptools (llhttp)")
         for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
                              (signal.SIGHUP, self._on_reload)):
             try:

@@ -6,9 +6,10 @@ from typing import Awaitable, Callable, Optional
 
 import h11
 
-from ..tls.transport import Stream, StreamClosed
+from ..tls.transport import Stream
 from . import codec
-from .proxy import Side, error_page, reason_phrase
+from .local import LocalConnection
+from .proxy import Side, error_page
 
 log = logging.getLogger("proxy.redirect")
 
@@ -44,45 +45,16 @@ def _origin_form(target: bytes) -> bytes:
     return tail if tail.startswith(b"/") else b"/" + tail
 
 
-class RedirectConnection:
+class RedirectConnection(LocalConnection):
+    what = "redirect listener"
+
     def __init__(self, stream: Stream, https_port: Callable[[], int],
                  http01: Http01Lookup = _no_challenges, timeout: float = 10.0):
-        self.stream = stream
+        super().__init__(stream, timeout)
         self.https_port = https_port
         self.http01 = http01
-        self.timeout = timeout
-        self.busy = False
 
-    async def run(self) -> None:
-        side = Side(self.stream, h11.SERVER)
-        try:
-            while True:
-                try:
-                    ev = await side.next_event(self.timeout)
-                except (TimeoutError, h11.RemoteProtocolError):
-                    return
-                if not isinstance(ev, h11.Request):
-                    return
-                self.busy = True
-                await self._answer(side, ev)
-                self.busy = False
-                # Discard any body, then keep the connection alive if possible.
-                while side.conn.their_state is h11.SEND_BODY:
-                    ev = await side.next_event(self.timeout)
-                    if isinstance(ev, h11.ConnectionClosed):
-                        return
-                if side.conn.our_state is h11.DONE and side.conn.their_state is h11.DONE:
-                    side.conn.start_next_cycle()
-                else:
-                    return
-        except (StreamClosed, ConnectionError, TimeoutError, h11.RemoteProtocolError):
-            pass
-        except Exception:
-            log.exception("redirect listener: unexpected error from %s", self.stream.peer)
-        finally:
-            self.stream.close()
-
-    async def _answer(self, side: Side, req: h11.Request) -> None:
+    async def answer(self, side: Side, req: h11.Request) -> None:
         host_header = codec.header_value(req.headers, b"host")
         host = codec.split_host(host_header or b"")
         path = req.target.split(b"?", 1)[0].decode("latin-1")
@@ -92,25 +64,16 @@ class RedirectConnection:
             if key_auth is not None:
                 body = key_auth.encode()
                 log.info("answered HTTP-01 challenge for %s", host)
-                self._send(side, req, 200, [(b"content-type", b"text/plain")], body)
+                self.send(side, req, 200, [(b"content-type", b"text/plain")], body)
             else:
                 headers, body = error_page(404, "No such ACME challenge.")
-                self._send(side, req, 404, headers, body)
+                self.send(side, req, 404, headers, body)
             return
         if not host:
             headers, body = error_page(400, "A Host header is required.")
-            self._send(side, req, 400, headers, body)
+            self.send(side, req, 400, headers, body)
             return
         status = 301 if req.method in (b"GET", b"HEAD") else 308
         location = redirect_location(host_header, req.target, self.https_port())
         headers, body = error_page(status, "Moved to HTTPS.")
-        self._send(side, req, status, headers + [(b"location", location)], body)
-
-    def _send(self, side: Side, req, status, headers, body) -> None:
-        if not any(n == b"content-length" for n, _ in headers):
-            headers = headers + [(b"content-length", str(len(body)).encode())]
-        side.send(h11.Response(status_code=status, headers=headers + [(b"server", b"autocert-proxy")],
-                               reason=reason_phrase(status)))
-        if req.method != b"HEAD":
-            side.send(h11.Data(data=body))
-        side.send(h11.EndOfMessage())
+        self.send(side, req, status, headers + [(b"location", location)], body)
