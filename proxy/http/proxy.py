@@ -128,7 +128,7 @@ class ClientConnection:
         stream = self.stream
         try:
             state = self.get_state()
-            await asyncio.wait_for(asyncio.shield(stream.ready), state.options.timeout_read_header)
+            await stream.wait_ready(state.options.timeout_read_header)
         except (TimeoutError, StreamClosed, ConnectionError):
             stream.abort()
             return

@@ -7,6 +7,7 @@ the number of certificates, never waiting on storage or the network.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
@@ -92,8 +93,8 @@ class Certificate:
     def expired(self, now: Optional[_dt.datetime] = None) -> bool:
         return (now or _now()) >= self.not_after
 
-    @property
-    def must_staple(self) -> bool:
+    @functools.cached_property
+    def must_staple(self) -> bool:   # read on every handshake (servable): computed once
         try:
             feat = self.leaf.extensions.get_extension_for_oid(ExtensionOID.TLS_FEATURE)
         except x509.ExtensionNotFound:

@@ -130,6 +130,20 @@ class Stream(asyncio.Protocol):
             return data
         return b""
 
+    async def wait_ready(self, timeout: float) -> None:
+        """Until connected (TLS: handshake done); TimeoutError after ``timeout`` (no task needed)."""
+        ready = self.ready
+        if ready.done():
+            return ready.result()
+        waiter = self._loop.create_future()
+        ready.add_done_callback(lambda f: waiter.done() or (
+            waiter.set_exception(f.exception()) if f.exception() else waiter.set_result(None)))
+        handle = self._loop.call_later(timeout, lambda: waiter.done() or waiter.set_exception(TimeoutError()))
+        try:
+            await waiter
+        finally:
+            handle.cancel()
+
     def unread(self, data: bytes) -> None:
         """Put bytes back in front of the buffer (left over after a protocol switch)."""
         if data:
@@ -275,14 +289,14 @@ class TLSStream(Stream):
     def _flush(self) -> None:
         conn, transport = self.conn, self.transport
         out = []
-        while True:
+        while True:   # a memory BIO hands over all it holds in one read: no second call
             try:
                 data = conn.bio_read(262144)
             except SSL.WantReadError:
                 break
-            if not data:
-                break
             out.append(data)
+            if len(data) < 262144:
+                break
         if out and transport is not None and not transport.is_closing():
             transport.write(b"".join(out) if len(out) > 1 else out[0])
 
