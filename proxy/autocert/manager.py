@@ -104,6 +104,7 @@ class AutocertManager:
         self._missing: set[str] = set(wanted_names(options, cache))
         self._ready = asyncio.Event()
         self._miss_lookups: dict[str, float] = {}
+        self._challenge_reads: dict[str, asyncio.Future] = {}
         self._wake = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
         self._inflight: dict[str, asyncio.Task] = {}
@@ -166,6 +167,18 @@ class AutocertManager:
         return None
 
     async def _stored_challenge(self, name: str) -> Optional[Challenge]:
+        """A challenge another instance placed for ``name``. Only managed names are looked up
+        (a stranger's random names cost no storage read), and concurrent lookups for one name
+        (a CA validating from several vantage points) share one read."""
+        if name not in wanted_names(self.options, self.cache):
+            return None
+        pending = self._challenge_reads.get(name)
+        if pending is None:
+            pending = self._challenge_reads[name] = asyncio.ensure_future(self._read_challenge(name))
+            pending.add_done_callback(lambda _: self._challenge_reads.pop(name, None))
+        return await asyncio.shield(pending)
+
+    async def _read_challenge(self, name: str) -> Optional[Challenge]:
         key = storage_key(Challenge(HTTP_01, name, "-", "-"), self.issuer_key)
         try:
             data = await asyncio.wait_for(self.storage.load(key), 5.0)
