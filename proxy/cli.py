@@ -7,12 +7,10 @@ import json
 import logging
 import os
 import sys
-import time
 from typing import Optional, Sequence
 
 from . import __version__
 from .config import ConfigError, load_config
-from .storage.base import StorageError
 
 
 class _JSONFormatter(logging.Formatter):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import email.utils
-import hashlib
 import ipaddress
 import json
 import logging
@@ -35,7 +34,7 @@ import threading
 import time
 import urllib.parse
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import josepy as jose

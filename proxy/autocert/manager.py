@@ -17,7 +17,7 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable, Mapping, Optional
 
 from cryptography.hazmat.primitives import serialization

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import time
 from http import HTTPStatus
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import h11
