@@ -9,7 +9,7 @@ What we take from the ``acme`` library: JWS signing and nonces (``ClientNetwork`
 binding, problem documents (``messages.Error``). What we do ourselves, and why:
 
 - Polling: the library sleeps 1 s before every poll; Pebble (and real CAs, most of the time)
-  validate in milliseconds, so we poll at ``poll_interval`` (0.05 s) growing x1.5 to
+  validate in milliseconds, so we poll at ``poll_interval`` (0.02 s) growing x1.5 to
   ``poll_max_interval`` (1 s), honouring a CA's Retry-After (capped by the deadline).
 - Bad nonces: the library retries a ``badNonce`` once; we retry up to ``nonce_retries`` times
   (a rejected nonce means the CA did not act on the request, so a retry is always safe).
@@ -67,7 +67,7 @@ class IssuerSettings:
     trusted_ca_pem: bytes = b""         # CA(s) trusted for the CA's HTTPS; empty: default roots
     must_staple: bool = False
     challenge_types: tuple[str, ...] = DEFAULT_CHALLENGE_TYPES  # order of preference
-    poll_interval: float = 0.05         # first wait before polling an authorization or order
+    poll_interval: float = 0.01         # first wait before polling an authorization or order
     poll_max_interval: float = 1.0      # the wait grows x1.5 up to this
     timeout: float = 90.0               # for one whole order, from new-order to download
     network_timeout: float = 30.0       # for one HTTP request
@@ -361,7 +361,8 @@ class AcmeIssuer:
     """
 
     def __init__(self, settings: IssuerSettings, account_key_pem: Optional[bytes] = None,
-                 registration_json: Optional[bytes] = None):
+                 registration_json: Optional[bytes] = None, *, account_confirmed: bool = False,
+                 directory: Optional[dict] = None):
         self.settings = settings
         self.ca = settings.directory_url
         self.issuer_key = issuer_id(settings.directory_url)
@@ -378,7 +379,10 @@ class AcmeIssuer:
                 self._registration = json.loads(registration_json)
             except ValueError as e:
                 raise AcmeError(f"the stored ACME account record is not JSON: {e}", ca=self.ca) from None
-        self._account_checked = False
+        # True when the caller has just confirmed this registration with the CA (another
+        # issuer on the same account did): no second look-up request.
+        self._account_checked = account_confirmed and bool(self._registration.get("location"))
+        self._directory = directory   # a directory another issuer for this CA just fetched
         self._verify: Any = True
         self._ca_file: Optional[str] = None
         if settings.trusted_ca_pem:

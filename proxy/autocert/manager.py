@@ -557,7 +557,8 @@ class AutocertManager:
                 if new_reg != reg:
                     await self.storage.store(rkey, new_reg)
             # One issuer per challenge type, all on the same account.
-            by_type = {t: AcmeIssuer(dataclasses.replace(settings, challenge_types=(t,)), new_key, new_reg)
+            by_type = {t: AcmeIssuer(dataclasses.replace(settings, challenge_types=(t,)), new_key, new_reg,
+                                    account_confirmed=True, directory=issuer.directory())
                        for t in settings.challenge_types}
             if self.settings == settings:   # not reconfigured meanwhile
                 self._issuer, self._by_type, self._issuer_settings = issuer, by_type, settings
