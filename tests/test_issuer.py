@@ -40,6 +40,7 @@ from proxy.autocert.issuer import (
     must_staple_refused,
     parse_retry_after,
 )
+from proxy.autocert.issuer import _Net, _Problem, _Response
 from tests.infra.pebble import Pebble, free_port, pebble, pebble_factory  # noqa: F401
 from tests.infra.pki import TestCA
 
@@ -375,12 +376,16 @@ def test_wrong_trusted_ca_is_a_clear_tls_error(pebble, tmp_path):
     assert pebble.directory_url in msg
 
 
-def test_trusted_ca_bundle_file_is_removed_on_close(pebble):
+def test_trusted_ca_is_the_only_root_and_no_file_is_left(pebble, tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     issuer = AcmeIssuer(settings_for(pebble))
-    path = issuer._ca_file
-    assert path and Path(path).read_bytes() == pebble.trusted_ca_pem
+    issuer.directory()
+    trusted = [c.public_bytes(serialization.Encoding.DER)
+               for c in x509.load_pem_x509_certificates(pebble.trusted_ca_pem)]
+    assert issuer._transport.context().get_ca_certs(binary_form=True) == trusted
     issuer.close()
-    assert not os.path.exists(path)
+    assert not list(tmp_path.iterdir())
 
 
 def _b64url(b: bytes) -> str:
@@ -570,8 +575,7 @@ LE_MUST_STAPLE = {
 def test_must_staple_refusal_message():
     s = IssuerSettings(directory_url="https://ca.example/dir", must_staple=True)
     with AcmeIssuer(s) as issuer:
-        from acme import messages
-        err = issuer._error(messages.Error.from_json(LE_MUST_STAPLE), "finalizing the order", ["a.example"])
+        err = issuer._error(_Problem(dict(LE_MUST_STAPLE)), "finalizing the order", ["a.example"])
     assert "the CA refuses must-staple certificates" in str(err)
     assert "turn off autocert_must_staple" in str(err)
     assert err.problem["type"] == LE_MUST_STAPLE["type"]
@@ -579,25 +583,19 @@ def test_must_staple_refusal_message():
     assert not must_staple_refused({"type": "x:badCSR", "detail": "key too small"})
     # without must_staple the same words are just the CA's refusal
     with AcmeIssuer(IssuerSettings(directory_url="https://ca.example/dir")) as issuer:
-        err = issuer._error(messages.Error.from_json(LE_MUST_STAPLE), "finalizing the order")
+        err = issuer._error(_Problem(dict(LE_MUST_STAPLE)), "finalizing the order")
     assert "autocert_must_staple" not in str(err)
 
 
 def test_error_keeps_problem_subproblems_and_retry_after():
-    import requests
-    from acme import messages
-    from proxy.autocert.issuer import _Net
 
     body = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many certificates",
             "subproblems": [{"type": "urn:ietf:params:acme:error:rejectedIdentifier",
                              "detail": "nope", "identifier": {"type": "dns", "value": "b.example"}}]}
     net = _Net(None)
-    resp = requests.Response()
-    resp.status_code = 429
-    resp.headers["Retry-After"] = "3600"
-    net.last_response = resp
+    net.last_response = _Response(429, {"Retry-After": "3600"}, b"", "https://ca.example/new-order")
     with AcmeIssuer(IssuerSettings(directory_url="https://ca.example/dir")) as issuer:
-        err = issuer._error(messages.Error.from_json(body), "creating the order", ["a.example"], net)
+        err = issuer._error(_Problem(body), "creating the order", ["a.example"], net)
     assert err.retry_after == 3600
     assert err.problem["type"].endswith(":rateLimited")
     assert err.problem["subproblems"][0]["identifier"] == {"type": "dns", "value": "b.example"}

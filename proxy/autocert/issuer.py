@@ -1,20 +1,28 @@
 """The ACME conversation (RFC 8555): account, order, challenges, finalize, download; ARI.
 
-Blocking by design (the ``acme`` library speaks through ``requests``): the async autocert
+Blocking by design (plain ``http.client`` over one kept-alive TLS connection): the async autocert
 manager runs ``AcmeIssuer.account`` / ``obtain`` / ``renewal_info`` in a worker thread. Nothing
 here touches an event loop. One ``AcmeIssuer`` may be used from several threads at once:
 each ``obtain`` has its own connection and nonces; the account is shared behind a lock.
 
-What we take from the ``acme`` library: JWS signing and nonces (``ClientNetwork``), the EAB
-binding, problem documents (``messages.Error``). What we do ourselves, and why:
+No ``acme`` client library, no ``requests``: importing them cost ~160 ms of start-up, more
+than the whole ACME conversation with a local CA. ``josepy`` signs (flattened JSON JWS with
+{alg, nonce, url, jwk | kid}; the EAB inner JWS is HS256 over the account JWK), the standard
+library talks HTTPS. What we do, and why:
+
+- Connections: kept alive and reused per CA host (a small pool, one per concurrent request);
+  a reused connection the CA closed meanwhile is reopened once. ``network_timeout`` bounds
+  every socket operation.
+- Nonces: taken from every answer's Replay-Nonce and pooled per issuer; a HEAD new-nonce only
+  when the pool is empty.
 
 - Polling: the library sleeps 1 s before every poll; Pebble (and real CAs, most of the time)
   validate in milliseconds, so we poll at ``poll_interval`` (0.02 s) growing x1.5 to
   ``poll_max_interval`` (1 s), honouring a CA's Retry-After (capped by the deadline).
 - Bad nonces: the library retries a ``badNonce`` once; we retry up to ``nonce_retries`` times
   (a rejected nonce means the CA did not act on the request, so a retry is always safe).
-- Trust: ``trusted_ca_pem`` goes to ``requests`` as ``verify=<temp CA bundle>`` on every
-  request to the CA; an empty value means the default roots of ``requests``.
+- Trust: ``trusted_ca_pem`` becomes the only roots of the ``ssl.SSLContext`` for the CA's
+  HTTPS; an empty value means the system's default roots.
 - Errors: every failure - refused request, failed validation, TLS or network error, an answer
   we cannot parse - becomes an ``AcmeError`` naming the CA and the names, with the problem
   document and Retry-After when the CA sent them.
@@ -24,24 +32,21 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import email.utils
+import hashlib
+import hmac
+import http.client
 import ipaddress
 import json
 import logging
 import math
-import os
-import tempfile
+import ssl
 import threading
 import time
 import urllib.parse
-import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import josepy as jose
-import requests
-from acme import client as acme_client
-from acme import errors as acme_errors
-from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
@@ -297,35 +302,258 @@ MUST_STAPLE_REFUSED_MESSAGE = (
 # --------------------------------------------------------------------------------------------
 # the network side
 # --------------------------------------------------------------------------------------------
-class _Net(acme_client.ClientNetwork):
-    """ClientNetwork with a bounded badNonce retry, and the last response kept for Retry-After."""
+class _Problem(Exception):
+    """The CA answered with an RFC 7807 problem document (``application/problem+json``)."""
 
-    def __init__(self, *args: Any, nonce_retries: int = 10, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, problem: dict, response: Optional["_Response"] = None):
+        super().__init__(describe_problem(problem))
+        self.problem = problem
+        self.response = response
+
+    @property
+    def code(self) -> str:
+        t = str(self.problem.get("type", ""))
+        return t[len(ACME_ERROR_PREFIX):] if t.startswith(ACME_ERROR_PREFIX) else t
+
+
+class _Unexpected(Exception):
+    """The CA answered with an error status but no problem document."""
+
+
+class _Conflict(Exception):
+    """HTTP 409 from the CA."""
+
+
+class _NetworkError(Exception):
+    """The request did not get an answer: ``kind`` is "tls", "timeout" or "connect"."""
+
+    def __init__(self, kind: str, reason: BaseException):
+        super().__init__(str(reason) or type(reason).__name__)
+        self.kind = kind
+        self.reason = reason
+
+
+class _Response:
+    """One answer from the CA, read in full."""
+
+    __slots__ = ("status_code", "headers", "content", "url")
+
+    def __init__(self, status_code: int, headers: Any, content: bytes, url: str):
+        self.status_code = status_code
+        self.headers = headers      # http.client.HTTPMessage: case-insensitive .get()
+        self.content = content
+        self.url = url
+
+    @property
+    def ok(self) -> bool:
+        return self.status_code < 400
+
+    @property
+    def text(self) -> str:
+        return self.content.decode("utf-8", "replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+# a reused keep-alive connection the CA closed while idle: reopen once and resend
+_STALE_CONNECTION = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError,
+                     ConnectionAbortedError, BrokenPipeError)
+
+
+class _Transport:
+    """HTTPS to the CA: kept-alive connections per host (one per concurrent request), the SSL
+    context, and the pool of unused nonces. Shared by all operations of one issuer."""
+
+    def __init__(self, trusted_ca_pem: bytes, timeout: float, user_agent: str):
+        self.trusted_ca_pem = trusted_ca_pem
+        self.timeout = timeout
+        self.user_agent = user_agent
+        self._lock = threading.Lock()
+        self._context: Optional[ssl.SSLContext] = None
+        self._idle: dict[tuple[str, str, int], list[http.client.HTTPConnection]] = {}
+        self._nonces: list[str] = []
+
+    def context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._context is None:
+                if self.trusted_ca_pem:
+                    self._context = ssl.create_default_context(cadata=self.trusted_ca_pem.decode("ascii"))
+                else:
+                    self._context = ssl.create_default_context()
+            return self._context
+
+    # -- nonces
+    def add_nonce(self, nonce: Optional[str]) -> None:
+        if nonce:
+            with self._lock:
+                self._nonces.append(nonce)
+                del self._nonces[:-32]
+
+    def pop_nonce(self) -> Optional[str]:
+        with self._lock:
+            return self._nonces.pop() if self._nonces else None
+
+    # -- connections
+    def _checkout(self, key: tuple[str, str, int]) -> tuple[http.client.HTTPConnection, bool]:
+        with self._lock:
+            idle = self._idle.get(key)
+            if idle:
+                return idle.pop(), True
+        scheme, host, port = key
+        if scheme == "https":
+            conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+                host, port, timeout=self.timeout, context=self.context())
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        return conn, False
+
+    def _checkin(self, key: tuple[str, str, int], conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            self._idle.setdefault(key, []).append(conn)
+
+    def close(self) -> None:
+        with self._lock:
+            conns = [c for idle in self._idle.values() for c in idle]
+            self._idle.clear()
+        for c in conns:
+            c.close()
+
+    def request(self, method: str, url: str, body: Optional[bytes] = None,
+                headers: Optional[dict] = None) -> _Response:
+        u = urllib.parse.urlsplit(url)
+        scheme = u.scheme.lower()
+        if scheme not in ("https", "http") or not u.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        key = (scheme, u.hostname, u.port or (443 if scheme == "https" else 80))
+        target = (u.path or "/") + (f"?{u.query}" if u.query else "")
+        hdrs = {"User-Agent": self.user_agent, "Accept-Encoding": "identity"}
+        if headers:
+            hdrs.update(headers)
+        while True:
+            conn, reused = self._checkout(key)
+            try:
+                conn.request(method, target, body=body, headers=hdrs)
+                r = conn.getresponse()
+                content = r.read()
+            except _STALE_CONNECTION as e:
+                conn.close()
+                if reused:
+                    continue   # the CA closed the idle connection: a fresh one, once per stale one
+                raise _NetworkError("connect", e) from e
+            except ssl.SSLError as e:
+                conn.close()
+                raise _NetworkError("tls", e) from e
+            except TimeoutError as e:
+                conn.close()
+                raise _NetworkError("timeout", e) from e
+            except (OSError, http.client.HTTPException) as e:
+                conn.close()
+                raise _NetworkError("connect", e) from e
+            except BaseException:
+                conn.close()
+                raise
+            if r.will_close:
+                conn.close()
+            else:
+                self._checkin(key, conn)
+            self.add_nonce(r.headers.get("Replay-Nonce"))
+            return _Response(r.status, r.headers, content, url)
+
+
+class _Net:
+    """Signed requests for one operation: JWS (jwk or kid), nonces with a bounded badNonce
+    retry, and the last response kept for Retry-After."""
+
+    JOSE_CONTENT_TYPE = "application/jose+json"
+
+    def __init__(self, key: Optional[jose.JWK], alg: Optional[jose.JWASignature] = None, *,
+                 transport: Optional[_Transport] = None, kid: Optional[str] = None,
+                 nonce_retries: int = 10) -> None:
+        self.key = key
+        self.alg = alg
+        self.kid = kid
+        self.transport = transport or _Transport(b"", 30.0, "autocert-proxy")
         self.nonce_retries = max(1, nonce_retries)
-        self.last_response: Optional[requests.Response] = None
+        self.last_response: Optional[_Response] = None
         self.nonce_rejections = 0
 
-    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
-        response = super()._send_request(method, url, *args, **kwargs)
-        self.last_response = response
-        if not response.ok and self.REPLAY_NONCE_HEADER in response.headers:
-            try:  # error answers carry a fresh nonce too: saves a HEAD new-nonce
-                self._add_nonce(response)
-            except acme_errors.Error:
-                pass
-        return response
+    def _send(self, method: str, url: str, body: Optional[bytes] = None,
+              headers: Optional[dict] = None) -> _Response:
+        resp = self.transport.request(method, url, body, headers)
+        self.last_response = resp
+        return resp
 
-    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+    @staticmethod
+    def _check(resp: _Response) -> _Response:
+        if resp.status_code == 409:
+            raise _Conflict(resp.headers.get("Location", "UNKNOWN-LOCATION"))
+        if resp.ok:
+            return resp
+        try:
+            problem = resp.json()
+        except ValueError:
+            problem = None
+        if isinstance(problem, dict) and ("type" in problem or "detail" in problem):
+            raise _Problem(problem, resp)
+        raise _Unexpected(f"HTTP {resp.status_code} from {resp.url}: {resp.text[:200].strip()!r}")
+
+    def get(self, url: str) -> _Response:
+        return self._check(self._send("GET", url))
+
+    def _nonce(self, new_nonce_url: Optional[str]) -> str:
+        nonce = self.transport.pop_nonce()
+        if nonce:
+            return nonce
+        if not new_nonce_url:
+            raise _Unexpected("no nonce: the directory has no newNonce URL")
+        resp = self._send("HEAD", new_nonce_url)
+        if not resp.ok:
+            self._check(resp)
+        nonce = self.transport.pop_nonce()
+        if not nonce:
+            raise _Unexpected(f"HTTP {resp.status_code} from {new_nonce_url}: no Replay-Nonce header")
+        return nonce
+
+    def sign(self, url: str, payload: Optional[dict], nonce: str) -> bytes:
+        assert self.key is not None and self.alg is not None
+        header: dict[str, Any] = {"alg": self.alg.name, "nonce": nonce, "url": url}
+        if self.kid:
+            header["kid"] = self.kid
+        else:
+            header["jwk"] = self.key.public_key().to_partial_json()
+        return _jws(header, b"" if payload is None else json.dumps(payload).encode(),
+                    lambda msg: self.alg.sign(self.key.key, msg))  # type: ignore[union-attr]
+
+    def post(self, url: str, payload: Optional[dict], new_nonce_url: Optional[str] = None) -> _Response:
+        """POST a JWS of ``payload`` (None: POST-as-GET, the empty payload) to ``url``."""
         for attempt in range(self.nonce_retries):
+            body = self.sign(url, payload, self._nonce(new_nonce_url))
             try:
-                return self._post_once(*args, **kwargs)
-            except messages.Error as error:
+                return self._check(self._send("POST", url, body,
+                                              {"Content-Type": self.JOSE_CONTENT_TYPE}))
+            except _Problem as error:
                 if error.code != "badNonce" or attempt == self.nonce_retries - 1:
                     raise
                 self.nonce_rejections += 1
                 log.debug("CA rejected our nonce (attempt %d), retrying", attempt + 1)
         raise AssertionError("unreachable")
+
+
+def _jws(header: dict, payload: bytes, sign: Callable[[bytes], bytes]) -> bytes:
+    """A flattened JSON JWS (RFC 7515 7.2.2)."""
+    protected = _b64url(json.dumps(header, separators=(",", ":")).encode())
+    encoded = _b64url(payload)
+    signature = sign(f"{protected}.{encoded}".encode("ascii"))
+    return json.dumps({"protected": protected, "payload": encoded,
+                       "signature": _b64url(signature)}).encode()
+
+
+def _eab(account_jwk: jose.JWK, kid: str, mac_key: bytes, url: str) -> dict:
+    """RFC 8555 7.3.4 externalAccountBinding: HS256 JWS of the account's public JWK."""
+    payload = json.dumps(account_jwk.public_key().to_partial_json()).encode()
+    return json.loads(_jws({"alg": "HS256", "kid": kid, "url": url}, payload,
+                           lambda msg: hmac.new(mac_key, msg, hashlib.sha256).digest()))
 
 
 class _Poller:
@@ -336,7 +564,7 @@ class _Poller:
         self.max = settings.poll_max_interval
         self.deadline = deadline
 
-    def sleep(self, response: Optional[requests.Response] = None) -> None:
+    def sleep(self, response: Optional[_Response] = None) -> None:
         wait = self.wait
         if response is not None:
             ra = parse_retry_after(response.headers.get("Retry-After"))
@@ -383,19 +611,15 @@ class AcmeIssuer:
         # issuer on the same account did): no second look-up request.
         self._account_checked = account_confirmed and bool(self._registration.get("location"))
         self._directory = directory   # a directory another issuer for this CA just fetched
-        self._verify: Any = True
-        self._ca_file: Optional[str] = None
         if settings.trusted_ca_pem:
             try:
                 x509.load_pem_x509_certificates(settings.trusted_ca_pem)
+                settings.trusted_ca_pem.decode("ascii")
             except ValueError as e:
                 raise AcmeError(f"the trusted CA (autocert_trusted_ca / autocert_trusted_ca_file) "
                                 f"is not a PEM certificate: {e}", ca=self.ca) from None
-            fd, path = tempfile.mkstemp(prefix="autocert-trusted-ca-", suffix=".pem")
-            with os.fdopen(fd, "wb") as f:
-                f.write(settings.trusted_ca_pem)
-            self._ca_file = self._verify = path
-            self._finalizer = weakref.finalize(self, _unlink, path)
+        self._transport = _Transport(settings.trusted_ca_pem, settings.network_timeout,
+                                     settings.user_agent)
         self._stats_lock = threading.Lock()
         #: counters for metrics and tests: nonces the CA rejected, polls of authz/order
         self.stats = {"nonce_rejections": 0, "polls": 0}
@@ -406,8 +630,8 @@ class AcmeIssuer:
 
     # -- lifecycle ---------------------------------------------------------------------------
     def close(self) -> None:
-        if self._ca_file:
-            self._finalizer()
+        """Close the idle connections to the CA (a later request opens a new one)."""
+        self._transport.close()
 
     def __enter__(self) -> "AcmeIssuer":
         return self
@@ -417,14 +641,9 @@ class AcmeIssuer:
 
     # -- plumbing ------------------------------------------------------------------------------
     def _net(self, with_account: bool = True) -> _Net:
-        net = _Net(self._jwk, alg=self._alg, verify_ssl=self._verify,
-                   user_agent=self.settings.user_agent,
-                   timeout=self.settings.network_timeout,  # type: ignore[arg-type]
-                   nonce_retries=self.settings.nonce_retries)
-        if with_account:
-            net.account = messages.RegistrationResource(
-                uri=self._registration["location"], body=messages.Registration())
-        return net
+        return _Net(self._jwk, self._alg, transport=self._transport,
+                    kid=self._registration["location"] if with_account else None,
+                    nonce_retries=self.settings.nonce_retries)
 
     def _error(self, exc: BaseException, doing: str, domains: Sequence[str] = (),
                net: Optional[_Net] = None) -> AcmeError:
@@ -434,32 +653,27 @@ class AcmeIssuer:
         retry_after = None
         if net is not None and net.last_response is not None and not net.last_response.ok:
             retry_after = parse_retry_after(net.last_response.headers.get("Retry-After"))
-        if isinstance(exc, messages.Error):
-            problem = exc.to_partial_json()
-            problem = json.loads(json.dumps(problem, default=lambda o: o.to_partial_json()))
+        if isinstance(exc, _Problem):
+            problem = exc.problem
             return AcmeError(self._explain(problem, doing), ca=self.ca, domains=domains,
                              problem=problem, retry_after=retry_after)
-        if isinstance(exc, requests.exceptions.SSLError):
-            reason = _root_cause(exc)
-            hint = ("certificate verification failed: the CA's HTTPS certificate is not trusted; "
-                    "check autocert_trusted_ca / autocert_trusted_ca_file"
-                    if "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason
-                    else "TLS connection failed")
-            return AcmeError(f"{doing}: {hint} ({reason})", ca=self.ca, domains=domains)
-        if isinstance(exc, requests.exceptions.Timeout):
-            return AcmeError(f"{doing}: the CA did not answer in time ({_root_cause(exc)})",
-                             ca=self.ca, domains=domains)
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            return AcmeError(f"{doing}: cannot reach the CA ({_root_cause(exc)})", ca=self.ca,
-                             domains=domains)
-        if isinstance(exc, acme_errors.ClientError):
-            detail = exc.args[0] if exc.args else exc
-            if isinstance(detail, requests.Response):
-                body = detail.text[:200].strip()
-                detail = f"HTTP {detail.status_code} from {detail.url}: {body!r}"
-            return AcmeError(f"{doing}: unexpected answer from the CA ({detail})", ca=self.ca,
+        if isinstance(exc, _NetworkError):
+            reason = _root_cause(exc.reason)
+            if exc.kind == "tls":
+                hint = ("certificate verification failed: the CA's HTTPS certificate is not trusted; "
+                        "check autocert_trusted_ca / autocert_trusted_ca_file"
+                        if isinstance(exc.reason, ssl.SSLCertVerificationError)
+                        or "CERTIFICATE_VERIFY_FAILED" in reason or "certificate verify failed" in reason
+                        else "TLS connection failed")
+                return AcmeError(f"{doing}: {hint} ({reason})", ca=self.ca, domains=domains)
+            if exc.kind == "timeout":
+                return AcmeError(f"{doing}: the CA did not answer in time ({reason or 'timed out'})",
+                                 ca=self.ca, domains=domains)
+            return AcmeError(f"{doing}: cannot reach the CA ({reason})", ca=self.ca, domains=domains)
+        if isinstance(exc, _Unexpected):
+            return AcmeError(f"{doing}: unexpected answer from the CA ({exc})", ca=self.ca,
                              domains=domains, retry_after=retry_after)
-        if isinstance(exc, acme_errors.ConflictError):
+        if isinstance(exc, _Conflict):
             return AcmeError(f"{doing}: conflict ({exc})", ca=self.ca, domains=domains)
         return AcmeError(f"{doing}: {type(exc).__name__}: {exc}", ca=self.ca, domains=domains,
                          retry_after=retry_after)
@@ -496,7 +710,7 @@ class AcmeIssuer:
             return self._directory
 
     @staticmethod
-    def _post(net: _Net, directory: dict, url: str, obj: Any) -> requests.Response:
+    def _post(net: _Net, directory: dict, url: str, obj: Optional[dict]) -> _Response:
         return net.post(url, obj, new_nonce_url=directory.get("newNonce"))
 
     # -- account -------------------------------------------------------------------------------
@@ -518,11 +732,11 @@ class AcmeIssuer:
         if self._registration.get("location"):
             try:
                 resp = self._post(net, directory, directory["newAccount"],
-                                  messages.Registration(only_return_existing=True))
+                                  {"onlyReturnExisting": True})
                 self._set_registration(resp)
                 self._account_checked = True
                 return
-            except messages.Error as e:
+            except _Problem as e:
                 if e.code != "accountDoesNotExist":
                     raise self._error(e, "checking the stored ACME account", net=net) from e
                 log.warning("ACME account %s no longer exists at %s; registering a new one",
@@ -531,9 +745,9 @@ class AcmeIssuer:
                 raise self._error(e, "checking the stored ACME account", net=net) from e
         doing = "registering an ACME account"
         try:
-            kwargs: dict[str, Any] = {"terms_of_service_agreed": True}
+            reg: dict[str, Any] = {"termsOfServiceAgreed": True}
             if self.settings.email:
-                kwargs["email"] = self.settings.email
+                reg["contact"] = ["mailto:" + m for m in self.settings.email.split(",")]
             if self.settings.eab_key_id:
                 try:
                     mac = jose.b64.b64decode(self.settings.eab_mac_key)
@@ -542,10 +756,8 @@ class AcmeIssuer:
                 except (ValueError, TypeError) as e:
                     raise AcmeError(f"{doing}: autocert_eab_mac_key is not base64url ({e})",
                                     ca=self.ca) from None
-                kwargs["external_account_binding"] = messages.ExternalAccountBinding.from_data(
-                    account_public_key=self._jwk.public_key(), kid=self.settings.eab_key_id,
-                    hmac_key=self.settings.eab_mac_key, directory=directory)  # type: ignore[arg-type]
-            reg = messages.NewRegistration.from_data(**kwargs)
+                reg["externalAccountBinding"] = _eab(self._jwk, self.settings.eab_key_id, mac,
+                                                     directory["newAccount"])
             resp = self._post(net, directory, directory["newAccount"], reg)
             self._set_registration(resp)
             self._account_checked = True
@@ -553,7 +765,7 @@ class AcmeIssuer:
         except Exception as e:
             raise self._error(e, doing, net=net) from e
 
-    def _set_registration(self, resp: requests.Response) -> None:
+    def _set_registration(self, resp: _Response) -> None:
         location = resp.headers.get("Location")
         if not location:
             raise AcmeError("the CA's account answer has no Location header", ca=self.ca)
@@ -596,7 +808,7 @@ class AcmeIssuer:
         stage = "creating the order"
         try:
             identifiers = [{"type": "ip" if _is_ip(n) else "dns", "value": n} for n in names]
-            resp = self._post(net, directory, directory["newOrder"], _Json({"identifiers": identifiers}))
+            resp = self._post(net, directory, directory["newOrder"], {"identifiers": identifiers})
             order_url = resp.headers.get("Location") or ""
             order = resp.json()
             if not order_url:
@@ -667,7 +879,7 @@ class AcmeIssuer:
                     raise AcmeError(f"presenting the {ch.type} challenge for {domain} failed: {e!r}",
                                     ca=self.ca, domains=names) from e
                 presented.append(ch)
-                self._post(net, directory, chosen["url"], _Json({}))
+                self._post(net, directory, chosen["url"], {})
                 pending[url] = ch
             poller = _Poller(self.settings, deadline)
             while pending:
@@ -704,7 +916,7 @@ class AcmeIssuer:
                   order: dict, csr_der: bytes, deadline: float) -> dict:
         poller = _Poller(self.settings, deadline)
         finalized = False
-        resp: Optional[requests.Response] = None
+        resp: Optional[_Response] = None
         while True:
             status = order.get("status")
             if status == "valid":
@@ -715,7 +927,7 @@ class AcmeIssuer:
                                 "the order failed; the CA gave no reason",
                                 ca=self.ca, domains=names, problem=problem)
             if status == "ready" and not finalized:
-                resp = self._post(net, directory, order["finalize"], _Json({"csr": _b64url(csr_der)}))
+                resp = self._post(net, directory, order["finalize"], {"csr": _b64url(csr_der)})
                 finalized = True
                 order = resp.json()
                 continue
@@ -755,20 +967,6 @@ class AcmeIssuer:
         return start, end, parse_retry_after(resp.headers.get("Retry-After"))
 
 
-class _Json(jose.JSONDeSerializable):
-    """A literal JSON body for a signed POST ({} to answer a challenge, the new-order body...)."""
-
-    def __init__(self, obj: dict):
-        self.obj = obj
-
-    def to_partial_json(self) -> Any:
-        return self.obj
-
-    @classmethod
-    def from_json(cls, jobj: Any) -> "_Json":
-        return cls(jobj)
-
-
 def _authz_problem(authz: dict) -> Optional[dict]:
     for c in authz.get("challenges") or []:
         if c.get("error"):
@@ -782,7 +980,7 @@ def _parse_rfc3339(s: str) -> dt.datetime:
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost reason (requests wraps urllib3 wraps ssl), for a readable message."""
+    """The innermost reason (for exceptions that wrap others), for a readable message."""
     seen = exc
     for _ in range(10):
         nxt = seen.__cause__ or seen.__context__
@@ -794,10 +992,3 @@ def _root_cause(exc: BaseException) -> str:
     if hasattr(seen, "reason") and isinstance(getattr(seen, "reason"), BaseException):
         seen = seen.reason  # urllib3 MaxRetryError
     return str(seen) or str(exc)
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
