@@ -593,7 +593,14 @@ class AutocertManager:
                 await self.storage.delete(storage_key(ch, self.issuer_key))
             except StorageError:
                 pass
-        asyncio.run_coroutine_threadsafe(forget(), self._loop)
+        # Waited for: the record is keyed by name, and a delete landing after the next
+        # challenge's write (TLS-ALPN-01 failed, HTTP-01 next) would hide that challenge
+        # from the other instances.
+        try:
+            asyncio.run_coroutine_threadsafe(forget(), self._loop).result(timeout=15)
+        except Exception as e:
+            log.warning("autocert: removing the %s challenge for %s from storage failed: %s",
+                        ch.type, ch.domain, e)
 
     # ------------------------------------------------------------------ status
     async def status(self) -> list[dict]:
