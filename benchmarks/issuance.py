@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import signal
 import socket
 import ssl
 import statistics
@@ -30,11 +29,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from cryptography import x509  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 
 from tests.infra.pebble import Pebble  # noqa: E402
-from tests.infra.proxyproc import ProxyProcess, free_port, served_certificate  # noqa: E402
+from tests.infra.proxyproc import ProxyProcess, free_port, served_certificate, stop_process  # noqa: E402
 
 NAME = "bench.test"
 TIMEOUT = 30.0
@@ -72,16 +70,6 @@ def wait_issued(port: int, proc: subprocess.Popen, t0: float, who: str) -> float
             return time.monotonic() - t0
         time.sleep(0.005)
     raise TimeoutError(f"no Pebble certificate served within {TIMEOUT}s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 def run_proxy(ca: Pebble, work: Path) -> float:
@@ -128,7 +116,7 @@ def run_caddy(ca: Pebble, work: Path, caddy: str) -> float:
         print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
         raise
     finally:
-        stop(proc)
+        stop_process(proc)
 
 
 def main() -> int:

@@ -153,9 +153,7 @@ class App:
         retrying afterwards) and says clearly when it cannot be served yet."""
         # an unchanged certificate keeps its served object (and staple): a reload while the
         # responder is down must not drop a must-staple certificate that holds a valid staple
-        served = {c.chain_pem: c for c in self.cache.manual()}
-        certs = [served.get(c.chain_pem, c) for c in certs]
-        self.cache.replace_manual(certs)
+        certs = self.cache.replace_manual(certs)
         pending = [c for c in certs if c.must_staple and c.ocsp_staple is None]
         if pending:
             task = asyncio.get_running_loop().create_task(self._prime(pending))

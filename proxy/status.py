@@ -89,7 +89,7 @@ async def collect(options: Options) -> list[dict]:
     from .app import manual_certificates
     from .autocert import layout
     from .autocert.issuer import issuer_id
-    from .autocert.manager import NameState, wanted_names
+    from .autocert.manager import NameState, load_stored_certificate, wanted_names
     from .autocert.schedule import renewal_time
 
     cache = CertificateCache()
@@ -113,8 +113,7 @@ async def collect(options: Options) -> list[dict]:
                    "last_error": "-", "next_attempt": "-"}
             obtained = None
             try:
-                cert = Certificate(chain_pem=await storage.load(layout.cert_key(issuer, n)),
-                                   key_pem=await storage.load(layout.private_key_key(issuer, n)), source="acme")
+                cert = await load_stored_certificate(storage, issuer, n)
                 row.update(issuer=_issuer_cn(cert), not_after=_fmt(cert.not_after),
                            next_renewal=_fmt(renewal_time(cert.not_before, cert.not_after)))
                 obtained = cert

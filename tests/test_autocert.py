@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -25,14 +24,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
-import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from proxy.autocert.issuer import issuer_id
 from tests.infra.pebble import Pebble, pebble_factory  # noqa: F401  (fixture)
 from tests.infra.pki import TestCA
-from tests.infra.proxyproc import REPO, ProxyProcess, free_port, served_certificate, tls_connect
+from tests.infra.proxyproc import REPO, ProxyProcess, free_port, served_certificate, stop_process
 
 SELF_SIGNED_CN = "autocert-proxy.invalid"
 TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2}Z")
@@ -549,16 +547,6 @@ def run_caddy(ca: Pebble, workdir: Path, store: Path, name: str) -> subprocess.P
                                 env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     finally:
         log.close()
-
-
-def stop_process(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 @pytest.mark.skipif(CADDY is None, reason="caddy (Debian package) is not installed")

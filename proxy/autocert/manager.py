@@ -39,6 +39,15 @@ log = logging.getLogger("proxy.autocert")
 _VALIDATION_PROBLEMS = ("connection", "unauthorized", "tls", "incorrectResponse", "dns")
 
 
+async def load_stored_certificate(storage: Storage, issuer_key: str, name: str) -> Certificate:
+    """The certificate stored for ``name`` under the CA ``issuer_key``.
+    Raises NotFound, StorageError, or CertificateProblem for unusable data."""
+    chain = await storage.load(layout.cert_key(issuer_key, name))
+    key = await storage.load(layout.private_key_key(issuer_key, name))
+    return Certificate(chain_pem=chain, key_pem=key, source=ACME,
+                       origin=layout.cert_key(issuer_key, name), issuer_id=issuer_key)
+
+
 def wanted_names(options: Options, cache: CertificateCache, now: Optional[dt.datetime] = None) -> list[str]:
     """Route hosts with an https ``from`` and no wildcard, minus names a valid manual certificate covers."""
     now = now or dt.datetime.now(dt.timezone.utc)
@@ -494,17 +503,13 @@ class AutocertManager:
     async def _sync_from_storage(self, name: str) -> Optional[Certificate]:
         """Load the stored certificate for ``name`` and serve it if newer than what we have."""
         try:
-            chain = await self.storage.load(layout.cert_key(self.issuer_key, name))
-            key = await self.storage.load(layout.private_key_key(self.issuer_key, name))
+            cert = await load_stored_certificate(self.storage, self.issuer_key, name)
         except NotFound:
             return None
         except StorageError as e:
             metrics.inc("autocert_proxy_storage_errors_total", op="load")
             log.warning("autocert: reading the certificate for %s from %s failed: %s", name, self.storage.describe(), e)
             return None
-        try:
-            cert = Certificate(chain_pem=chain, key_pem=key, source=ACME,
-                               origin=layout.cert_key(self.issuer_key, name), issuer_id=self.issuer_key)
         except CertificateProblem as e:
             log.error("autocert: the stored certificate for %s is unusable (%s); a new one will be obtained", name, e)
             return None

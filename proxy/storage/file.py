@@ -74,8 +74,8 @@ class FileStorage(LeaseLocks, Storage):
                 continue
             os.chmod(d, 0o700)         # exactly 0700 whatever the umask
 
-    def _write_atomic(self, path: str, data: bytes, mode: int) -> None:
-        directory = os.path.dirname(path)
+    def _write_temp(self, directory: str, data: bytes, mode: int = 0o600) -> str:
+        """A complete, fsynced temporary file in ``directory`` holding ``data``: its path."""
         self._makedirs(directory)
         # mkstemp creates the file O_EXCL with mode 0600: never readable by others, even briefly.
         fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=directory)
@@ -86,6 +86,16 @@ class FileStorage(LeaseLocks, Storage):
                 if mode != 0o600:
                     os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return tmp
+
+    def _write_atomic(self, path: str, data: bytes, mode: int) -> None:
+        directory = os.path.dirname(path)
+        tmp = self._write_temp(directory, data, mode)
+        try:
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -193,12 +203,8 @@ class FileStorage(LeaseLocks, Storage):
 
         def create() -> bool:
             directory = os.path.dirname(path)
-            self._makedirs(directory)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP, dir=directory)
+            tmp = self._write_temp(directory, data)
             try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    os.fsync(f.fileno())
                 try:
                     os.link(tmp, path)
                 except FileExistsError:

@@ -160,9 +160,6 @@ class CertificateCache:
     def all(self) -> list[Certificate]:
         return list(self._manual) + list(self._managed.values())
 
-    def manual(self) -> list[Certificate]:
-        return list(self._manual)
-
     def managed(self, name: str) -> Optional[Certificate]:
         return self._managed.get(name.lower())
 
@@ -179,12 +176,14 @@ class CertificateCache:
             self._fallback = cert
             self._rebuild()
 
-    def replace_manual(self, certs: Iterable[Certificate]) -> None:
+    def replace_manual(self, certs: Iterable[Certificate]) -> list[Certificate]:
+        """Install ``certs``; an unchanged certificate keeps its served object (built context,
+        staple). Returns the objects now served, in order."""
         with self._lock:
             old = {c.chain_pem: c for c in self._manual}
-            # keep the already-built context and staple of unchanged certificates
             self._manual = [old.get(c.chain_pem, c) for c in certs]
             self._rebuild()
+            return list(self._manual)
 
     def put_managed(self, cert: Certificate) -> None:
         """Add or replace the obtained certificate for ``cert.names`` (renewal swaps it)."""
