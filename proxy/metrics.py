@@ -28,6 +28,19 @@ def inc(name: str, value: float = 1.0, **labels: str) -> None:
         _counters[key] = _counters.get(key, 0.0) + value
 
 
+_request_keys: dict[int, tuple] = {}
+
+
+def count_request(status: int) -> None:
+    """``autocert_proxy_http_requests_total{code=status}`` += 1, the per-request counter.
+    Called from the event loop only; a dict update needs no lock for that (the GIL makes it
+    atomic against the threads that take ``_lock``), and the key is built once per status."""
+    key = _request_keys.get(status)
+    if key is None:
+        key = _request_keys[status] = ("autocert_proxy_http_requests_total", (("code", str(status)),))
+    _counters[key] = _counters.get(key, 0.0) + 1.0
+
+
 def value(name: str, **labels: str) -> float:
     return _counters.get((name, tuple(sorted(labels.items()))), 0.0)
 

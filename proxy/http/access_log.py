@@ -30,7 +30,7 @@ class AccessLog:
         self.fmt = fmt
 
     def write(self, entry: Entry, started: float) -> None:
-        metrics.inc("autocert_proxy_http_requests_total", code=str(entry.status))
+        metrics.count_request(entry.status)
         if not log.isEnabledFor(logging.INFO):
             return
         entry.duration_ms = round((time.monotonic() - started) * 1000, 3)

@@ -59,10 +59,11 @@ def check_framing(headers: Iterable[tuple[bytes, bytes]]) -> None:
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    values = [v for n, v in headers if n == b"connection"]
+    if not values:
+        return set()
+    tokens = {t.strip(b" \t") for t in b",".join(values).lower().split(b",")}
+    tokens.discard(b"")
     return tokens
 
 
@@ -74,15 +75,19 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> Optiona
 
 
 def is_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    headers = list(headers)
+    headers = headers if type(headers) is list else list(headers)
     return b"upgrade" in connection_tokens(headers) and header_value(headers, b"upgrade") is not None
 
 
-def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False) -> Headers:
-    """Headers with hop-by-hop ones removed (and those named in Connection)."""
-    headers = list(headers)
-    drop = HOP_BY_HOP | connection_tokens(headers)
-    out = [(n, v) for n, v in headers if n not in drop]
+def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,
+               drop: frozenset = frozenset()) -> Headers:
+    """Headers with hop-by-hop ones removed (and those named in Connection, and ``drop``)."""
+    headers = headers if type(headers) is list else list(headers)
+    gone = HOP_BY_HOP | drop if drop else HOP_BY_HOP
+    tokens = connection_tokens(headers)
+    if tokens:
+        gone = gone | tokens
+    out = [h for h in headers if h[0] not in gone]
     if keep_upgrade:
         up = header_value(headers, b"upgrade")
         if up is not None:

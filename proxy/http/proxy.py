@@ -31,8 +31,13 @@ LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
 # The HTTP/1.1 engine, h11's API either way: fastcodec (httptools) when installed, h11 itself
 # (the strict reference) with AUTOCERT_PROXY_HTTP_PARSER=h11. Events stay h11 classes, so the
-# isinstance checks and exceptions below are the same; HTTP.Request/Response are the cheap constructors.
+# event type checks and exceptions below are the same (events are compared with ``type(ev) is``:
+# h11's event classes are ABCs, and isinstance on an ABC costs several times more); HTTP.Request/Response are the cheap constructors.
 HTTP = fastcodec.engine()
+
+
+# Request headers the proxy replaces rather than forwards (besides the hop-by-hop ones).
+_NOT_FORWARDED = frozenset((b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for"))
 
 
 class ClientTimeout(Exception):
@@ -92,7 +97,7 @@ class Side:
                 return ev
             remaining = None
             if timeout is not None:
-                now = asyncio.get_running_loop().time()
+                now = self.stream._loop.time()
                 if deadline is None:
                     deadline = now + timeout
                 remaining = deadline - now
@@ -214,9 +219,9 @@ class ClientConnection:
             self._raw_error(status, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
             return False
-        if ev is None or isinstance(ev, h11.ConnectionClosed):
+        if ev is None or type(ev) is h11.ConnectionClosed:
             return False
-        if not isinstance(ev, h11.Request):
+        if not type(ev) is h11.Request:
             return False
         self.busy = True
         started = time.monotonic()
@@ -329,25 +334,23 @@ class ClientConnection:
             return   # the client has not sent the body; h11 will close if it must
         while True:
             ev = await side.next_event(opts.timeout_idle)
-            if isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+            if type(ev) in (h11.EndOfMessage, h11.ConnectionClosed):
                 return
 
     # --- proxying ---
     def _upstream_request(self, req: h11.Request, route: Route, host_header: bytes, upgrade: bool, up) -> h11.Request:
+        src = req.headers
         headers = [(b"host", host_header if route.preserve_host_header else up.authority.encode())]
-        xff = None
-        for n, v in codec.end_to_end(req.headers, keep_upgrade=upgrade):
-            if n in (b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host"):
-                continue
-            if n == b"x-forwarded-for":
-                xff = v if xff is None else xff + b", " + v
-                continue
-            headers.append((n, v))
+        kept = codec.end_to_end(src, keep_upgrade=upgrade, drop=_NOT_FORWARDED)
+        headers += kept
+        xffs = [v for n, v in src if n == b"x-forwarded-for"]
+        if xffs and b"x-forwarded-for" in codec.connection_tokens(src):
+            xffs = []   # named in Connection: hop-by-hop for this request
         peer = self.stream.peer.encode()
-        headers.append((b"x-forwarded-for", xff + b", " + peer if xff else peer))
+        headers.append((b"x-forwarded-for", b", ".join(xffs) + b", " + peer if xffs else peer))
         headers.append((b"x-forwarded-proto", self.scheme.encode()))
         headers.append((b"x-forwarded-host", host_header))
-        if codec.header_value(req.headers, b"transfer-encoding") is not None:
+        if codec.header_value(src, b"transfer-encoding") is not None:
             headers.append((b"transfer-encoding", b"chunked"))
         return HTTP.Request(method=req.method, target=req.target, headers=headers)
 
@@ -364,7 +367,7 @@ class ClientConnection:
         up = state.routes.upstream(route)
         entry.upstream = f"{up.host}:{up.port}"
         up_req = self._upstream_request(req, route, host_header, upgrade, up)
-        has_body = not isinstance(first_body, h11.EndOfMessage)
+        has_body = not type(first_body) is h11.EndOfMessage
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
         for attempt in range(attempts):
             try:
@@ -375,13 +378,13 @@ class ClientConnection:
             except TimeoutError:
                 log.warning("upstream %s timed out connecting for %s", entry.upstream, route.from_url)
                 return self._gateway_error(504, "The upstream service did not answer in time.", req, entry)
-            upstream = Side(stream, h11.CLIENT)
+            upstream = stream.http if reused and stream.http is not None else Side(stream, h11.CLIENT)
             try:
                 upstream.hold(up_req)   # leaves with the first body bytes or the end of message
                 if await self._send_body(first_body, upstream, opts):
                     upstream.send(h11.EndOfMessage())
                 resp = await upstream.next_event(opts.default_upstream_timeout)
-                while isinstance(resp, h11.InformationalResponse) and resp.status_code != 101:
+                while type(resp) is h11.InformationalResponse and resp.status_code != 101:
                     resp = await upstream.next_event(opts.default_upstream_timeout)
             except ClientTimeout:
                 stream.abort()
@@ -400,14 +403,14 @@ class ClientConnection:
                     continue
                 log.warning("upstream %s failed for %s: %s", entry.upstream, route.from_url, e)
                 return self._gateway_error(502, "The upstream service closed the connection.", req, entry)
-            if isinstance(resp, h11.ConnectionClosed):
+            if type(resp) is h11.ConnectionClosed:
                 stream.abort()
                 if reused and attempt + 1 < attempts:
                     continue
                 return self._gateway_error(502, "The upstream service closed the connection.", req, entry)
             break
         entry.status = resp.status_code
-        if isinstance(resp, h11.InformationalResponse):   # 101 Switching Protocols
+        if type(resp) is h11.InformationalResponse:   # 101 Switching Protocols
             await self._switch_protocols(resp, upstream, entry)
             return True
         draining = state.draining
@@ -419,11 +422,11 @@ class ClientConnection:
         try:
             while True:
                 ev = await upstream.next_event(opts.default_upstream_timeout, flush=client)
-                if isinstance(ev, h11.Data):
+                if type(ev) is h11.Data:
                     client.send(h11.Data(data=ev.data))
                     sent += len(ev.data)
                     await self.stream.drain(opts.timeout_idle)
-                elif isinstance(ev, h11.EndOfMessage):
+                elif type(ev) is h11.EndOfMessage:
                     client.send(h11.EndOfMessage())
                     break
                 else:
@@ -438,6 +441,8 @@ class ClientConnection:
         entry.bytes_sent = sent
         uc = upstream.conn
         if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
+            uc.start_next_cycle()
+            stream.http = upstream      # the next request on this connection reuses its codec
             state.pool.release(up, stream)
         else:
             stream.close()
@@ -450,13 +455,13 @@ class ClientConnection:
         client = self.side
         ev = first_body
         while True:
-            if isinstance(ev, h11.Data):
+            if type(ev) is h11.Data:
                 try:
                     upstream.send(h11.Data(data=ev.data))
                     await upstream.stream.drain(opts.default_upstream_timeout)
                 except (StreamClosed, ConnectionError):
                     return False
-            elif isinstance(ev, h11.EndOfMessage):
+            elif type(ev) is h11.EndOfMessage:
                 return True
             else:
                 raise StreamClosed("client went away during the request body")
@@ -473,7 +478,7 @@ class ClientConnection:
             async with asyncio.timeout(min(opts.timeout_idle, LINGER_SECONDS)):
                 while self.side.conn.their_state is h11.SEND_BODY:
                     ev = await self.side.next_event(None)
-                    if isinstance(ev, h11.ConnectionClosed):
+                    if type(ev) is h11.ConnectionClosed:
                         return
         except (TimeoutError, h11.RemoteProtocolError):
             pass

@@ -41,6 +41,7 @@ class Stream(asyncio.Protocol):
         self.ready: asyncio.Future = self._loop.create_future()   # connected (and TLS handshake done)
         self.closed: asyncio.Future = self._loop.create_future()
         self.peer: str = "-"
+        self.http = None   # the HTTP/1.1 codec side of a pooled upstream connection, kept for reuse
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport) -> None:

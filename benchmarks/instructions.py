@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""CPU instructions per proxied keep-alive request, counted by valgrind (callgrind).
+
+    .venv/bin/python benchmarks/instructions.py [--requests N] [--conns K] [--new-conns M]
+
+Wall-clock and CPU-time figures on a shared 2-core VM move by 10-50 % from one minute to
+the next; instruction counts do not (repeat runs agree within ~1 %). This is the A/B tool
+for optimising the request path: the proxy runs under callgrind with collection off during
+start-up and warm-up, then counts exactly N requests (GET /small, 100-byte body, to the same
+upstream nginx as run.py), spread over K keep-alive TLS connections. With --new-conns M it
+also counts M new TLS connections (full handshake + one request each) and reports
+instructions per connection. It reports instructions only: the speed comparison with nginx
+and Caddy stays in run.py.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run  # noqa: E402
+
+REQUEST = b"GET /small HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+
+
+def client_ctx() -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def get(sock: ssl.SSLSocket) -> None:
+    """One request, its whole response read (Content-Length framing)."""
+    sock.sendall(REQUEST)
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("connection closed by the proxy")
+        buf += chunk
+    head, _, body = buf.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise SystemExit(f"unexpected answer: {head[:200]!r}")
+    m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", head)
+    left = int(m.group(1)) - len(body)
+    while left > 0:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise SystemExit("connection closed mid-body")
+        left -= len(chunk)
+
+
+def connect(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+def control(args: list[str], pid: int) -> None:
+    subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
+
+
+last_dump: Path | None = None
+
+
+def by_object(f: Path, top: int = 12) -> str:
+    """Instructions by shared object (python, libssl, libcrypto, uvloop, libc...)."""
+    r = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(f)],
+                       capture_output=True, text=True, timeout=300)
+    per: dict[str, int] = {}
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(.*?\)\s+(\S+?):(.*?)(?: \[(.*)\])?$", line)
+        if m:
+            obj = Path(m.group(4) or m.group(2)).name
+            per[obj] = per.get(obj, 0) + int(m.group(1).replace(",", ""))
+    total = sum(per.values()) or 1
+    return "\n".join(f"  {100 * v / total:5.1f}%  {k}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top])
+
+
+def dump_ir(out: Path, pid: int) -> int:
+    """Dumps the counters (which resets them) and returns the instructions in that dump."""
+    before = set(out.parent.glob(out.name + ".*"))
+    control(["-d"], pid)
+    for _ in range(100):
+        new = set(out.parent.glob(out.name + ".*")) - before
+        if new:
+            break
+        time.sleep(0.1)
+    (f,) = new
+    time.sleep(0.2)
+    global last_dump
+    last_dump = f
+    for line in f.read_text(errors="replace").splitlines():
+        if line.startswith(("totals:", "summary:")):
+            return int(line.split()[1])
+    raise SystemExit(f"no totals in {f}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=2000)
+    ap.add_argument("--conns", type=int, default=10)
+    ap.add_argument("--new-conns", type=int, default=0)
+    ap.add_argument("--by-object", action="store_true", help="also break the count down by shared object")
+    a = ap.parse_args()
+    b = run.Bench(quick=True, only=["ours"], keep=False)
+    b.setup()
+    srv = b.make_server("ours")
+    out = srv.workdir / "callgrind.out"
+    srv.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                f"--callgrind-out-file={out}"] + srv.argv
+    try:
+        srv.start(timeout=300)
+        ctx = client_ctx()
+        conns = [connect(ctx, srv.port) for _ in range(a.conns)]
+        for s in conns:                      # warm-up: pools, caches, first-use imports
+            for _ in range(20):
+                get(s)
+        control(["-i", "on"], srv.pid)
+        dump_ir(out, srv.pid)                 # start from zero
+        t0 = time.monotonic()
+        for i in range(a.requests):
+            get(conns[i % len(conns)])
+        t_req = time.monotonic() - t0
+        ir_req = dump_ir(out, srv.pid)
+        print(f"keep-alive: {ir_req / a.requests:,.0f} instructions per request "
+              f"({a.requests} requests over {a.conns} connections, {t_req:.1f} s under callgrind)")
+        if a.by_object:
+            print(by_object(last_dump))
+        if a.new_conns:
+            for _ in range(a.new_conns):
+                s = connect(ctx, srv.port)
+                get(s)
+                s.close()
+            time.sleep(1.0)                   # let the proxy see the closes
+            ir_new = dump_ir(out, srv.pid)
+            print(f"new connections: {ir_new / a.new_conns:,.0f} instructions per connection "
+                  f"(full handshake + 1 request + close, {a.new_conns} connections)")
+        for s in conns:
+            s.close()
+    finally:
+        srv.stop()
+        if b.upstream:
+            b.upstream.stop()
+
+
+if __name__ == "__main__":
+    main()
