@@ -22,9 +22,9 @@ log = logging.getLogger("proxy")
 
 
 def manual_certificates(options: Options) -> list[Certificate]:
-    # load_config has matched every key to its certificate already
-    return [Certificate(chain_pem=p.cert_pem, key_pem=p.key_pem, source=MANUAL, origin=p.origin,
-                        key_checked=True) for p in options.certificates]
+    # load_config has parsed the chains and matched every key to its certificate already
+    return [Certificate(chain_pem=p.cert_data, key_pem=p.key_data, source=MANUAL, origin=p.origin,
+                        key_checked=True, parsed=p.certs) for p in options.certificates]
 
 
 def set_log_level(level: str) -> None:

@@ -50,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        options = load_config(args.config, os.environ)
+        options = load_config(args.config, os.environ, full_key_check=args.check)
     except ConfigError as e:
         print(f"autocert-proxy: {e}", file=sys.stderr)
         return 2

@@ -13,11 +13,12 @@ import base64
 import binascii
 import datetime as dt
 import difflib
+import functools
 import ipaddress
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -25,6 +26,8 @@ import yaml
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+
+from .tls.keymatch import key_matches
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
 LETS_ENCRYPT_STAGING = "https://acme-staging-v02.api.letsencrypt.org/directory"
@@ -82,9 +85,29 @@ class Route:
 
 @dataclass(frozen=True)
 class CertificatePair:
-    cert_pem: bytes          # leaf first, then intermediates (re-encoded: PEM blocks only)
-    key_pem: bytes           # PKCS#8, unencrypted
+    """One manual certificate chain and its key, checked to belong together.
+
+    ``cert_data`` / ``key_data`` are the bytes as read (file or inline PEM): they are what the
+    proxy serves from. ``certs`` holds the parsed chain (leaf first) so nothing parses it
+    twice. ``cert_pem`` / ``key_pem`` are the normalized forms (PEM blocks only; PKCS#8),
+    computed on demand."""
+
+    cert_data: bytes
+    key_data: bytes
     origin: str              # file path, or "certificates[0] (inline)"
+    certs: tuple = field(default=(), compare=False, repr=False)   # x509.Certificate, leaf first
+
+    @functools.cached_property
+    def cert_pem(self) -> bytes:
+        """Leaf first, then intermediates, re-encoded: text around the PEM blocks dropped."""
+        certs = self.certs or x509.load_pem_x509_certificates(self.cert_data)
+        return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+    @functools.cached_property
+    def key_pem(self) -> bytes:
+        """The key as unencrypted PKCS#8 PEM."""
+        return serialization.load_pem_private_key(self.key_data, password=None).private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 @dataclass(frozen=True)
@@ -470,53 +493,62 @@ def _spki(public_key) -> bytes:
 
 def load_pair(cert_where: str, cert_value: Any, key_where: str, key_value: Any, base_dir: str,
               inline_origin: str, problems: list[str], warnings: list[str],
-              now=None) -> Optional[CertificatePair]:
-    """Read, parse and cross-check one certificate + key. Problems go to ``problems``."""
-    certs = key = None
+              now=None, full_key_check: bool = False) -> Optional[CertificatePair]:
+    """Read, parse and cross-check one certificate + key. Problems go to ``problems``.
+
+    The key is matched to the certificate from the public part written inside it (no key
+    parse: see proxy.tls.keymatch); a key that cannot be matched that way, and every key
+    with ``full_key_check`` (``--check``), is loaded with cryptography, which also gives the
+    precise error."""
+    certs = key_data = None
     origin = inline_origin
     try:
-        data, path = _read_pem_source(cert_value, base_dir)
+        cert_data, path = _read_pem_source(cert_value, base_dir)
         origin = path or inline_origin
         try:
-            certs = x509.load_pem_x509_certificates(data)
+            certs = x509.load_pem_x509_certificates(cert_data)
         except ValueError as e:
             raise _Bad(f"{(path or 'inline PEM')!r} holds no PEM certificate that can be parsed ({e})") from None
     except _Bad as e:
         problems.append(f"{cert_where}: {e}")
     try:
-        data, path = _read_pem_source(key_value, base_dir)
-        try:
-            key = serialization.load_pem_private_key(data, password=None)
-        except TypeError:
-            raise _Bad(f"{(path or 'inline PEM')!r} is encrypted; a password-protected key is not supported") from None
-        except (ValueError, UnsupportedAlgorithm) as e:
-            raise _Bad(f"{(path or 'inline PEM')!r} holds no PEM private key that can be parsed ({e})") from None
+        key_data, key_path = _read_pem_source(key_value, base_dir)
     except _Bad as e:
         problems.append(f"{key_where}: {e}")
-    if certs is None or key is None:
+    if key_data is None:
         return None
-    key_spki = _spki(key.public_key())
-    if _spki(certs[0].public_key()) != key_spki:
-        hint = ""
-        for n, c in enumerate(certs[1:], start=1):
-            if _spki(c.public_key()) == key_spki:
-                hint = f"; it matches certificate #{n + 1} in the file: the leaf must come first"
-        problems.append(f"{key_where}: the private key does not match the public key of the certificate "
-                        f"in {cert_where} ({origin}){hint}")
-        return None
+    if certs is None or full_key_check or not key_matches(key_data, certs[0]):
+        try:
+            try:
+                key = serialization.load_pem_private_key(key_data, password=None)
+            except TypeError:
+                raise _Bad(f"{(key_path or 'inline PEM')!r} is encrypted; a password-protected key is not supported") from None
+            except (ValueError, UnsupportedAlgorithm) as e:
+                raise _Bad(f"{(key_path or 'inline PEM')!r} holds no PEM private key that can be parsed ({e})") from None
+        except _Bad as e:
+            problems.append(f"{key_where}: {e}")
+            return None
+        if certs is None:
+            return None
+        key_spki = _spki(key.public_key())
+        if _spki(certs[0].public_key()) != key_spki:
+            hint = ""
+            for n, c in enumerate(certs[1:], start=1):
+                if _spki(c.public_key()) == key_spki:
+                    hint = f"; it matches certificate #{n + 1} in the file: the leaf must come first"
+            problems.append(f"{key_where}: the private key does not match the public key of the certificate "
+                            f"in {cert_where} ({origin}){hint}")
+            return None
     now = now or dt.datetime.now(dt.timezone.utc)
     if certs[0].not_valid_after_utc < now:
         warnings.append(f"{cert_where}: certificate from {origin} expired on "
                         f"{certs[0].not_valid_after_utc:%Y-%m-%d %H:%M} UTC; it is still served "
                         f"until a valid one replaces it")
-    cert_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
-    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    return CertificatePair(cert_pem, key_pem, origin)
+    return CertificatePair(cert_data, key_data, origin, tuple(certs))
 
 
 def parse_certificates(value: Any, label: str, base_dir: str, problems: list[str],
-                       warnings: list[str]) -> list[CertificatePair]:
+                       warnings: list[str], full_key_check: bool = False) -> list[CertificatePair]:
     if not isinstance(value, list):
         problems.append(f"{label}: expected a list like [{{cert: cert.pem, key: key.pem}}], got {value!r}")
         return []
@@ -533,7 +565,7 @@ def parse_certificates(value: Any, label: str, base_dir: str, problems: list[str
         if missing:
             continue
         pair = load_pair(f"{where}.cert", item["cert"], f"{where}.key", item["key"], base_dir,
-                         f"{where} (inline)", problems, warnings)
+                         f"{where} (inline)", problems, warnings, full_key_check=full_key_check)
         if pair:
             pairs.append(pair)
     return pairs
@@ -718,8 +750,11 @@ def _name_source(found: list[str], key: str, labels: Mapping[str, str]) -> list[
     return out
 
 
-def load_config(path: Optional[str], environ: Mapping[str, str]) -> Options:
-    """Read ``path`` (YAML, may be None) and ``environ``; return Options or raise ConfigError."""
+def load_config(path: Optional[str], environ: Mapping[str, str], *, full_key_check: bool = False) -> Options:
+    """Read ``path`` (YAML, may be None) and ``environ``; return Options or raise ConfigError.
+
+    Manual certificate keys are matched to their certificates cheaply (their public part);
+    ``full_key_check`` (``--check``) also loads every private key."""
     problems: list[str] = []
     warnings: list[str] = []
     raw, labels = read_sources(path, environ, problems)
@@ -754,7 +789,8 @@ def load_config(path: Optional[str], environ: Mapping[str, str]) -> Options:
     pairs: list[CertificatePair] = []
     if "certificates" in raw:
         found = []
-        pairs += parse_certificates(raw["certificates"], "certificates", base_dir, found, warnings)
+        pairs += parse_certificates(raw["certificates"], "certificates", base_dir, found, warnings,
+                                    full_key_check)
         problems += _name_source(found, "certificates", labels)
     has_cert, has_key = "certificate_file" in raw, "certificate_key_file" in raw
     if has_cert != has_key:
@@ -764,7 +800,7 @@ def load_config(path: Optional[str], environ: Mapping[str, str]) -> Options:
     elif has_cert:
         pair = load_pair(labels["certificate_file"], raw["certificate_file"],
                          labels["certificate_key_file"], raw["certificate_key_file"], base_dir,
-                         "certificate_file (inline)", problems, warnings)
+                         "certificate_file (inline)", problems, warnings, full_key_check=full_key_check)
         if pair:
             pairs.append(pair)
     out["certificates"] = tuple(pairs)

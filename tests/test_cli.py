@@ -66,6 +66,19 @@ def test_check_ok(tmp_path, ca):
     assert "1 routes" in r.stdout and "1 certificates" in r.stdout
 
 
+def test_check_loads_every_key(tmp_path, ca):
+    # a key whose public part matches but whose private part is broken: start-up's cheap match
+    # accepts it, --check loads it and says so
+    from tests.test_keymatch import corrupt_private_part
+    leaf = ca.issue(["app.example.com"])
+    bad = tmp_path / "bad.key"
+    bad.write_bytes(corrupt_private_part(leaf.key_pem))
+    cfg = dict(GOOD, certificates=[{"cert": str(leaf.cert_path), "key": str(bad)}])
+    r = run("--config", write(tmp_path, cfg), "--check")
+    assert r.returncode == 2, r.stdout
+    assert "certificates[0].key:" in r.stderr and str(bad) in r.stderr and "private key" in r.stderr, r.stderr
+
+
 def test_check_example_config():
     r = run("--config", REPO / "config.example.yaml", "--check")
     assert r.returncode == 0, r.stderr

@@ -465,6 +465,42 @@ def test_mismatched_certificate_and_key(tmp_path, ca):
     assert p.startswith("certificates[0].key:") and "does not match" in p and str(a.cert_path) in p
 
 
+def test_mismatch_is_found_for_every_key_format(tmp_path, ca):
+    # the cheap public-part match at start must not let a wrong key through in any format
+    a, b = ca.issue(["a.example.com"]), ca.issue(["b.example.com"])
+    trad = tmp_path / "b-trad.key"
+    trad.write_bytes(b.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                         serialization.NoEncryption()))
+    for key in (b.key_path, trad):
+        p = one_problem(write(tmp_path, f"certificates:\n  - cert: {a.cert_path}\n    key: {key}\n"))
+        assert p.startswith("certificates[0].key:") and "does not match" in p
+
+
+def test_key_with_corrupt_private_part_is_reported_by_the_full_check(tmp_path, ca):
+    # Start-up matches a key to its certificate by the public part written in the key (no key
+    # parse); a key whose private part is broken behind a right public part passes that, and
+    # is caught by the full check (--check) and when its context is first built.
+    from tests.test_keymatch import corrupt_private_part
+    a = ca.issue(["a.example.com"])
+    bad = tmp_path / "bad.key"
+    bad.write_bytes(corrupt_private_part(a.key_pem))
+    path = write(tmp_path, f"certificates:\n  - cert: {a.cert_path}\n    key: {bad}\n")
+    o = load_config(path, ENV)
+    assert [p.origin for p in o.certificates] == [str(a.cert_path)]
+    with pytest.raises(ConfigError) as exc:
+        load_config(path, ENV, full_key_check=True)
+    [p] = exc.value.problems
+    assert p.startswith("certificates[0].key:") and str(bad) in p and "private key that can be parsed" in p, p
+
+
+def test_certificate_pair_keeps_the_bytes_read_and_the_parsed_chain(tmp_path, ca):
+    a = ca.issue(["a.example.com"])
+    o = load_config(write(tmp_path, f"certificate_file: {a.cert_path}\ncertificate_key_file: {a.key_path}\n"), ENV)
+    [pair] = o.certificates
+    assert pair.cert_data == a.cert_path.read_bytes() and pair.key_data == a.key_path.read_bytes()
+    assert [c.serial_number for c in pair.certs] == [a.cert.serial_number]
+
+
 def test_key_of_second_certificate_hints_at_order(tmp_path, ca):
     a = ca.issue(["a.example.com"])
     wrong_order = tmp_path / "wrong.pem"

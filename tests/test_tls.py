@@ -83,6 +83,14 @@ def test_no_sni_gets_first_manual_certificate(sni_proxy, three_certs):
     assert "CN = a.example.com" in out or "CN=a.example.com" in out, out
 
 
+@pytest.mark.parametrize("flag", ["-tls1_2", "-tls1_3"])
+def test_no_sni_gets_first_manual_certificate_both_versions(sni_proxy, flag):
+    # no SNI: the certificate is still chosen in the servername callback (OpenSSL runs it
+    # for every ClientHello); the connection starts on a context without any certificate
+    out = s_client(sni_proxy.port, None, flag)
+    assert "CN = a.example.com" in out or "CN=a.example.com" in out, out
+
+
 def test_unknown_name_gets_first_manual_certificate(sni_proxy, three_certs):
     cert = served_certificate(sni_proxy.port, "unknown.example.org")
     assert cert.serial_number == three_certs["a"].cert.serial_number
@@ -266,3 +274,24 @@ def test_intermediate_chain_is_served(start_proxy, ca, tmp_path):
     assert "Verify return code: 0 (ok)" in out, out
     r = p.curl("second.test", "/", cacert=ca.cert_path)   # only the root is trusted
     assert r.returncode == 0 and r.stdout == b"chained", r.stderr
+
+
+def test_certificate_whose_key_fails_late_is_not_served_and_says_why(start_proxy, ca, tmp_path):
+    # The key's public part matches (start-up only compares that), its private part is broken:
+    # the proxy starts, and the first handshake for the name logs the problem once and gets
+    # the default certificate instead of a failed handshake.
+    from tests.test_keymatch import corrupt_private_part
+    good, broken = ca.issue(["good.test"]), ca.issue(["broken.test"])
+    bad_key = tmp_path / "broken.key"
+    bad_key.write_bytes(corrupt_private_part(broken.key_pem))
+    p = start_proxy({"certificates": [{"cert": str(good.cert_path), "key": str(good.key_path)},
+                                      {"cert": str(broken.cert_path), "key": str(bad_key)}],
+                     "routes": [{"from": "https://good.test", "response": {"status": 200, "body": "ok"}}]})
+    for _ in range(3):
+        assert served_certificate(p.port, "broken.test").serial_number == good.cert.serial_number
+    p.wait_log("manual certificate for broken.test")
+    log = p.log()
+    assert log.count("is not served: its private key cannot be used") == 1, log
+    line = next(ln for ln in log.splitlines() if "broken.test" in ln and "ERROR" in ln)
+    assert str(broken.cert_path) in line and "replace the key" in line, line
+    assert served_certificate(p.port, "good.test").serial_number == good.cert.serial_number

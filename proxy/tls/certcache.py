@@ -7,14 +7,14 @@ the number of certificates, never waiting on storage or the network.
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import threading
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+import time
+from dataclasses import InitVar, dataclass, field
+from typing import Iterable, Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtensionOID, NameOID
 
 MANUAL = "manual"
 ACME = "acme"
@@ -31,14 +31,43 @@ def _now() -> _dt.datetime:
 
 def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
     """DNS names a certificate covers: its SAN DNS entries, else its subject CN."""
-    try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-        names = [n.lower().rstrip(".") for n in san.value.get_values_for_type(x509.DNSName)]
-    except x509.ExtensionNotFound:
-        names = []
+    return _leaf_facts(cert)[0]
+
+
+def aia_ocsp_url(aia: x509.AuthorityInformationAccess) -> Optional[str]:
+    """The first http(s) OCSP responder URL of an AIA extension value, or None."""
+    for desc in aia:
+        if desc.access_method == AuthorityInformationAccessOID.OCSP and isinstance(
+            desc.access_location, x509.UniformResourceIdentifier
+        ):
+            url = desc.access_location.value.strip()
+            if url.lower().startswith(("http://", "https://")):
+                return url
+    return None
+
+
+def _leaf_facts(cert: x509.Certificate) -> tuple[tuple[str, ...], bool, Optional[str]]:
+    """(names, must-staple, OCSP URL) from one pass over the extensions (asking for each one
+    by OID raises ExtensionNotFound for the absent ones: ~10 us each, thousands at start)."""
+    names: list[str] = []
+    must_staple = False
+    url = None
+    for ext in cert.extensions:
+        oid = ext.oid
+        if oid == _SAN:
+            names = [n.lower().rstrip(".") for n in ext.value.get_values_for_type(x509.DNSName)]
+        elif oid == _TLS_FEATURE:
+            must_staple = x509.TLSFeatureType.status_request in ext.value
+        elif oid == _AIA:
+            url = aia_ocsp_url(ext.value)
     if not names:
         names = [str(a.value).lower() for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return tuple(dict.fromkeys(names))
+    return tuple(dict.fromkeys(names)), must_staple, url
+
+
+_SAN = ExtensionOID.SUBJECT_ALTERNATIVE_NAME
+_TLS_FEATURE = ExtensionOID.TLS_FEATURE
+_AIA = ExtensionOID.AUTHORITY_INFORMATION_ACCESS
 
 
 def split_pem_chain(pem: bytes) -> list[x509.Certificate]:
@@ -50,7 +79,10 @@ def split_pem_chain(pem: bytes) -> list[x509.Certificate]:
 
 @dataclass(eq=False)
 class Certificate:
-    """One certificate chain and its key, as served. ``ocsp_staple`` is set by the stapler."""
+    """One certificate chain and its key, as served. ``ocsp_staple`` is set by the stapler.
+
+    Everything a handshake reads (names, expiry, must-staple) is computed once here, as plain
+    attributes; the key is parsed only when the TLS engine first builds the context."""
 
     chain_pem: bytes
     key_pem: bytes
@@ -60,17 +92,26 @@ class Certificate:
     leaf: x509.Certificate = field(init=False)
     chain: list[x509.Certificate] = field(init=False)
     names: tuple[str, ...] = field(init=False)
+    not_after: _dt.datetime = field(init=False)
+    must_staple: bool = field(init=False)
+    ocsp_url: Optional[str] = field(init=False)   # the OCSP responder, None when there is none
     ocsp_staple: Optional[bytes] = None   # DER OCSPResponse, "good" and valid, or None
     revoked: bool = False
     tls_context: object = None             # built lazily by the TLS engine
     key_checked: bool = False              # the caller already matched key and certificate
+    parsed: InitVar[Optional[Sequence[x509.Certificate]]] = None   # the chain, when the caller parsed it
+    # Set when the key turned out unusable while building the TLS context (a corrupt private
+    # part behind a public part that matched): the certificate is then never served.
+    key_error: Optional[str] = None
 
-    def __post_init__(self) -> None:
-        self.chain = split_pem_chain(self.chain_pem)
-        self.leaf = self.chain[0]
-        self.names = certificate_names(self.leaf)
+    def __post_init__(self, parsed: Optional[Sequence[x509.Certificate]]) -> None:
+        self.chain = list(parsed) if parsed else split_pem_chain(self.chain_pem)
+        self.leaf = leaf = self.chain[0]
+        self.names, self.must_staple, self.ocsp_url = _leaf_facts(leaf)
+        self.not_after = leaf.not_valid_after_utc
+        self._not_after_ts = self.not_after.timestamp()   # the handshake compares floats
         if self.key_checked:
-            return   # config validation parsed the key; it is parsed again only for the TLS context
+            return   # config validation matched the key; it is parsed only for the TLS context
         try:
             key = serialization.load_pem_private_key(self.key_pem, password=None)
         except (ValueError, TypeError) as e:
@@ -86,25 +127,14 @@ class Certificate:
     def not_before(self) -> _dt.datetime:
         return self.leaf.not_valid_before_utc
 
-    @property
-    def not_after(self) -> _dt.datetime:
-        return self.leaf.not_valid_after_utc
-
     def expired(self, now: Optional[_dt.datetime] = None) -> bool:
         return (now or _now()) >= self.not_after
 
-    @functools.cached_property
-    def must_staple(self) -> bool:   # read on every handshake (servable): computed once
-        try:
-            feat = self.leaf.extensions.get_extension_for_oid(ExtensionOID.TLS_FEATURE)
-        except x509.ExtensionNotFound:
-            return False
-        return x509.TLSFeatureType.status_request in feat.value
-
     @property
     def servable(self) -> bool:
-        """False for a must-staple certificate without a staple: no client may see it so."""
-        return self.ocsp_staple is not None or not self.must_staple
+        """False for a must-staple certificate without a staple (no client may see it so),
+        and for one whose key proved unusable."""
+        return (self.ocsp_staple is not None or not self.must_staple) and self.key_error is None
 
     def covers(self, name: str) -> bool:
         name = name.lower().rstrip(".")
@@ -133,16 +163,21 @@ class CertificateCache:
 
     # --- reads (handshake path) ---
     def lookup(self, server_name: str) -> Optional[Certificate]:
+        """Exact name first, then the one-label wildcard; a valid certificate (not expired,
+        not revoked, servable) wins, else any servable one. Plain attribute reads and one
+        float clock read: this runs inside every handshake."""
         name = server_name.lower().rstrip(".")
         idx = self._index
-        cands = idx.get(name, ()) + idx.get(wildcard_of(name), ())
-        if not cands:
-            return None
-        now = _now()
-        for c in cands:
-            if not c.expired(now) and not c.revoked and c.servable:
+        now = time.time()
+        exact = idx.get(name, ())
+        for c in exact:
+            if c._not_after_ts > now and not c.revoked and c.servable:
                 return c
-        for c in cands:   # nothing better: an expired or revoked one beats a wrong name
+        wild = idx.get(wildcard_of(name), ())
+        for c in wild:
+            if c._not_after_ts > now and not c.revoked and c.servable:
+                return c
+        for c in exact + wild:   # nothing better: an expired or revoked one beats a wrong name
             if c.servable:
                 return c
         return None

@@ -83,7 +83,9 @@ class TLSEngine:
         return ctx
 
     def context_for(self, cert: Certificate) -> SSL.Context:
-        """The context serving ``cert``: built on first use and kept on the certificate."""
+        """The context serving ``cert``: built on first use and kept on the certificate.
+
+        Raises when the key cannot be used (the config matched only its public part)."""
         ctx = cert.tls_context
         if ctx is None:
             ctx = self._base_context()
@@ -96,26 +98,39 @@ class TLSEngine:
         return ctx
 
     def new_connection(self) -> SSL.Connection:
-        conn = SSL.Connection(self._initial, None)
-        default = self.cache.default()
-        if default is not None:
-            # Clients without SNI never run the servername callback.
-            conn.set_context(self.context_for(default))
-        return conn
+        # OpenSSL (1.1.1 on) runs the servername callback for every ClientHello, with or
+        # without SNI: the certificate is chosen there, the initial context has none.
+        return SSL.Connection(self._initial, None)
 
     # --- callbacks (handshake path: memory reads only) ---
     def _on_servername(self, conn: SSL.Connection) -> None:
         raw = conn.get_servername()
-        cert = None
-        if raw:
-            try:
-                cert = self.cache.lookup(raw.decode("ascii"))
-            except UnicodeDecodeError:
-                cert = None
-        if cert is None:
-            cert = self.cache.default()
-        if cert is not None:
-            conn.set_context(self.context_for(cert))
+        for _ in range(8):   # a certificate whose key fails is marked unservable: choose again
+            cert = None
+            if raw:
+                try:
+                    cert = self.cache.lookup(raw.decode("ascii"))
+                except UnicodeDecodeError:
+                    cert = None
+            if cert is None:
+                cert = self.cache.default()
+                if cert is None:
+                    return
+            ctx = cert.tls_context
+            if ctx is None:
+                try:
+                    ctx = self.context_for(cert)
+                except Exception as e:
+                    self._key_failed(cert, e)
+                    continue
+            conn.set_context(ctx)
+            return
+
+    @staticmethod
+    def _key_failed(cert: Certificate, e: Exception) -> None:
+        cert.key_error = f"{type(e).__name__}: {e}"
+        log.error("%s certificate for %s (%s) is not served: its private key cannot be used (%s); "
+                  "replace the key", cert.source, ", ".join(cert.names), cert.origin or "-", cert.key_error)
 
     def _on_alpn(self, conn: SSL.Connection, offered: list[bytes]):
         if ACME_TLS_1 in offered:

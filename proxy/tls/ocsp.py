@@ -44,7 +44,7 @@ from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, SignatureAlgorithmOID
 
 from .. import metrics
-from .certcache import Certificate
+from .certcache import Certificate, aia_ocsp_url
 
 log = logging.getLogger(__name__)
 
@@ -99,14 +99,7 @@ def ocsp_url(cert: x509.Certificate) -> Optional[str]:
         aia = cert.extensions.get_extension_for_oid(ExtensionOID.AUTHORITY_INFORMATION_ACCESS)
     except (x509.ExtensionNotFound, ValueError):
         return None
-    for desc in aia.value:
-        if desc.access_method == x509.AuthorityInformationAccessOID.OCSP and isinstance(
-            desc.access_location, x509.UniformResourceIdentifier
-        ):
-            url = desc.access_location.value.strip()
-            if url.lower().startswith(("http://", "https://")):
-                return url
-    return None
+    return aia_ocsp_url(aia.value)
 
 
 def issuer_of(cert: Certificate) -> Optional[x509.Certificate]:
@@ -483,7 +476,11 @@ class Stapler:
 
     # --- internals ---
     def _new_state(self, cert: Certificate) -> _State:
-        return _State(url=ocsp_url(cert.leaf), issuer=issuer_of(cert), key=storage_key(cert))
+        url, issuer = cert.ocsp_url, issuer_of(cert)   # computed once with the certificate
+        # the storage key (a hash of the leaf) only for certificates that can be stapled:
+        # the first tick makes a state for every certificate, thousands at start
+        key = storage_key(cert) if url is not None and issuer is not None else ""
+        return _State(url=url, issuer=issuer, key=key)
 
     def _state(self, cert: Certificate) -> _State:
         st = self._states.get(cert)
