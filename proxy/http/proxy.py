@@ -146,6 +146,8 @@ class ProxyState:
 class ClientConnection:
     """Serves one client connection until it closes, times out, or the server drains."""
 
+    __slots__ = ("stream", "get_state", "scheme", "busy", "side", "_close_gently")
+
     def __init__(self, stream: Stream, get_state: Callable[[], ProxyState], scheme: str = "https"):
         self.stream = stream
         self.get_state = get_state

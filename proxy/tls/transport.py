@@ -12,6 +12,7 @@ import logging
 from typing import Callable, Optional
 
 from OpenSSL import SSL
+from OpenSSL.SSL import _ffi as _ssl_ffi, _lib as _ssl_lib   # pyOpenSSL's cffi binding (BIO swap below)
 
 from .. import metrics
 
@@ -26,6 +27,10 @@ class StreamClosed(ConnectionError):
 
 class Stream(asyncio.Protocol):
     """A plain TCP byte stream. Subclasses transform bytes in ``_incoming`` / ``write``."""
+
+    # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
+    __slots__ = ("transport", "_buf", "_eof", "_lost", "_exc", "_waiter", "_reading_paused",
+                 "_write_paused", "_drain_waiters", "_loop", "ready", "closed", "peer", "http")
 
     def __init__(self) -> None:
         self.transport: Optional[asyncio.Transport] = None
@@ -201,6 +206,9 @@ class TLSStream(Stream):
     callbacks). The handshake runs as bytes arrive; ``ready`` resolves when it is done.
     """
 
+    __slots__ = ("_new_connection", "_prepare", "conn", "_handshaked", "_held", "server_name",
+                 "alpn", "tls_version", "_sent_shutdown", "_swap_bios")
+
     def __init__(self, new_connection: Callable[[], SSL.Connection],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None) -> None:
         super().__init__()
@@ -213,6 +221,7 @@ class TLSStream(Stream):
         self.alpn: Optional[bytes] = None
         self.tls_version: str = ""
         self._sent_shutdown = False
+        self._swap_bios = False   # set when the BIOs hold handshake-sized buffers
 
     def _on_connected(self) -> None:
         self.conn = self._new_connection()
@@ -267,6 +276,7 @@ class TLSStream(Stream):
             self.tls_version = conn.get_protocol_version_name()
             if not self.ready.done():
                 self.ready.set_result(None)
+            self._swap_bios = True
         while True:
             try:
                 chunk = conn.recv(65536)
@@ -300,6 +310,31 @@ class TLSStream(Stream):
                 break
         if out and transport is not None and not transport.is_closing():
             transport.write(b"".join(out) if len(out) > 1 else out[0])
+        if self._swap_bios:
+            self._fresh_bios()
+
+    def _fresh_bios(self) -> None:
+        """Give the connection new, empty memory BIOs once both are drained.
+
+        A memory BIO keeps the largest buffer it ever held: after the handshake that is the
+        whole server flight (certificate chain) and the client's hello, after a large response
+        every record of it. An idle connection would carry those kilobytes for as long as it
+        stays open; OpenSSL frees the old pair in SSL_set_bio."""
+        conn = self.conn
+        rbio, wbio = conn._into_ssl, conn._from_ssl
+        if rbio is None or _ssl_lib.BIO_get_mem_data(rbio, _ssl_ffi.NULL) \
+                or _ssl_lib.BIO_get_mem_data(wbio, _ssl_ffi.NULL):
+            return
+        new_r = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+        new_w = _ssl_lib.BIO_new(_ssl_lib.BIO_s_mem())
+        if new_r == _ssl_ffi.NULL or new_w == _ssl_ffi.NULL:   # out of memory: keep what works
+            for bio in (new_r, new_w):
+                if bio != _ssl_ffi.NULL:
+                    _ssl_lib.BIO_free(bio)
+            return
+        _ssl_lib.SSL_set_bio(conn._ssl, new_r, new_w)
+        conn._into_ssl, conn._from_ssl = new_r, new_w
+        self._swap_bios = False
 
     def _fail(self, reason: Optional[str]) -> None:
         if reason:
