@@ -55,7 +55,7 @@ def _leaf_facts(cert: x509.Certificate) -> tuple[tuple[str, ...], bool, Optional
     for ext in cert.extensions:
         oid = ext.oid
         if oid == _SAN:
-            names = [n.lower().rstrip(".") for n in ext.value.get_values_for_type(x509.DNSName)]
+            names = [g.value.lower().rstrip(".") for g in ext.value if isinstance(g, _DNSName)]
         elif oid == _TLS_FEATURE:
             must_staple = x509.TLSFeatureType.status_request in ext.value
         elif oid == _AIA:
@@ -68,6 +68,7 @@ def _leaf_facts(cert: x509.Certificate) -> tuple[tuple[str, ...], bool, Optional
 _SAN = ExtensionOID.SUBJECT_ALTERNATIVE_NAME
 _TLS_FEATURE = ExtensionOID.TLS_FEATURE
 _AIA = ExtensionOID.AUTHORITY_INFORMATION_ACCESS
+_DNSName = x509.DNSName
 
 
 def split_pem_chain(pem: bytes) -> list[x509.Certificate]:
