@@ -78,3 +78,20 @@ def test_corrupt_private_part_passes_the_cheap_check_only():
     assert key_matches(bad, cert) is True     # what this check cannot see ...
     with pytest.raises(ValueError):           # ... the full load (--check, first handshake) does
         serialization.load_pem_private_key(bad, None)
+
+
+def test_explicit_curve_parameters_are_left_to_the_full_load(tmp_path):
+    import shutil
+    import subprocess
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not installed")
+    key, key8, crt = tmp_path / "k.key", tmp_path / "k8.key", tmp_path / "k.pem"
+    subprocess.run(["openssl", "ecparam", "-name", "prime256v1", "-genkey", "-param_enc", "explicit",
+                    "-noout", "-out", str(key)], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkcs8", "-topk8", "-nocrypt", "-in", str(key), "-out", str(key8)],
+                   check=True, capture_output=True)
+    subprocess.run(["openssl", "req", "-x509", "-new", "-key", str(key), "-subj", "/CN=x", "-days", "1",
+                    "-out", str(crt)], check=True, capture_output=True)
+    cert = x509.load_pem_x509_certificate(crt.read_bytes())
+    assert key_matches(key.read_bytes(), cert) is None
+    assert key_matches(key8.read_bytes(), cert) is None

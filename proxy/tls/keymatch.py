@@ -23,7 +23,7 @@ _OID_EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")
 _OID_RSA = bytes.fromhex("06092a864886f70d010101")
 _RSA_ALG_ID = b"\x30\x0d" + _OID_RSA + b"\x05\x00"
 _BEGIN = b"-----BEGIN "
-_SEQUENCE, _OCTET_STRING, _BIT_STRING, _INTEGER = 0x30, 0x04, 0x03, 0x02
+_SEQUENCE, _OCTET_STRING, _BIT_STRING, _INTEGER, _OID = 0x30, 0x04, 0x03, 0x02, 0x06
 
 
 class _Malformed(ValueError):
@@ -169,6 +169,8 @@ def key_spki(key_pem: bytes) -> bytes:
         if ptag != _SEQUENCE or pe != kids[2][3]:
             raise _Malformed
         if oid == _OID_EC_PUBLIC_KEY:
+            if len(alg_kids) != 2 or alg_kids[1][0] != _OID:
+                raise _Malformed   # explicit curve parameters: let the full load judge them
             _, public = _ec_parts(der, ps, pe)
             return _seq(alg + public)
         if oid == _OID_RSA:
@@ -176,8 +178,8 @@ def key_spki(key_pem: bytes) -> bytes:
         raise _Malformed   # Ed25519, DSA, RSA-PSS, ...: the full load answers
     if label == b"EC PRIVATE KEY":
         params, public = _ec_parts(der, s, e)
-        if params is None:
-            raise _Malformed
+        if params is None or params[0] != _OID:
+            raise _Malformed   # no curve, or explicit curve parameters: the full load judges
         return _seq(_seq(_OID_EC_PUBLIC_KEY + params) + public)
     if label == b"RSA PRIVATE KEY":
         return _rsa_spki(der, s, e)
