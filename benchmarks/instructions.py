@@ -2,6 +2,7 @@
 """CPU instructions per proxied keep-alive request, counted by valgrind (callgrind).
 
     .venv/bin/python benchmarks/instructions.py [--requests N] [--conns K] [--new-conns M]
+                                                [--path /1m] [--by-object] [--floor]
 
 Wall-clock and CPU-time figures on a shared 2-core VM move by 10-50 % from one minute to
 the next; instruction counts do not (repeat runs agree within ~1 %). This is the A/B tool
@@ -9,8 +10,12 @@ for optimising the request path: the proxy runs under callgrind with collection 
 start-up and warm-up, then counts exactly N requests (GET /small, 100-byte body, to the same
 upstream nginx as run.py), spread over K keep-alive TLS connections. With --new-conns M it
 also counts M new TLS connections (full handshake + one request each) and reports
-instructions per connection. It reports instructions only: the speed comparison with nginx
-and Caddy stays in run.py.
+instructions per connection. --path /1m counts 1 MiB responses instead; --by-object splits
+the count by shared object (python, libc memcpy, OpenSSL in cryptography's _rust.abi3.so);
+--floor measures benchmarks/floor.py, a minimal callback-only proxy, for reference. Under
+valgrind a `rep movsb` copy counts one instruction per byte, so copies weigh more here than
+on the CPU. It reports instructions only: the speed comparison with nginx and Caddy stays
+in run.py.
 """
 from __future__ import annotations
 
@@ -26,7 +31,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 
-REQUEST = b"GET /small HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n"
+PATH = "/small"
+
+
+def request() -> bytes:
+    return f"GET {PATH} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n".encode()
 
 
 def client_ctx() -> ssl.SSLContext:
@@ -38,7 +47,7 @@ def client_ctx() -> ssl.SSLContext:
 
 def get(sock: ssl.SSLSocket) -> None:
     """One request, its whole response read (Content-Length framing)."""
-    sock.sendall(REQUEST)
+    sock.sendall(request())
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -107,11 +116,19 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--conns", type=int, default=10)
     ap.add_argument("--new-conns", type=int, default=0)
+    ap.add_argument("--floor", action="store_true",
+                    help="measure benchmarks/floor.py (a minimal callback-only TLS proxy) instead")
+    ap.add_argument("--path", default="/small", help="/small (100 bytes) or /1m (1 MiB)")
     ap.add_argument("--by-object", action="store_true", help="also break the count down by shared object")
     a = ap.parse_args()
+    global PATH
+    PATH = a.path
     b = run.Bench(quick=True, only=["ours"], keep=False)
     b.setup()
     srv = b.make_server("ours")
+    if a.floor:
+        srv.argv = [b.venv_python, str(run.HERE / "floor.py"), str(b.leaf.cert_path), str(b.leaf.key_path),
+                    str(srv.port), str(b.up_port)]
     out = srv.workdir / "callgrind.out"
     srv.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={out}"] + srv.argv
@@ -129,7 +146,7 @@ def main() -> None:
             get(conns[i % len(conns)])
         t_req = time.monotonic() - t0
         ir_req = dump_ir(out, srv.pid)
-        print(f"keep-alive: {ir_req / a.requests:,.0f} instructions per request "
+        print(f"keep-alive GET {PATH}: {ir_req / a.requests:,.0f} instructions per request "
               f"({a.requests} requests over {a.conns} connections, {t_req:.1f} s under callgrind)")
         if a.by_object:
             print(by_object(last_dump))

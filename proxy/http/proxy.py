@@ -29,6 +29,7 @@ LINGER_SECONDS = 5.0   # how long a request body is read after an early answer
 LINGER_AFTER_ERROR = 2.0           # and after an error answer that closes the connection
 LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
+READ_SIZE = 256 * 1024   # reads take a received chunk whole (no split, no copy)
 # The HTTP/1.1 engine, h11's API either way: fastcodec (httptools) when installed, h11 itself
 # (the strict reference) with AUTOCERT_PROXY_HTTP_PARSER=h11. Events stay h11 classes, so the
 # event type checks and exceptions below are the same (events are compared with ``type(ev) is``:
@@ -65,8 +66,7 @@ def reason_phrase(status: int) -> bytes:
 
 def _pending_bytes(conn: h11.Connection) -> bytes:
     """Bytes h11 holds but has not parsed yet (a pipelined request head), to check them too."""
-    buf = getattr(conn, "_receive_buffer", None)
-    return bytes(buf) if buf is not None else b""
+    return conn.trailing_data[0]
 
 
 class Side:
@@ -105,7 +105,7 @@ class Side:
                     raise TimeoutError()
             if flush is not None and flush.held:
                 flush.flush()
-            data = await self.stream.read(65536, remaining)
+            data = await self.stream.read(READ_SIZE, remaining)
             if head_buf is not None and data:
                 head_buf += data
                 codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
@@ -188,7 +188,7 @@ class ClientConnection:
         head_buf = bytearray(_pending_bytes(conn))
         codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
         if not head_buf and not first:
-            data = await self.stream.read(65536, opts.timeout_idle)
+            data = await self.stream.read(READ_SIZE, opts.timeout_idle)
             if not data:
                 return None
             head_buf += data
@@ -511,7 +511,7 @@ class ClientConnection:
 async def _pipe(src: Stream, dst: Stream, timeout: float) -> None:
     try:
         while True:
-            data = await src.read(65536, timeout)
+            data = await src.read(READ_SIZE, timeout)
             if not data:
                 break
             dst.write(data)

@@ -8,6 +8,7 @@ waits while the transport's write buffer is above its high-water mark.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Callable, Optional
 
@@ -29,12 +30,13 @@ class Stream(asyncio.Protocol):
     """A plain TCP byte stream. Subclasses transform bytes in ``_incoming`` / ``write``."""
 
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
-    __slots__ = ("transport", "_buf", "_eof", "_lost", "_exc", "_waiter", "_reading_paused",
+    __slots__ = ("transport", "_buf", "_size", "_eof", "_lost", "_exc", "_waiter", "_reading_paused",
                  "_write_paused", "_drain_waiters", "_loop", "ready", "closed", "peer", "http")
 
     def __init__(self) -> None:
         self.transport: Optional[asyncio.Transport] = None
-        self._buf = bytearray()
+        self._buf: collections.deque[bytes] = collections.deque()   # received, not yet read: chunks as they came
+        self._size = 0
         self._eof = False
         self._lost = False
         self._exc: Optional[BaseException] = None
@@ -95,11 +97,12 @@ class Stream(asyncio.Protocol):
     def _feed(self, data: bytes) -> None:
         if not data:
             return
-        self._buf += data
+        self._buf.append(data)
+        self._size += len(data)
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
-        if len(self._buf) > READ_LIMIT and not self._reading_paused and self.transport:
+        if self._size > READ_LIMIT and not self._reading_paused and self.transport:
             self._reading_paused = True
             self.transport.pause_reading()
 
@@ -123,14 +126,18 @@ class Stream(asyncio.Protocol):
                 self._waiter = None
                 if handle is not None:
                     handle.cancel()
-        if self._buf:
-            if len(self._buf) <= n:
-                data = bytes(self._buf)
-                self._buf.clear()
+        buf = self._buf
+        if buf:
+            # One received chunk at a time, handed over as it is (no copy) unless it is
+            # longer than ``n``.
+            data = buf[0]
+            if len(data) <= n:
+                buf.popleft()
             else:
-                data = bytes(self._buf[:n])
-                del self._buf[:n]
-            if self._reading_paused and len(self._buf) < READ_LIMIT // 2 and self.transport:
+                buf[0] = data[n:]
+                data = data[:n]
+            self._size -= len(data)
+            if self._reading_paused and self._size < READ_LIMIT // 2 and self.transport:
                 self._reading_paused = False
                 self.transport.resume_reading()
             return data
@@ -153,7 +160,8 @@ class Stream(asyncio.Protocol):
     def unread(self, data: bytes) -> None:
         """Put bytes back in front of the buffer (left over after a protocol switch)."""
         if data:
-            self._buf[:0] = data
+            self._buf.appendleft(bytes(data))
+            self._size += len(data)
 
     @property
     def at_eof(self) -> bool:
@@ -277,24 +285,33 @@ class TLSStream(Stream):
             if not self.ready.done():
                 self.ready.set_result(None)
             self._swap_bios = True
+        # Every record this data completes, handed up as one chunk: a 256 KiB read holds
+        # 16 records, and one chunk instead of 16 saves 15 trips through the HTTP layer
+        # (and 15 writes to the upstream) for one extra copy.
+        got = []
+        end = None
         while True:
             try:
                 chunk = conn.recv(65536)
             except SSL.WantReadError:
                 break
-            except SSL.ZeroReturnError:   # close_notify
-                self._feed_eof()
-                break
-            except SSL.SysCallError:
-                self._feed_eof()
+            except (SSL.ZeroReturnError, SSL.SysCallError):   # close_notify, or the peer went away
+                end = "eof"
                 break
             except SSL.Error as e:
                 log.debug("TLS error from %s: %s", self.peer, e)
-                self._fail(None)
-                return
+                end = "fail"
+                break
             if not chunk:
                 break
-            self._feed(chunk)
+            got.append(chunk)
+        if got:
+            self._feed(got[0] if len(got) == 1 else b"".join(got))
+        if end == "eof":
+            self._feed_eof()
+        elif end == "fail":
+            self._fail(None)
+            return
         self._flush()
 
     def _flush(self) -> None:
