@@ -65,6 +65,11 @@ class Upstream:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return host if self.port == default else f"{host}:{self.port}"
 
+    @functools.cached_property
+    def authority_bytes(self) -> bytes:
+        """``authority`` as sent in a Host header, computed once (it is read per request)."""
+        return self.authority.encode()
+
 
 @dataclass(frozen=True)
 class DirectResponse:

@@ -118,9 +118,15 @@ def _data(data: bytes, chunk_start: bool = False, chunk_end: bool = False) -> h1
 
 
 def _eom(trailers) -> h11.EndOfMessage:
+    if not trailers:
+        return _END
     ev = _new(_EOM)
     _set(ev, "headers", trailers)
     return ev
+
+
+_END = _new(_EOM)     # events are immutable: one end-of-message without trailers serves all
+_set(_END, "headers", ())
 
 
 _CLOSED_EVENT = _Closed()
@@ -859,6 +865,7 @@ class _FastEngine:
     Data = h11.Data
     EndOfMessage = h11.EndOfMessage
     name = "httptools"
+    checks_head_bytes = True   # bare LF and oversized heads are rejected while parsing
 
 
 def engine(choice: Optional[str] = None):

@@ -29,12 +29,16 @@ LINGER_SECONDS = 5.0   # how long a request body is read after an early answer
 LINGER_AFTER_ERROR = 2.0           # and after an error answer that closes the connection
 LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
+END = h11.EndOfMessage()   # immutable, so one instance serves every message (building one costs more than sending it)
 READ_SIZE = 256 * 1024   # reads take a received chunk whole (no split, no copy)
 # The HTTP/1.1 engine, h11's API either way: fastcodec (httptools) when installed, h11 itself
 # (the strict reference) with AUTOCERT_PROXY_HTTP_PARSER=h11. Events stay h11 classes, so the
 # event type checks and exceptions below are the same (events are compared with ``type(ev) is``:
 # h11's event classes are ABCs, and isinstance on an ABC costs several times more); HTTP.Request/Response are the cheap constructors.
 HTTP = fastcodec.engine()
+# h11 tolerates a bare LF in a head and limits only heads that arrive incomplete: the proxy
+# checks the raw head bytes itself then. The fast codec rejects both as it parses.
+CHECK_HEAD_BYTES = not getattr(HTTP, "checks_head_bytes", False)
 
 
 # Request headers the proxy replaces rather than forwards (besides the hop-by-hop ones).
@@ -185,17 +189,20 @@ class ClientConnection:
         """Waits for the next request head: idle timeout to its first byte, then the head timeout."""
         side = self.side
         conn = side.conn
-        head_buf = bytearray(_pending_bytes(conn))
-        codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
-        if not head_buf and not first:
+        pending = _pending_bytes(conn)
+        head_buf = None
+        if CHECK_HEAD_BYTES:
+            head_buf = bytearray(pending)
+            codec.check_head_bytes(pending, MAX_HEAD)
+        if not pending and not first:
             data = await self.stream.read(READ_SIZE, opts.timeout_idle)
             if not data:
                 return None
-            head_buf += data
-            codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
+            if head_buf is not None:
+                head_buf += data
+                codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
             conn.receive_data(data)
-        ev = await side.next_event(opts.timeout_read_header, head_buf)
-        return ev
+        return await side.next_event(opts.timeout_read_header, head_buf)
 
     async def _one_request(self, first: bool) -> bool:
         """Serve one request. Returns whether the connection stays open for another."""
@@ -325,7 +332,7 @@ class ClientConnection:
                                      reason=reason_phrase(status)))
         if req.method != b"HEAD":
             self.side.hold(h11.Data(data=body))
-        self.side.send(h11.EndOfMessage())
+        self.side.send(END)
         entry.status = status
         entry.bytes_sent = len(body)
 
@@ -342,7 +349,7 @@ class ClientConnection:
     # --- proxying ---
     def _upstream_request(self, req: h11.Request, route: Route, host_header: bytes, upgrade: bool, up) -> h11.Request:
         src = req.headers
-        headers = [(b"host", host_header if route.preserve_host_header else up.authority.encode())]
+        headers = [(b"host", host_header if route.preserve_host_header else up.authority_bytes)]
         kept = codec.end_to_end(src, keep_upgrade=upgrade, drop=_NOT_FORWARDED)
         headers += kept
         xffs = [v for n, v in src if n == b"x-forwarded-for"]
@@ -384,7 +391,7 @@ class ClientConnection:
             try:
                 upstream.hold(up_req)   # leaves with the first body bytes or the end of message
                 if await self._send_body(first_body, upstream, opts):
-                    upstream.send(h11.EndOfMessage())
+                    upstream.send(END)
                 resp = await upstream.next_event(opts.default_upstream_timeout)
                 while type(resp) is h11.InformationalResponse and resp.status_code != 101:
                     resp = await upstream.next_event(opts.default_upstream_timeout)
@@ -425,11 +432,11 @@ class ClientConnection:
             while True:
                 ev = await upstream.next_event(opts.default_upstream_timeout, flush=client)
                 if type(ev) is h11.Data:
-                    client.send(h11.Data(data=ev.data))
+                    client.send(ev)   # h11 events are immutable: the received Data goes out as it is
                     sent += len(ev.data)
                     await self.stream.drain(opts.timeout_idle)
                 elif type(ev) is h11.EndOfMessage:
-                    client.send(h11.EndOfMessage())
+                    client.send(END)
                     break
                 else:
                     raise h11.RemoteProtocolError("upstream closed mid-response")
@@ -459,7 +466,7 @@ class ClientConnection:
         while True:
             if type(ev) is h11.Data:
                 try:
-                    upstream.send(h11.Data(data=ev.data))
+                    upstream.send(ev)
                     await upstream.stream.drain(opts.default_upstream_timeout)
                 except (StreamClosed, ConnectionError):
                     return False

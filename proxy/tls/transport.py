@@ -22,6 +22,11 @@ log = logging.getLogger("proxy.tls")
 READ_LIMIT = 256 * 1024
 
 
+def _time_out(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError())
+
+
 class StreamClosed(ConnectionError):
     """The peer went away or the stream was closed."""
 
@@ -118,8 +123,7 @@ class Stream(asyncio.Protocol):
             self._waiter = w = self._loop.create_future()
             handle = None
             if timeout is not None:
-                handle = self._loop.call_later(
-                    timeout, lambda: w.done() or w.set_exception(TimeoutError()))
+                handle = self._loop.call_later(timeout, _time_out, w)
             try:
                 await w
             finally:
