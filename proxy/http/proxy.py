@@ -284,7 +284,8 @@ class ClientConnection:
             self.busy = False
         state.access_log.write(entry, started)
         try:
-            await self.stream.drain(opts.timeout_idle)
+            if self.stream.must_drain:
+                await self.stream.drain(opts.timeout_idle)
         except TimeoutError:
             return False   # the client stopped reading its response
         if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY \
@@ -372,7 +373,9 @@ class ClientConnection:
             client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # The first body event is read before the upstream is contacted: a body that is
         # malformed from its first byte never reaches the upstream.
-        first_body = await client.next_event(opts.timeout_idle)
+        first_body = client.conn.next_event()
+        if first_body is h11.NEED_DATA:
+            first_body = await client.next_event(opts.timeout_idle)
         up = state.routes.upstream(route)
         entry.upstream = f"{up.host}:{up.port}"
         up_req = self._upstream_request(req, route, host_header, upgrade, up)
@@ -380,7 +383,10 @@ class ClientConnection:
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
         for attempt in range(attempts):
             try:
-                stream, reused = await state.pool.acquire(up, opts.default_upstream_timeout)
+                stream = state.pool.take(up)
+                reused = stream is not None
+                if stream is None:
+                    stream = await state.pool.connect(up, opts.default_upstream_timeout)
             except UpstreamRefused as e:
                 log.warning("upstream %s refused for %s: %s", entry.upstream, route.from_url, e)
                 return self._gateway_error(502, "The upstream service refused the connection.", req, entry)
@@ -430,11 +436,14 @@ class ClientConnection:
         sent = 0
         try:
             while True:
-                ev = await upstream.next_event(opts.default_upstream_timeout, flush=client)
+                ev = upstream.conn.next_event()   # usually there already: no coroutine for it
+                if ev is h11.NEED_DATA:
+                    ev = await upstream.next_event(opts.default_upstream_timeout, flush=client)
                 if type(ev) is h11.Data:
                     client.send(ev)   # h11 events are immutable: the received Data goes out as it is
                     sent += len(ev.data)
-                    await self.stream.drain(opts.timeout_idle)
+                    if self.stream.must_drain:
+                        await self.stream.drain(opts.timeout_idle)
                 elif type(ev) is h11.EndOfMessage:
                     client.send(END)
                     break
@@ -467,7 +476,8 @@ class ClientConnection:
             if type(ev) is h11.Data:
                 try:
                     upstream.send(ev)
-                    await upstream.stream.drain(opts.default_upstream_timeout)
+                    if upstream.stream.must_drain:
+                        await upstream.stream.drain(opts.default_upstream_timeout)
                 except (StreamClosed, ConnectionError):
                     return False
             elif type(ev) is h11.EndOfMessage:
@@ -475,7 +485,9 @@ class ClientConnection:
             else:
                 raise StreamClosed("client went away during the request body")
             try:
-                ev = await client.next_event(opts.timeout_idle)
+                ev = client.conn.next_event()
+                if ev is h11.NEED_DATA:
+                    ev = await client.next_event(opts.timeout_idle)
             except TimeoutError:
                 raise ClientTimeout() from None
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Optional
 
 from ..config import Upstream
 from ..tls.transport import Stream
@@ -20,17 +21,22 @@ class UpstreamPool:
         self.idle_seconds = idle_seconds
         self._idle: dict[tuple[str, int], list[tuple[Stream, float]]] = {}
 
-    async def acquire(self, up: Upstream, timeout: float) -> tuple[Stream, bool]:
-        """A connection to ``up`` and whether it was reused. Raises UpstreamRefused, TimeoutError."""
-        key = (up.host, up.port)
-        idle = self._idle.get(key)
+    def take(self, up: Upstream) -> Optional[Stream]:
+        """An idle kept-alive connection to ``up``, or None (no coroutine for the usual case)."""
+        idle = self._idle.get((up.host, up.port))
+        if not idle:
+            return None
         now = time.monotonic()
         while idle:
             stream, since = idle.pop()
             if stream.is_closing or stream._eof or stream._buf or now - since > self.idle_seconds:
                 stream.close()
                 continue
-            return stream, True
+            return stream
+        return None
+
+    async def connect(self, up: Upstream, timeout: float) -> Stream:
+        """A new connection to ``up``. Raises UpstreamRefused, TimeoutError."""
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
@@ -39,7 +45,7 @@ class UpstreamPool:
             raise
         except OSError as e:
             raise UpstreamRefused(f"{up.host}:{up.port}: {e.strerror or e}") from None
-        return stream, False
+        return stream
 
     def release(self, up: Upstream, stream: Stream) -> None:
         if stream.is_closing or stream._eof or stream._buf:

@@ -180,6 +180,11 @@ class Stream(asyncio.Protocol):
             raise StreamClosed("write on a closed connection")
         self.transport.write(data)
 
+    @property
+    def must_drain(self) -> bool:
+        """Whether ``drain`` has anything to do (wait or raise): callers skip the coroutine when not."""
+        return self._write_paused or self._lost
+
     async def drain(self, timeout: Optional[float] = None) -> None:
         """Waits while the write buffer is full. Raises TimeoutError when the peer has not
         read for ``timeout`` seconds (a reader that stalls must not hold the other side)."""
