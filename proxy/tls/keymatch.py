@@ -60,21 +60,21 @@ def _children(b: bytes, start: int, end: int) -> list[tuple[int, int, int, int]]
     return out
 
 
-def _seq(content: bytes) -> bytes:
+def _der(tag: int, content: bytes) -> bytes:
+    """A DER element: tag, definite length, content."""
     n = len(content)
     if n < 0x80:
-        return bytes((_SEQUENCE, n)) + content
+        return bytes((tag, n)) + content
     ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((_SEQUENCE, 0x80 | len(ln))) + ln + content
+    return bytes((tag, 0x80 | len(ln))) + ln + content
+
+
+def _seq(content: bytes) -> bytes:
+    return _der(_SEQUENCE, content)
 
 
 def _bit_string(content: bytes) -> bytes:
-    body = b"\x00" + content
-    n = len(body)
-    if n < 0x80:
-        return bytes((_BIT_STRING, n)) + body
-    ln = n.to_bytes((n.bit_length() + 7) // 8, "big")
-    return bytes((_BIT_STRING, 0x80 | len(ln))) + ln + body
+    return _der(_BIT_STRING, b"\x00" + content)
 
 
 def certificate_spki(tbs: bytes) -> bytes:
