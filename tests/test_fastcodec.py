@@ -452,6 +452,36 @@ def test_request_bytes_and_framing_equal_h11():
         assert outs[0] == outs[1]
 
 
+def test_written_line_cache_changes_nothing():
+    """The fast codec keeps the header lines it has written (validated once) for reuse: with a
+    warm cache it writes the same bytes as with a cold one and as h11, still refuses what it
+    refused, and the cache stays bounded."""
+    fastcodec._CACHED_LINES.clear()
+    fastcodec._CACHED_SPECIAL.clear()
+    for _ in range(2):   # cold, then warm
+        for case in SEND_CASES:
+            test_response_bytes_and_states_equal_h11(case, False)
+        test_request_bytes_and_framing_equal_h11()
+    assert (b"content-type", b"text/plain") in fastcodec._CACHED_LINES   # the cached path ran
+
+    def respond(headers):
+        conn = FAST.Connection(h11.SERVER)
+        conn.receive_data(REQ_11)
+        conn.next_event(), conn.next_event()
+        return conn.send(FAST.Response(status_code=200, headers=headers))
+
+    assert respond([(b"x", b"v"), (b"content-length", b"0")]) == \
+        b"HTTP/1.1 200 \r\nx: v\r\ncontent-length: 0\r\n\r\n"
+    for bad in ([(b"x", b"a\r\nInjected: 1")], [(b"x ", b"v")], [(b"x", b" v")], [(b"x", b"v\x7f")],
+                [(b"", b"v")], [(b"content-length", b"1"), (b"content-length", b"1, 2")]):
+        with pytest.raises(h11.LocalProtocolError):
+            respond(bad + [(b"content-length", b"0")])
+    for i in range(fastcodec._CACHE_MAX + 10):
+        fastcodec._cache_line((b"x-n", b"%d" % i))
+    respond([(b"content-length", b"0")])
+    assert len(fastcodec._CACHED_LINES) <= 1
+
+
 @pytest.mark.parametrize("bad", [
     dict(status=200, headers=[(b"content-length", b"2")], body=[b"abc"]),       # too much
     dict(status=200, headers=[(b"content-length", b"5")], body=[b"abc"]),       # too little

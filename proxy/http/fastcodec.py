@@ -707,6 +707,12 @@ class Connection:
             raise LocalProtocolError("Illegal method characters")
         if _TARGET.fullmatch(target) is None:
             raise LocalProtocolError("Illegal target characters")
+        fast = _cached_head(ev.headers)
+        if fast is not None and fast[2] == 1:
+            lines, special, _ = fast
+            framing = self._process_head(self.our_role, _Request, method, 0, b"1.1", _scan(special))
+            self._wkind, self._wleft = framing
+            return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(lines))
         items = _items(ev.headers)
         hosts = sum(1 for _, n, _v in items if n == b"host")
         if hosts == 0:
@@ -726,6 +732,18 @@ class Connection:
         reason = ev.reason
         if _REASON.fullmatch(reason) is None:
             raise LocalProtocolError("Illegal reason phrase")
+        fast = _cached_head(ev.headers)
+        if fast is not None and fast[2] == 0:
+            lines, special, _ = fast
+            info = _scan(special)
+            if etype is _Info or (self._keep_alive and self._framing(
+                    b"GET" if self._request_method == b"HEAD" else self._request_method,
+                    _Response, status, info)[0] == _CL):
+                # nothing for _clean_up_response_headers to change
+                framing = self._process_head(self.our_role, etype, None, status, b"1.1", info)
+                if framing is not None:
+                    self._wkind, self._wleft = framing
+                return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
         items = _check_framing_headers(_items(ev.headers))
         if etype is _Response:
             items = self._clean_up_response_headers(status, items)
@@ -784,6 +802,73 @@ class Connection:
         if trailers:
             raise LocalProtocolError("can't send trailers to HTTP/1.0 client")
         return b""
+
+
+# Header lines already written once, validated: (name, value) -> b"name: value\r\n". A proxy
+# writes the same few dozen headers over and over (User-Agent, Accept, Server, Content-Type,
+# the X-Forwarded-* it adds), and checking and formatting each again cost more than the rest
+# of writing a head. Lines of the headers that framing and state depend on are also indexed
+# in _CACHED_SPECIAL -> (name, lower-case name, value). Bounded: emptied past _CACHE_MAX.
+_CACHED_LINES: dict = {}
+_CACHED_SPECIAL: dict = {}
+_CACHE_MAX = 4096
+_SPECIAL_NAMES = _STATE_HEADERS | {b"host"}
+
+
+def _cache_line(h):
+    """The line for one (name, value) pair, validated as h11 validates it; None when the pair
+    is not two bytes objects or not valid (the caller then takes the general path, which
+    raises h11's errors in h11's order)."""
+    try:
+        n, v = h
+    except (TypeError, ValueError):
+        return None
+    if type(n) is not bytes or type(v) is not bytes or _TOKENS.fullmatch(n) is None:
+        return None
+    if v.translate(None, _VALUE_BYTES) or (v and (v[0] in b" \t" or v[-1] in b" \t")):
+        return None
+    line = b"%s: %s\r\n" % (n, v)
+    ln = n.lower()
+    if ln in _SPECIAL_NAMES:
+        _CACHED_SPECIAL[line] = (n, ln, v)
+    _CACHED_LINES[(n, v)] = line
+    return line
+
+
+def _cached_head(headers):
+    """(lines, special items, number of Host headers) for a plain list of (name, value) pairs
+    whose framing needs no normalising and whose Host, if any, comes first; else None, and the
+    general path handles the head."""
+    if type(headers) is not list:
+        return None
+    if len(_CACHED_LINES) > _CACHE_MAX:
+        _CACHED_LINES.clear()
+        _CACHED_SPECIAL.clear()
+    get = _CACHED_LINES.get
+    try:
+        lines = [get(h) or _cache_line(h) for h in headers]
+    except TypeError:   # an unhashable pair
+        return None
+    if None in lines:
+        return None
+    special = [_CACHED_SPECIAL[line] for line in lines if line in _CACHED_SPECIAL]
+    hosts = cl = te = 0
+    for _, n, v in special:
+        if n == b"host":
+            hosts += 1
+        elif n == b"content-length":
+            cl += 1
+            if not v.isdigit() or len(v) > 20:
+                return None
+        elif n == b"transfer-encoding":
+            te += 1
+            if v != b"chunked":
+                return None
+    if cl + te > 1 or hosts > 1:
+        return None
+    if hosts and _CACHED_SPECIAL.get(lines[0], (0, 0))[1] != b"host":
+        return None   # h11 writes Host first
+    return lines, special, hosts
 
 
 def _check_framing_headers(items):
