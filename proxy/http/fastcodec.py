@@ -524,7 +524,8 @@ class Connection:
             method = parser.get_method()
             target = sink.url
             # llhttp tolerates extra spaces in the request line; h11 does not.
-            if not head.startswith(b"%s %s HTTP/%s\r\n" % (method, target, version)):
+            # The line is exactly "METHOD SP target SP HTTP/x.y" when its length leaves no room.
+            if head.find(b"\r\n") != len(method) + len(target) + len(version) + 7 or not head.startswith(method):
                 raise LocalProtocolError("illegal request line")
             if version == b"1.1" and hosts == 0:
                 raise LocalProtocolError("Missing mandatory Host: header")
@@ -535,6 +536,18 @@ class Connection:
             _set(ev, "target", target)
             _set(ev, "headers", headers)
             _set(ev, "http_version", version)
+            if (self._cstate is IDLE and self._sstate is IDLE and self._keep_alive and version == b"1.1"
+                    and not close and not upgrade and method != b"CONNECT"):
+                # The usual request, h11's transitions written out (what _process_head would
+                # do): the client sends its body, the server owes a response, nothing switches.
+                self._cstate = SEND_BODY
+                self._sstate = SEND_RESPONSE
+                self._request_method = method
+                self.their_http_version = version
+                self.client_is_waiting_for_100_continue = expect
+                self._rkind, self._rleft = _CHUNKED if te else _CL, 0 if te or cl is None else int(cl)
+                self._rchunk_phase = 0
+                return ev
             etype, status = _Request, 0
         else:
             method = None
@@ -545,6 +558,16 @@ class Connection:
             _set(ev, "headers", headers)
             _set(ev, "reason", sink.status)
             _set(ev, "http_version", version)
+            if (etype is _Response and self._sstate is SEND_RESPONSE and self._cstate is DONE
+                    and self._keep_alive and version == b"1.1" and not close
+                    and not self._switch_upgrade and not self._switch_connect):
+                # The usual final response to a finished request, kept alive.
+                self._sstate = SEND_BODY
+                self.their_http_version = version
+                self.client_is_waiting_for_100_continue = False
+                self._rkind, self._rleft = self._framing(self._request_method, _Response, status, info)
+                self._rchunk_phase = 0
+                return ev
         framing = self._process_head(self.their_role, etype, method, status, version, info)
         if framing is not None:
             self._rkind, self._rleft = framing
