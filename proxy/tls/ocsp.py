@@ -344,10 +344,14 @@ async def _http(session, method: str, url: str, data: Optional[bytes], timeout,
                                max_redirects=3) as r:
         if r.status != 200:
             return r.status, b""
-        body = await r.content.read(max_bytes + 1)
-        if len(body) > max_bytes:
-            raise OCSPFetchError(f"OCSP responder {url} sent more than {max_bytes} bytes")
-        return r.status, body
+        # Read to the end, bounded: one read() returns what has arrived so far, which could
+        # cut a large body short (a truncated response, or an oversized one let through).
+        body = bytearray()
+        async for chunk in r.content.iter_any():
+            body += chunk
+            if len(body) > max_bytes:
+                raise OCSPFetchError(f"OCSP responder {url} sent more than {max_bytes} bytes")
+        return r.status, bytes(body)
 
 
 # ----------------------------------------------------------------------------- stapler
