@@ -27,6 +27,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
             while True:
                 line = self.rfile.readline()
+                if not line:   # the proxy cut the body off (a bad chunk from its client): expected
+                    raise ConnectionResetError("request body cut off")
                 size = int(line.split(b";")[0].strip(), 16)
                 if size == 0:
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
