@@ -21,6 +21,7 @@ log = logging.getLogger("proxy.tls")
 
 READ_LIMIT = 256 * 1024
 _BIG = 16 * 1024   # bytes through a memory BIO above which its buffer is renewed when idle
+_bio_swap = True    # off if pyOpenSSL's internals are not what _fresh_bios expects
 
 
 def _time_out(waiter: asyncio.Future) -> None:
@@ -357,8 +358,17 @@ class TLSStream(Stream):
         An idle connection would carry that for as long as it stays open. Done when a read
         is about to wait, not after each write: a fresh BIO regrowing under a bulk transfer
         would copy every chunk again. OpenSSL frees the old pair in SSL_set_bio."""
+        global _bio_swap
+        if not _bio_swap:
+            return
         conn = self.conn
-        rbio, wbio = conn._into_ssl, conn._from_ssl
+        try:   # pyOpenSSL's private attributes: if a release renames them, stop swapping
+            rbio, wbio, ssl = conn._into_ssl, conn._from_ssl, conn._ssl
+        except AttributeError:
+            _bio_swap = False
+            log.warning("this pyOpenSSL has no memory-BIO attributes to renew; idle TLS "
+                        "connections keep their largest buffers")
+            return
         if rbio is None or _ssl_lib.BIO_get_mem_data(rbio, _ssl_ffi.NULL) \
                 or _ssl_lib.BIO_get_mem_data(wbio, _ssl_ffi.NULL):
             return
@@ -369,7 +379,7 @@ class TLSStream(Stream):
                 if bio != _ssl_ffi.NULL:
                     _ssl_lib.BIO_free(bio)
             return
-        _ssl_lib.SSL_set_bio(conn._ssl, new_r, new_w)
+        _ssl_lib.SSL_set_bio(ssl, new_r, new_w)
         conn._into_ssl, conn._from_ssl = new_r, new_w
         self._swap_bios = False
 
