@@ -10,7 +10,7 @@ from typing import Optional
 from . import __version__, metrics
 from .config import ConfigError, Options, load_config
 from .http.access_log import AccessLog
-from .http.proxy import ClientConnection, ProxyState
+from .http.proxy import HTTP, ClientConnection, ProxyState
 from .http.redirect import RedirectConnection
 from .http.routes import RouteTable
 from .http.upstream import UpstreamPool
@@ -74,7 +74,6 @@ class App:
         opts = self.options
         for w in opts.warnings:
             log.warning("%s", w)
-        from .http.proxy import HTTP
         log.info("autocert-proxy %s, HTTP/1.1 parser: %s", __version__,
                  "h11" if HTTP.__name__ == "h11" else "httptools (llhttp)")
         for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),

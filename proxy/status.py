@@ -40,10 +40,9 @@ async def ocsp_check(cert: Certificate, timeout: float = OCSP_TIMEOUT, session=N
     Returns (column, detail): column is "-" (no OCSP URL), "good", "revoked", "unknown" or
     "error"; detail is a sentence for LAST_ERROR ("" when there is nothing to say).
     """
-    from .tls.ocsp import (GOOD, REVOKED, OCSPError, build_request, fetch, issuer_of, ocsp_url,
-                           verify_response)
+    from .tls.ocsp import GOOD, REVOKED, OCSPError, build_request, fetch, issuer_of, verify_response
 
-    url = ocsp_url(cert.leaf)
+    url = cert.ocsp_url   # read from the leaf once, when the Certificate was made
     if url is None:
         return "-", ""
     issuer = issuer_of(cert)

@@ -588,7 +588,6 @@ def test_must_staple_refusal_message():
 
 
 def test_error_keeps_problem_subproblems_and_retry_after():
-
     body = {"type": "urn:ietf:params:acme:error:rateLimited", "detail": "too many certificates",
             "subproblems": [{"type": "urn:ietf:params:acme:error:rejectedIdentifier",
                              "detail": "nope", "identifier": {"type": "dns", "value": "b.example"}}]}

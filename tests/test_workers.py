@@ -8,7 +8,7 @@ import subprocess
 import time
 from collections import Counter
 
-from tests.infra.pebble import Pebble, pebble_factory  # noqa: F401  (fixture)
+from tests.infra.pebble import pebble_factory  # noqa: F401  (fixture)
 from tests.infra.proxyproc import free_port, served_certificate
 
 

@@ -522,8 +522,8 @@ class _Net:
             header["kid"] = self.kid
         else:
             header["jwk"] = self.key.public_key().to_partial_json()
-        return _jws(header, b"" if payload is None else json.dumps(payload).encode(),
-                    lambda msg: self.alg.sign(self.key.key, msg))  # type: ignore[union-attr]
+        return json.dumps(_jws(header, b"" if payload is None else json.dumps(payload).encode(),
+                               lambda msg: self.alg.sign(self.key.key, msg))).encode()  # type: ignore[union-attr]
 
     def post(self, url: str, payload: Optional[dict], new_nonce_url: Optional[str] = None) -> _Response:
         """POST a JWS of ``payload`` (None: POST-as-GET, the empty payload) to ``url``."""
@@ -540,20 +540,19 @@ class _Net:
         raise AssertionError("unreachable")
 
 
-def _jws(header: dict, payload: bytes, sign: Callable[[bytes], bytes]) -> bytes:
-    """A flattened JSON JWS (RFC 7515 7.2.2)."""
+def _jws(header: dict, payload: bytes, sign: Callable[[bytes], bytes]) -> dict:
+    """A flattened JSON JWS (RFC 7515 7.2.2), as the JSON object."""
     protected = _b64url(json.dumps(header, separators=(",", ":")).encode())
     encoded = _b64url(payload)
     signature = sign(f"{protected}.{encoded}".encode("ascii"))
-    return json.dumps({"protected": protected, "payload": encoded,
-                       "signature": _b64url(signature)}).encode()
+    return {"protected": protected, "payload": encoded, "signature": _b64url(signature)}
 
 
 def _eab(account_jwk: jose.JWK, kid: str, mac_key: bytes, url: str) -> dict:
     """RFC 8555 7.3.4 externalAccountBinding: HS256 JWS of the account's public JWK."""
     payload = json.dumps(account_jwk.public_key().to_partial_json()).encode()
-    return json.loads(_jws({"alg": "HS256", "kid": kid, "url": url}, payload,
-                           lambda msg: hmac.new(mac_key, msg, hashlib.sha256).digest()))
+    return _jws({"alg": "HS256", "kid": kid, "url": url}, payload,
+                lambda msg: hmac.new(mac_key, msg, hashlib.sha256).digest())
 
 
 class _Poller:
@@ -989,6 +988,4 @@ def _root_cause(exc: BaseException) -> str:
         if nxt is None or nxt is seen:
             break
         seen = nxt
-    if hasattr(seen, "reason") and isinstance(getattr(seen, "reason"), BaseException):
-        seen = seen.reason  # urllib3 MaxRetryError
     return str(seen) or str(exc)

@@ -581,14 +581,18 @@ class AutocertManager:
         self._ari[serial] = (info[0], info[1]) if info else None
 
     # ------------------------------------------------------------------ challenges (issuer thread)
+    def _wait_on_loop(self, coro, doing: str) -> None:
+        """Run ``coro`` on the event loop from the issuer thread and wait for it (15 s at most);
+        a failure is logged, not raised: this instance still answers its own challenges."""
+        try:
+            asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=15)
+        except Exception as e:
+            log.warning("autocert: %s failed: %s", doing, e)
+
     def _present(self, ch: Challenge) -> None:
         self.challenges.present(ch)
-        fut = asyncio.run_coroutine_threadsafe(
-            self.storage.store(storage_key(ch, self.issuer_key), ch.to_json()), self._loop)
-        try:
-            fut.result(timeout=15)
-        except Exception as e:   # other instances cannot answer; this one still can
-            log.warning("autocert: storing the %s challenge for %s failed: %s", ch.type, ch.domain, e)
+        self._wait_on_loop(self.storage.store(storage_key(ch, self.issuer_key), ch.to_json()),
+                           f"storing the {ch.type} challenge for {ch.domain}")
 
     def _cleanup(self, ch: Challenge) -> None:
         self.challenges.remove(ch)
@@ -601,11 +605,7 @@ class AutocertManager:
         # Waited for: the record is keyed by name, and a delete landing after the next
         # challenge's write (TLS-ALPN-01 failed, HTTP-01 next) would hide that challenge
         # from the other instances.
-        try:
-            asyncio.run_coroutine_threadsafe(forget(), self._loop).result(timeout=15)
-        except Exception as e:
-            log.warning("autocert: removing the %s challenge for %s from storage failed: %s",
-                        ch.type, ch.domain, e)
+        self._wait_on_loop(forget(), f"removing the {ch.type} challenge for {ch.domain} from storage")
 
     # ------------------------------------------------------------------ status
     async def status(self) -> list[dict]:

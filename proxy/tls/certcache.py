@@ -29,11 +29,6 @@ def _now() -> _dt.datetime:
     return _dt.datetime.now(_dt.timezone.utc)
 
 
-def certificate_names(cert: x509.Certificate) -> tuple[str, ...]:
-    """DNS names a certificate covers: its SAN DNS entries, else its subject CN."""
-    return _leaf_facts(cert)[0]
-
-
 def aia_ocsp_url(aia: x509.AuthorityInformationAccess) -> Optional[str]:
     """The first http(s) OCSP responder URL of an AIA extension value, or None."""
     for desc in aia:
@@ -47,8 +42,9 @@ def aia_ocsp_url(aia: x509.AuthorityInformationAccess) -> Optional[str]:
 
 
 def _leaf_facts(cert: x509.Certificate) -> tuple[tuple[str, ...], bool, Optional[str]]:
-    """(names, must-staple, OCSP URL) from one pass over the extensions (asking for each one
-    by OID raises ExtensionNotFound for the absent ones: ~10 us each, thousands at start)."""
+    """(names, must-staple, OCSP URL) from one pass over the extensions; the names are the
+    SAN DNS entries, else the subject CN. (Asking for each extension by OID raises
+    ExtensionNotFound for the absent ones: ~10 us each, thousands at start.)"""
     names: list[str] = []
     must_staple = False
     url = None
