@@ -31,11 +31,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 
-PATH = "/small"
-
-
-def request() -> bytes:
-    return f"GET {PATH} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n".encode()
+def request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n".encode()
 
 
 def client_ctx() -> ssl.SSLContext:
@@ -45,9 +42,9 @@ def client_ctx() -> ssl.SSLContext:
     return ctx
 
 
-def get(sock: ssl.SSLSocket) -> None:
+def get(sock: ssl.SSLSocket, path: str = "/small") -> None:
     """One request, its whole response read (Content-Length framing)."""
-    sock.sendall(request())
+    sock.sendall(request(path))
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -75,9 +72,6 @@ def control(args: list[str], pid: int) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
 
 
-last_dump: Path | None = None
-
-
 def by_object(f: Path, top: int = 12) -> str:
     """Instructions by shared object (python, libssl, libcrypto, uvloop, libc...)."""
     r = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(f)],
@@ -92,8 +86,8 @@ def by_object(f: Path, top: int = 12) -> str:
     return "\n".join(f"  {100 * v / total:5.1f}%  {k}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top])
 
 
-def dump_ir(out: Path, pid: int) -> int:
-    """Dumps the counters (which resets them) and returns the instructions in that dump."""
+def dump_ir(out: Path, pid: int) -> tuple[int, Path]:
+    """Dumps the counters (which resets them): the instructions in that dump, and its file."""
     before = set(out.parent.glob(out.name + ".*"))
     control(["-d"], pid)
     for _ in range(100):
@@ -103,11 +97,9 @@ def dump_ir(out: Path, pid: int) -> int:
         time.sleep(0.1)
     (f,) = new
     time.sleep(0.2)
-    global last_dump
-    last_dump = f
     for line in f.read_text(errors="replace").splitlines():
         if line.startswith(("totals:", "summary:")):
-            return int(line.split()[1])
+            return int(line.split()[1]), f
     raise SystemExit(f"no totals in {f}")
 
 
@@ -121,8 +113,6 @@ def main() -> None:
     ap.add_argument("--path", default="/small", help="/small (100 bytes) or /1m (1 MiB)")
     ap.add_argument("--by-object", action="store_true", help="also break the count down by shared object")
     a = ap.parse_args()
-    global PATH
-    PATH = a.path
     b = run.Bench(quick=True, only=["ours"], keep=False)
     b.setup()
     srv = b.make_server("ours")
@@ -138,25 +128,25 @@ def main() -> None:
         conns = [connect(ctx, srv.port) for _ in range(a.conns)]
         for s in conns:                      # warm-up: pools, caches, first-use imports
             for _ in range(20):
-                get(s)
+                get(s, a.path)
         control(["-i", "on"], srv.pid)
         dump_ir(out, srv.pid)                 # start from zero
         t0 = time.monotonic()
         for i in range(a.requests):
-            get(conns[i % len(conns)])
+            get(conns[i % len(conns)], a.path)
         t_req = time.monotonic() - t0
-        ir_req = dump_ir(out, srv.pid)
-        print(f"keep-alive GET {PATH}: {ir_req / a.requests:,.0f} instructions per request "
+        ir_req, dump = dump_ir(out, srv.pid)
+        print(f"keep-alive GET {a.path}: {ir_req / a.requests:,.0f} instructions per request "
               f"({a.requests} requests over {a.conns} connections, {t_req:.1f} s under callgrind)")
         if a.by_object:
-            print(by_object(last_dump))
+            print(by_object(dump))
         if a.new_conns:
             for _ in range(a.new_conns):
                 s = connect(ctx, srv.port)
-                get(s)
+                get(s, a.path)
                 s.close()
             time.sleep(1.0)                   # let the proxy see the closes
-            ir_new = dump_ir(out, srv.pid)
+            ir_new, _ = dump_ir(out, srv.pid)
             print(f"new connections: {ir_new / a.new_conns:,.0f} instructions per connection "
                   f"(full handshake + 1 request + close, {a.new_conns} connections)")
         for s in conns:

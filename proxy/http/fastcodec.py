@@ -759,9 +759,7 @@ class Connection:
         if fast is not None and fast[2] == 0:
             lines, special, _ = fast
             info = _scan(special)
-            if etype is _Info or (self._keep_alive and self._framing(
-                    b"GET" if self._request_method == b"HEAD" else self._request_method,
-                    _Response, status, info)[0] == _CL):
+            if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
                 # nothing for _clean_up_response_headers to change
                 framing = self._process_head(self.our_role, etype, None, status, b"1.1", info)
                 if framing is not None:
@@ -776,10 +774,16 @@ class Connection:
             self._wkind, self._wleft = framing
         return head
 
-    def _clean_up_response_headers(self, status: int, items):
-        """h11's _clean_up_response_headers_for_sending."""
+    def _sent_response_kind(self, status: int, info) -> int:
+        """The body framing of a response we send (to HEAD, framed as GET's would be)."""
         method = self._request_method
-        kind, _ = self._framing(b"GET" if method == b"HEAD" else method, _Response, status, _scan(items))
+        return self._framing(b"GET" if method == b"HEAD" else method, _Response, status, info)[0]
+
+    def _clean_up_response_headers(self, status: int, items):
+        """h11's _clean_up_response_headers_for_sending (the cached path in _send_response
+        takes only heads this leaves unchanged: kept alive and framed by length)."""
+        method = self._request_method
+        kind = self._sent_response_kind(status, _scan(items))
         need_close = False
         if kind != _CL:
             items = [it for it in items if it[1] != b"content-length"]

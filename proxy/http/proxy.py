@@ -80,12 +80,11 @@ class Side:
     ``flush``): a head and a small body go out as one TLS record and one write system call
     instead of three."""
 
-    __slots__ = ("stream", "conn", "check_head", "held")
+    __slots__ = ("stream", "conn", "held")
 
-    def __init__(self, stream: Stream, role, check_head: bool = False):
+    def __init__(self, stream: Stream, role):
         self.stream = stream
         self.conn = HTTP.Connection(role, max_incomplete_event_size=MAX_HEAD)
-        self.check_head = check_head
         self.held: list[bytes] = []
 
     async def next_event(self, timeout: Optional[float], head_buf: Optional[bytearray] = None,
@@ -157,7 +156,7 @@ class ClientConnection:
         self.get_state = get_state
         self.scheme = scheme
         self.busy = False          # a request is in flight (drain waits for these)
-        self.side = Side(stream, h11.SERVER, check_head=True)
+        self.side = Side(stream, h11.SERVER)
         self._close_gently = False   # an error answer was sent: linger before closing
 
     async def run(self) -> None:
@@ -230,7 +229,7 @@ class ClientConnection:
             return False
         if ev is None or type(ev) is h11.ConnectionClosed:
             return False
-        if not type(ev) is h11.Request:
+        if type(ev) is not h11.Request:
             return False
         self.busy = True
         started = time.monotonic()
@@ -379,21 +378,23 @@ class ClientConnection:
         up = state.routes.upstream(route)
         entry.upstream = f"{up.host}:{up.port}"
         up_req = self._upstream_request(req, route, host_header, upgrade, up)
-        has_body = not type(first_body) is h11.EndOfMessage
+        has_body = type(first_body) is not h11.EndOfMessage
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
         for attempt in range(attempts):
             try:
-                stream = state.pool.take(up)
-                reused = stream is not None
-                if stream is None:
+                taken = state.pool.take(up)
+                reused = taken is not None
+                if reused:
+                    stream, upstream = taken
+                else:
                     stream = await state.pool.connect(up, opts.default_upstream_timeout)
+                    upstream = Side(stream, h11.CLIENT)
             except UpstreamRefused as e:
                 log.warning("upstream %s refused for %s: %s", entry.upstream, route.from_url, e)
                 return self._gateway_error(502, "The upstream service refused the connection.", req, entry)
             except TimeoutError:
                 log.warning("upstream %s timed out connecting for %s", entry.upstream, route.from_url)
                 return self._gateway_error(504, "The upstream service did not answer in time.", req, entry)
-            upstream = stream.http if reused and stream.http is not None else Side(stream, h11.CLIENT)
             try:
                 upstream.hold(up_req)   # leaves with the first body bytes or the end of message
                 if await self._send_body(first_body, upstream, opts):
@@ -460,8 +461,7 @@ class ClientConnection:
         uc = upstream.conn
         if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
             uc.start_next_cycle()
-            stream.http = upstream      # the next request on this connection reuses its codec
-            state.pool.release(up, stream)
+            state.pool.release(up, stream, upstream)   # the next request on it reuses its codec
         else:
             stream.close()
         return False

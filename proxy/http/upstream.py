@@ -19,20 +19,21 @@ class UpstreamPool:
     def __init__(self, max_idle_per_upstream: int = 64, idle_seconds: float = 60.0):
         self.max_idle = max_idle_per_upstream
         self.idle_seconds = idle_seconds
-        self._idle: dict[tuple[str, int], list[tuple[Stream, float]]] = {}
+        self._idle: dict[tuple[str, int], list[tuple[Stream, object, float]]] = {}
 
-    def take(self, up: Upstream) -> Optional[Stream]:
-        """An idle kept-alive connection to ``up``, or None (no coroutine for the usual case)."""
+    def take(self, up: Upstream) -> Optional[tuple[Stream, object]]:
+        """An idle kept-alive connection to ``up`` with the codec state released with it, or
+        None (no coroutine for the usual case)."""
         idle = self._idle.get((up.host, up.port))
         if not idle:
             return None
         now = time.monotonic()
         while idle:
-            stream, since = idle.pop()
+            stream, codec, since = idle.pop()
             if stream.is_closing or stream._eof or stream._buf or now - since > self.idle_seconds:
                 stream.close()
                 continue
-            return stream
+            return stream, codec
         return None
 
     async def connect(self, up: Upstream, timeout: float) -> Stream:
@@ -47,17 +48,18 @@ class UpstreamPool:
             raise UpstreamRefused(f"{up.host}:{up.port}: {e.strerror or e}") from None
         return stream
 
-    def release(self, up: Upstream, stream: Stream) -> None:
+    def release(self, up: Upstream, stream: Stream, codec: object) -> None:
+        """Keeps ``stream`` for reuse with ``codec``, the caller's HTTP state for it (opaque here)."""
         if stream.is_closing or stream._eof or stream._buf:
             stream.close()
             return
         idle = self._idle.setdefault((up.host, up.port), [])
         if len(idle) >= self.max_idle:
             idle.pop(0)[0].close()
-        idle.append((stream, time.monotonic()))
+        idle.append((stream, codec, time.monotonic()))
 
     def close(self) -> None:
         for idle in self._idle.values():
-            for stream, _ in idle:
+            for stream, _, _ in idle:
                 stream.close()
         self._idle.clear()

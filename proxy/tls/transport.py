@@ -38,7 +38,7 @@ class Stream(asyncio.Protocol):
 
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
     __slots__ = ("transport", "_buf", "_size", "_eof", "_lost", "_exc", "_waiter", "_reading_paused",
-                 "_write_paused", "_drain_waiters", "_loop", "ready", "closed", "peer", "http")
+                 "_write_paused", "_drain_waiters", "_loop", "ready", "closed", "peer")
 
     def __init__(self) -> None:
         self.transport: Optional[asyncio.Transport] = None
@@ -55,7 +55,6 @@ class Stream(asyncio.Protocol):
         self.ready: asyncio.Future = self._loop.create_future()   # connected (and TLS handshake done)
         self.closed: asyncio.Future = self._loop.create_future()
         self.peer: str = "-"
-        self.http = None   # the HTTP/1.1 codec side of a pooled upstream connection, kept for reuse
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport) -> None:
@@ -161,7 +160,7 @@ class Stream(asyncio.Protocol):
         waiter = self._loop.create_future()
         ready.add_done_callback(lambda f: waiter.done() or (
             waiter.set_exception(f.exception()) if f.exception() else waiter.set_result(None)))
-        handle = self._loop.call_later(timeout, lambda: waiter.done() or waiter.set_exception(TimeoutError()))
+        handle = self._loop.call_later(timeout, _time_out, waiter)
         try:
             await waiter
         finally:
