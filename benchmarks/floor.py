@@ -5,7 +5,8 @@
 Not the product and not a test fixture: a measuring stick for benchmarks/instructions.py
 (--floor). pyOpenSSL memory BIOs on uvloop like the proxy, httptools callbacks on both
 sides, a list of idle upstream connections; no routing, no timeouts, no validation beyond
-llhttp's, no error handling, GET without a body only. What the proxy spends above this
+llhttp's, no error handling, GET without a body only; a close_notify is answered and the
+connection closed (tlsload's cycle). What the proxy spends above this
 figure is the price of its codec interface and its request handling.
 """
 import asyncio, sys, uvloop, httptools
@@ -65,7 +66,9 @@ class Client(asyncio.Protocol):
             self.hs = True
         while True:
             try: chunk = c.recv(65536)
-            except (SSL.WantReadError, SSL.ZeroReturnError): break
+            except SSL.WantReadError: break
+            except (SSL.ZeroReturnError, SSL.SysCallError):   # close_notify: answer it and close
+                c.shutdown(); self.flush(); self.t.close(); return
             self.p.feed_data(chunk)
         self.flush()
 

@@ -10,7 +10,9 @@ for optimising the request path: the proxy runs under callgrind with collection 
 start-up and warm-up, then counts exactly N requests (GET /small, 100-byte body, to the same
 upstream nginx as run.py), spread over K keep-alive TLS connections. With --new-conns M it
 also counts M new TLS connections (full handshake + one request each) and reports
-instructions per connection. --path /1m counts 1 MiB responses instead; --by-object splits
+instructions per connection; with --handshakes H, H connections that only handshake,
+send close_notify and read to the end (what run.py's tlsload does, no HTTP request).
+--path /1m counts 1 MiB responses instead; --by-object splits
 the count by shared object (python, libc memcpy, OpenSSL in cryptography's _rust.abi3.so);
 --floor measures benchmarks/floor.py, a minimal callback-only proxy, for reference. Under
 valgrind a `rep movsb` copy counts one instruction per byte, so copies weigh more here than
@@ -42,9 +44,18 @@ def client_ctx() -> ssl.SSLContext:
     return ctx
 
 
+UPLOAD = b"a" * (1024 * 1024)
+
+
 def get(sock: ssl.SSLSocket, path: str = "/small") -> None:
-    """One request, its whole response read (Content-Length framing)."""
-    sock.sendall(request(path))
+    """One request, its whole response read (Content-Length framing). ``/upload``: a POST
+    with a 1 MiB body (the upstream reads it and answers 200)."""
+    if path == "/upload":
+        sock.sendall(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\n"
+                     b"Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n" % len(UPLOAD))
+        sock.sendall(UPLOAD)
+    else:
+        sock.sendall(request(path))
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -86,6 +97,54 @@ def by_object(f: Path, top: int = 12) -> str:
     return "\n".join(f"  {100 * v / total:5.1f}%  {k}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top])
 
 
+def functions(f: Path, top: int) -> str:
+    """The ``top`` functions by exclusive instructions."""
+    r = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(f)],
+                       capture_output=True, text=True, timeout=300)
+    rows = []
+    for line in r.stdout.splitlines():
+        m = re.match(r"\s*([\d,]+)\s+\(\s*([\d.]+)%\)\s+(.*)$", line)
+        if m and not m.group(3).startswith("PROGRAM TOTALS"):
+            rows.append(f"  {m.group(2):>5s}%  {m.group(3)[:110]}")
+    return "\n".join(rows[:top])
+
+
+def callers(f: Path, symbol: str) -> str:
+    """Who calls ``symbol`` (a substring of a function name), with the instructions spent in
+    it from each caller: callgrind_annotate's caller tree, the block for that function."""
+    r = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--tree=caller", "--threshold=100", str(f)],
+                       capture_output=True, text=True, timeout=300)
+    out, block = [], []
+    for line in r.stdout.splitlines():
+        if not line.strip():
+            if any("*" in ln and symbol in ln for ln in block):
+                out.extend(ln[:150] for ln in block)
+                out.append("")
+            block = []
+        else:
+            block.append(line)
+    return "\n".join(out)
+
+
+def report(dump: Path, a) -> None:
+    if a.by_object:
+        print(by_object(dump))
+    if a.functions:
+        print(functions(dump, a.functions))
+    for sym in a.callers or ():
+        print(callers(dump, sym))
+
+
+def handshake_only(ctx: ssl.SSLContext, port: int) -> None:
+    """tlsload's cycle: connect, full handshake, close_notify, read to the peer's, close."""
+    s = connect(ctx, port)
+    try:
+        s.unwrap()
+    except (ssl.SSLError, OSError):
+        pass
+    s.close()
+
+
 def dump_ir(out: Path, pid: int) -> tuple[int, Path]:
     """Dumps the counters (which resets them): the instructions in that dump, and its file."""
     before = set(out.parent.glob(out.name + ".*"))
@@ -110,8 +169,14 @@ def main() -> None:
     ap.add_argument("--new-conns", type=int, default=0)
     ap.add_argument("--floor", action="store_true",
                     help="measure benchmarks/floor.py (a minimal callback-only TLS proxy) instead")
-    ap.add_argument("--path", default="/small", help="/small (100 bytes) or /1m (1 MiB)")
+    ap.add_argument("--path", default="/small", help="/small (100 bytes), /1m (1 MiB) or /upload (1 MiB POST)")
+    ap.add_argument("--handshakes", type=int, default=0,
+                    help="also count H connections that only handshake and close (tlsload's cycle)")
     ap.add_argument("--by-object", action="store_true", help="also break the count down by shared object")
+    ap.add_argument("--functions", type=int, default=0, metavar="K",
+                    help="also list the K functions with the most instructions (exclusive)")
+    ap.add_argument("--callers", action="append", metavar="SYMBOL",
+                    help="also show who calls SYMBOL (e.g. memcpy), from the caller tree; repeatable")
     a = ap.parse_args()
     b = run.Bench(quick=True, only=["ours"], keep=False)
     b.setup()
@@ -136,19 +201,27 @@ def main() -> None:
             get(conns[i % len(conns)], a.path)
         t_req = time.monotonic() - t0
         ir_req, dump = dump_ir(out, srv.pid)
-        print(f"keep-alive GET {a.path}: {ir_req / a.requests:,.0f} instructions per request "
+        print(f"keep-alive {'POST' if a.path == '/upload' else 'GET'} {a.path}: {ir_req / a.requests:,.0f} instructions per request "
               f"({a.requests} requests over {a.conns} connections, {t_req:.1f} s under callgrind)")
-        if a.by_object:
-            print(by_object(dump))
+        report(dump, a)
         if a.new_conns:
             for _ in range(a.new_conns):
                 s = connect(ctx, srv.port)
                 get(s, a.path)
                 s.close()
             time.sleep(1.0)                   # let the proxy see the closes
-            ir_new, _ = dump_ir(out, srv.pid)
+            ir_new, dump = dump_ir(out, srv.pid)
             print(f"new connections: {ir_new / a.new_conns:,.0f} instructions per connection "
                   f"(full handshake + 1 request + close, {a.new_conns} connections)")
+            report(dump, a)
+        if a.handshakes:
+            for _ in range(a.handshakes):
+                handshake_only(ctx, srv.port)
+            time.sleep(1.0)
+            ir_hs, dump = dump_ir(out, srv.pid)
+            print(f"handshakes: {ir_hs / a.handshakes:,.0f} instructions per connection "
+                  f"(full handshake + close_notify both ways, no request, {a.handshakes} connections)")
+            report(dump, a)
         for s in conns:
             s.close()
     finally:

@@ -48,20 +48,24 @@ class App:
         self.stapler = None
         self._stapler_task: Optional[asyncio.Task] = None
         self._reloading = False
+        self._loop: Optional[asyncio.AbstractEventLoop] = None   # set by start()
 
     # --- connection factories ---
     def _track(self, conn) -> None:
         self.connections.add(conn)
-        task = asyncio.get_running_loop().create_task(conn.run())
+        task = self._loop.create_task(conn.run())
         task.add_done_callback(lambda t: self.connections.discard(conn))
 
+    def _get_state(self) -> ProxyState:
+        return self.state
+
     def _tls_protocol(self) -> Stream:
-        stream = TLSStream(self.engine.new_connection, getattr(self.engine, "prepare", None))
-        self._track(ClientConnection(stream, lambda: self.state, scheme="https"))
+        stream = TLSStream(self.engine.new_connection, self.engine.prepare, self._loop)
+        self._track(ClientConnection(stream, self._get_state, scheme="https"))
         return stream
 
     def _redirect_protocol(self) -> Stream:
-        stream = Stream()
+        stream = Stream(self._loop)
         http01 = self.autocert.http01 if self.autocert is not None else None
         kwargs = {"http01": http01} if http01 else {}
         self._track(RedirectConnection(stream, lambda: self.state.options.address.port,
@@ -70,7 +74,7 @@ class App:
 
     # --- lifecycle ---
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         opts = self.options
         for w in opts.warnings:
             log.warning("%s", w)
@@ -117,7 +121,7 @@ class App:
             m = opts.metrics_address
 
             def metrics_protocol() -> Stream:
-                stream = Stream()
+                stream = Stream(loop)
                 self._track(MetricsConnection(stream))
                 return stream
             self.servers.append(await loop.create_server(metrics_protocol, m.host or None, m.port,

@@ -41,7 +41,7 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, stream = await loop.create_connection(Stream, up.host, up.port)
+                _, stream = await loop.create_connection(lambda: Stream(loop), up.host, up.port)
         except TimeoutError:
             raise
         except OSError as e:

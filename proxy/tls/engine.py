@@ -71,6 +71,9 @@ class TLSEngine:
         self._initial = self._base_context()
         self._initial.set_tlsext_servername_callback(self._on_servername)
         self._challenge_contexts: dict[bytes, SSL.Context] = {}
+        # Runs on a connection's first bytes before OpenSSL sees them (the autocert manager's
+        # storage look-up for challenges and names obtained elsewhere); None: nothing to do.
+        self.prepare: Optional[Callable[[bytes], object]] = None
 
     # --- contexts ---
     def _base_context(self) -> SSL.Context:

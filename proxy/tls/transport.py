@@ -22,6 +22,44 @@ log = logging.getLogger("proxy.tls")
 READ_LIMIT = 256 * 1024
 _BIG = 16 * 1024   # bytes through a memory BIO above which its buffer is renewed when idle
 _bio_swap = True    # off if pyOpenSSL's internals are not what _fresh_bios expects
+# OpenSSL called directly through pyOpenSSL's own cffi binding (its private ``_lib`` and the
+# Connection's ``_ssl``/``_into_ssl``/``_from_ssl``) on the paths every connection and every
+# byte takes: no exception for "nothing to read yet", records read straight into the buffer
+# that is handed up or written out, no fixed 256 KiB / 64 KiB allocation per call. Anything
+# unusual (an error, an unknown result) goes through pyOpenSSL's own error handling. Off, with
+# one warning, if a pyOpenSSL release lacks those attributes: the public API path remains.
+_direct = True
+_direct_checked = False
+_NULL = _ssl_ffi.NULL
+_alloc = _ssl_ffi.new_allocator(should_clear_after_alloc=False)   # no memset: OpenSSL fills it
+_buffer = _ssl_ffi.buffer
+_from_buffer = _ssl_ffi.from_buffer
+_pending_bytes = _ssl_lib.BIO_get_mem_data   # (bio, NULL): bytes held by a memory BIO
+_BIO_read = _ssl_lib.BIO_read
+_BIO_write = _ssl_lib.BIO_write
+_SSL_read = _ssl_lib.SSL_read
+_SSL_write = _ssl_lib.SSL_write
+_SSL_pending = _ssl_lib.SSL_pending
+_SSL_do_handshake = _ssl_lib.SSL_do_handshake
+_SSL_get_error = _ssl_lib.SSL_get_error
+_WANT_READ = _ssl_lib.SSL_ERROR_WANT_READ
+_ZERO_RETURN = _ssl_lib.SSL_ERROR_ZERO_RETURN
+# A write is encrypted and flushed in pieces of this size: the memory BIO then never holds
+# more than one piece's records, so it does not regrow (copy, wipe, zero) to the size of a
+# large chunk after each renewal, and the bytes it copies stay in the CPU cache.
+WRITE_PIECE = 64 * 1024
+_RECORD = 16 * 1024   # the most plaintext one TLS record holds
+
+
+def _check_direct(conn) -> bool:
+    """Once per process: does this pyOpenSSL have what the direct paths use?"""
+    global _direct, _direct_checked
+    _direct_checked = True
+    if not all(hasattr(conn, a) for a in ("_ssl", "_into_ssl", "_from_ssl", "_raise_ssl_error")):
+        _direct = False
+        log.warning("this pyOpenSSL lacks the internals the direct OpenSSL calls use; TLS "
+                    "connections take the public API (slower)")
+    return _direct
 
 
 def _time_out(waiter: asyncio.Future) -> None:
@@ -38,9 +76,11 @@ class Stream(asyncio.Protocol):
 
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
     __slots__ = ("transport", "_buf", "_size", "_eof", "_lost", "_exc", "_waiter", "_reading_paused",
-                 "_write_paused", "_drain_waiters", "_loop", "ready", "closed", "peer")
+                 "_write_paused", "_drain_waiters", "_loop", "ready", "_closed", "peer")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        # ``loop``: the running loop, when the caller has it (asyncio.get_event_loop() costs a
+        # getpid system call per connection)
         self.transport: Optional[asyncio.Transport] = None
         self._buf: collections.deque[bytes] = collections.deque()   # received, not yet read: chunks as they came
         self._size = 0
@@ -51,10 +91,19 @@ class Stream(asyncio.Protocol):
         self._reading_paused = False
         self._write_paused = False
         self._drain_waiters: list[asyncio.Future] = []
-        self._loop = asyncio.get_event_loop()
+        self._loop = loop or asyncio.get_event_loop()
         self.ready: asyncio.Future = self._loop.create_future()   # connected (and TLS handshake done)
-        self.closed: asyncio.Future = self._loop.create_future()
+        self._closed: Optional[asyncio.Future] = None   # made when asked for (rarely)
         self.peer: str = "-"
+
+    @property
+    def closed(self) -> asyncio.Future:
+        """Resolves when the connection is gone."""
+        if self._closed is None:
+            self._closed = self._loop.create_future()
+            if self._lost:
+                self._closed.set_result(None)
+        return self._closed
 
     # --- asyncio.Protocol ---
     def connection_made(self, transport) -> None:
@@ -86,8 +135,8 @@ class Stream(asyncio.Protocol):
             if not w.done():
                 w.set_exception(StreamClosed("connection lost"))
         self._drain_waiters.clear()
-        if not self.closed.done():
-            self.closed.set_result(None)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_paused = True
@@ -157,12 +206,11 @@ class Stream(asyncio.Protocol):
         ready = self.ready
         if ready.done():
             return ready.result()
-        waiter = self._loop.create_future()
-        ready.add_done_callback(lambda f: waiter.done() or (
-            waiter.set_exception(f.exception()) if f.exception() else waiter.set_result(None)))
-        handle = self._loop.call_later(timeout, _time_out, waiter)
+        # ``ready`` itself times out (its only waiter is the connection's task): no second
+        # future, no callback hop
+        handle = self._loop.call_later(timeout, _time_out, ready)
         try:
-            await waiter
+            await ready
         finally:
             handle.cancel()
 
@@ -228,26 +276,47 @@ class TLSStream(Stream):
     callbacks). The handshake runs as bytes arrive; ``ready`` resolves when it is done.
     """
 
-    __slots__ = ("_new_connection", "_prepare", "conn", "_handshaked", "_held", "server_name",
-                 "alpn", "tls_version", "_sent_shutdown", "_swap_bios")
+    __slots__ = ("_new_connection", "_prepare", "conn", "_handshaked", "_held",
+                 "_sent_shutdown", "_swap_bios")
 
     def __init__(self, new_connection: Callable[[], SSL.Connection],
-                 prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None) -> None:
-        super().__init__()
+                 prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        super().__init__(loop)
         self._new_connection = new_connection
         self._prepare = prepare
         self.conn: Optional[SSL.Connection] = None
         self._handshaked = False
         self._held: Optional[bytearray] = None   # bytes kept back while ``prepare`` runs
-        self.server_name: Optional[str] = None
-        self.alpn: Optional[bytes] = None
-        self.tls_version: str = ""
         self._sent_shutdown = False
         self._swap_bios = False   # the BIOs may hold large buffers: renew them when idle
 
+    # What the handshake settled, read from the connection when asked (most connections never ask).
+    @property
+    def server_name(self) -> Optional[str]:
+        """The SNI name the client sent (lower case), None without one or before the handshake."""
+        if not self._handshaked:
+            return None
+        name = self.conn.get_servername()
+        return name.decode("ascii", "replace").lower() if name else None
+
+    @property
+    def alpn(self) -> Optional[bytes]:
+        if not self._handshaked:
+            return None
+        return self.conn.get_alpn_proto_negotiated() or None
+
+    @property
+    def tls_version(self) -> str:
+        if not self._handshaked:
+            return ""
+        return self.conn.get_protocol_version_name()
+
     def _on_connected(self) -> None:
-        self.conn = self._new_connection()
-        self.conn.set_accept_state()
+        self.conn = conn = self._new_connection()
+        conn.set_accept_state()
+        if not _direct_checked:
+            _check_direct(conn)
 
     def data_received(self, data: bytes) -> None:
         if self._held is not None:
@@ -273,6 +342,106 @@ class TLSStream(Stream):
         self._incoming(held)
 
     def _incoming(self, data: bytes) -> None:
+        if _direct:
+            self._incoming_direct(data)
+        else:
+            self._incoming_api(data)
+
+    def _handshake_failed(self, e: BaseException) -> None:
+        self._flush()   # the alert, if OpenSSL wrote one
+        log.debug("TLS handshake failed from %s: %s", self.peer, e)
+        metrics.inc("autocert_proxy_tls_handshake_errors_total")
+        self._fail(None)
+
+    def _handshake_done(self) -> None:
+        self._handshaked = True
+        if not self.ready.done():
+            self.ready.set_result(None)
+        self._swap_bios = True
+
+    def _incoming_direct(self, data: bytes) -> None:
+        conn = self.conn
+        n = len(data)
+        if n > _BIG:
+            self._swap_bios = True
+        ssl = conn._ssl
+        rbio = conn._into_ssl
+        if _BIO_write(rbio, _from_buffer(data), n) != n:
+            self._fail("bio write failed")
+            return
+        if not self._handshaked:
+            r = _SSL_do_handshake(ssl)
+            if r != 1:
+                if _SSL_get_error(ssl, r) == _WANT_READ:
+                    self._flush()
+                    return
+                try:   # pyOpenSSL's own error handling: a callback's exception, the error queue
+                    conn._raise_ssl_error(ssl, r)
+                    raise SSL.Error("handshake failed")
+                except Exception as e:   # SSL.Error, or an exception raised inside a callback
+                    self._handshake_failed(e)
+                return
+            self._handshake_done()
+        # Every record this data completes, decrypted into one buffer that goes up as one
+        # chunk: a 256 KiB read holds 16 records, and one chunk instead of 16 saves 15 trips
+        # through the HTTP layer (and 15 writes to the upstream). The plaintext is at most the
+        # ciphertext held, plus what OpenSSL has decrypted already, plus the part of one record
+        # it read before (a read usually ends inside a record); anything beyond that (never
+        # seen) is taken by a second round.
+        got = 0
+        chunks = None
+        end = None
+        while True:
+            avail = _pending_bytes(rbio, _NULL) + _SSL_pending(ssl)
+            if avail <= 0:
+                break
+            avail += _RECORD
+            buf = _alloc("char[]", avail)
+            got = 0
+            while got < avail:
+                r = _SSL_read(ssl, buf + got, avail - got)
+                if r > 0:
+                    got += r
+                    continue
+                err = _SSL_get_error(ssl, r)
+                if err == _WANT_READ:
+                    break
+                if err == _ZERO_RETURN:   # close_notify
+                    end = "eof"
+                    break
+                try:
+                    conn._raise_ssl_error(ssl, r)
+                    end = "fail"
+                except (SSL.ZeroReturnError, SSL.SysCallError):   # the peer went away
+                    end = "eof"
+                except SSL.WantReadError:
+                    pass
+                except Exception as e:   # SSL.Error
+                    log.debug("TLS error from %s: %s", self.peer, e)
+                    end = "fail"
+                break
+            if got:
+                chunk = _buffer(buf, got)[:]
+                if chunks is None:
+                    chunks = chunk
+                elif type(chunks) is list:
+                    chunks.append(chunk)
+                else:
+                    chunks = [chunks, chunk]
+            if got < avail or end is not None:
+                break
+        if chunks is not None:
+            self._feed(chunks if type(chunks) is bytes else b"".join(chunks))
+        if end == "eof":
+            self._feed_eof()
+        elif end == "fail":
+            self._fail(None)
+            return
+        self._flush()
+
+    def _incoming_api(self, data: bytes) -> None:
+        """The same through pyOpenSSL's public API (when its internals are not what
+        _incoming_direct expects)."""
         conn = self.conn
         if len(data) > _BIG:
             self._swap_bios = True
@@ -288,22 +457,9 @@ class TLSStream(Stream):
                 self._flush()
                 return
             except Exception as e:   # SSL.Error, or an exception raised inside a callback
-                self._flush()
-                log.debug("TLS handshake failed from %s: %s", self.peer, e)
-                metrics.inc("autocert_proxy_tls_handshake_errors_total")
-                self._fail(None)
+                self._handshake_failed(e)
                 return
-            self._handshaked = True
-            name = conn.get_servername()
-            self.server_name = name.decode("ascii", "replace").lower() if name else None
-            self.alpn = conn.get_alpn_proto_negotiated() or None
-            self.tls_version = conn.get_protocol_version_name()
-            if not self.ready.done():
-                self.ready.set_result(None)
-            self._swap_bios = True
-        # Every record this data completes, handed up as one chunk: a 256 KiB read holds
-        # 16 records, and one chunk instead of 16 saves 15 trips through the HTTP layer
-        # (and 15 writes to the upstream) for one extra copy.
+            self._handshake_done()
         got = []
         end = None
         while True:
@@ -331,18 +487,36 @@ class TLSStream(Stream):
         self._flush()
 
     def _flush(self) -> None:
-        conn, transport = self.conn, self.transport
-        out = []
-        while True:   # a memory BIO hands over all it holds in one read: no second call
-            try:
-                data = conn.bio_read(262144)
-            except SSL.WantReadError:
-                break
-            out.append(data)
-            if len(data) < 262144:
-                break
-        if out and transport is not None and not transport.is_closing():
-            transport.write(b"".join(out) if len(out) > 1 else out[0])
+        """Sends what OpenSSL wrote to the memory BIO."""
+        conn = self.conn
+        if _direct:
+            # Exactly what the BIO holds, read once into a buffer that is handed to the
+            # transport as it is (no copy into a bytes object, no join).
+            wbio = conn._from_ssl
+            n = _pending_bytes(wbio, _NULL)
+            if n <= 0:
+                return
+            buf = _alloc("char[]", n)
+            n = _BIO_read(wbio, buf, n)
+            if n <= 0:
+                return
+            out = memoryview(_buffer(buf, n))   # keeps ``buf`` alive while the transport holds it
+        else:
+            parts = []
+            while True:
+                try:
+                    data = conn.bio_read(262144)
+                except SSL.WantReadError:
+                    break
+                parts.append(data)
+                if len(data) < 262144:
+                    break
+            if not parts:
+                return
+            out = b"".join(parts) if len(parts) > 1 else parts[0]
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(out)
 
     def _going_idle(self) -> None:
         if self._swap_bios:
@@ -352,11 +526,11 @@ class TLSStream(Stream):
         """Give the connection new, empty memory BIOs (both must be drained).
 
         A memory BIO keeps the largest buffer it ever held: after the handshake that is the
-        whole server flight (certificate chain) and the client's hello, after a 1 MiB response
-        a 256 KiB chunk's records (measured: 285 KiB per idle connection after a download).
-        An idle connection would carry that for as long as it stays open. Done when a read
-        is about to wait, not after each write: a fresh BIO regrowing under a bulk transfer
-        would copy every chunk again. OpenSSL frees the old pair in SSL_set_bio."""
+        whole server flight (certificate chain) and the client's hello, after a bulk transfer
+        one write piece's records. An idle connection would carry that for as long as it stays
+        open. Done when a read is about to wait, not after each write: a fresh BIO regrowing
+        under a bulk transfer would copy every piece again. OpenSSL frees the old pair in
+        SSL_set_bio."""
         global _bio_swap
         if not _bio_swap:
             return
@@ -395,13 +569,33 @@ class TLSStream(Stream):
     def write(self, data: bytes) -> None:
         if self.is_closing:
             raise StreamClosed("write on a closed connection")
-        if len(data) > _BIG:
+        n = len(data)
+        if n > _BIG:
             self._swap_bios = True
-        try:
-            self.conn.sendall(data)
-        except SSL.Error as e:
-            raise StreamClosed(f"TLS write failed: {e}") from None
-        self._flush()
+        conn = self.conn
+        if not _direct:
+            for off in range(0, n, WRITE_PIECE) if n > WRITE_PIECE else (None,):
+                try:
+                    conn.sendall(data if off is None else data[off:off + WRITE_PIECE])
+                except SSL.Error as e:
+                    raise StreamClosed(f"TLS write failed: {e}") from None
+                self._flush()
+            return
+        ssl = conn._ssl
+        p = _from_buffer(data)
+        off = 0
+        while off < n:
+            k = n - off if n - off <= WRITE_PIECE else WRITE_PIECE
+            # a memory BIO takes everything: SSL_write writes all k bytes or fails
+            r = _SSL_write(ssl, p + off, k)
+            if r <= 0:
+                try:
+                    conn._raise_ssl_error(ssl, r)
+                    raise SSL.Error("write failed")
+                except SSL.Error as e:
+                    raise StreamClosed(f"TLS write failed: {e}") from None
+            off += r
+            self._flush()
 
     def shutdown_write(self) -> None:
         """Send close_notify (the peer reads EOF) and keep the connection open for reading."""
