@@ -482,6 +482,41 @@ def test_written_line_cache_changes_nothing():
     assert len(fastcodec._CACHED_LINES) <= 1
 
 
+def test_received_header_cache_changes_nothing():
+    """The fast codec keeps received (name, value) pairs it has normalised for reuse: parsing
+    with a warm cache gives the same events as with a cold one and as h11; the pairs framing
+    and state depend on are never taken from it; the cache is bounded in entries and in
+    value length."""
+    fastcodec._NORMALISED.clear()
+    for _ in range(2):   # cold, then warm
+        for name in VALID_REQUESTS:
+            test_requests_parse_like_h11(name, 0)
+        for name in VALID_RESPONSES:
+            test_responses_parse_like_h11(name, 0)
+    # pairs framing and state depend on (Host, Content-Length, Connection...) are never cached
+    assert not any(pair[0] in fastcodec._SPECIAL_NAMES for pair in fastcodec._NORMALISED.values())
+    assert any(pair[0] == b"user-agent" for pair in fastcodec._NORMALISED.values())   # the cache ran
+
+    def parse(head):
+        conn = FAST.Connection(h11.SERVER)
+        conn.receive_data(head)
+        return conn.next_event()
+
+    long_value = b"v" * (fastcodec._CACHEABLE_VALUE + 1)
+    ev = parse(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + long_value + b"\r\nX-Trailing: v \t\r\n\r\n")
+    assert ev.headers == [(b"host", b"a"), (b"cookie", long_value), (b"x-trailing", b"v")]
+    assert (b"Cookie", long_value) not in fastcodec._NORMALISED
+    assert fastcodec._NORMALISED[(b"X-Trailing", b"v \t")] == (b"x-trailing", b"v")
+    # the same raw pair warm: same normalised pair; Transfer-Encoding's value lower-cased as h11 does
+    ev = parse(b"POST / HTTP/1.1\r\nHost: a\r\nX-Trailing: v \t\r\nTransfer-Encoding: Chunked\r\n\r\n")
+    assert ev.headers == [(b"host", b"a"), (b"x-trailing", b"v"), (b"transfer-encoding", b"chunked")]
+    for i in range(fastcodec._NORMALISED_MAX + 10):
+        parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n\r\n" % i)
+    assert len(fastcodec._NORMALISED) <= fastcodec._NORMALISED_MAX
+    # and the written-line cache takes no long values either
+    assert fastcodec._cache_line((b"x", long_value)) is None
+
+
 @pytest.mark.parametrize("bad", [
     dict(status=200, headers=[(b"content-length", b"2")], body=[b"abc"]),       # too much
     dict(status=200, headers=[(b"content-length", b"5")], body=[b"abc"]),       # too little

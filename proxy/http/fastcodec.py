@@ -179,14 +179,42 @@ def _scan(items):
 _STATE_HEADERS = frozenset((b"connection", b"upgrade", b"expect", b"transfer-encoding", b"content-length"))
 
 
+# Received (name, value) -> (lower-case name, value without trailing whitespace), for pairs
+# no framing or state rule looks at: a proxy receives the same User-Agent, Accept, Server...
+# over and over. Bounded in entries and in value length (a client must not be able to make
+# it hold large values); emptied when full.
+_NORMALISED: dict = {}
+_NORMALISED_MAX = 4096
+_CACHEABLE_VALUE = 256
+
+
 class _HeadSink:
-    """httptools callbacks for one head."""
-    __slots__ = ("url", "status", "headers")
+    """httptools callbacks for one head, and the normalising of its header pairs."""
+    __slots__ = ("url", "status", "headers", "special")
 
     def __init__(self):
         self.url = b""
         self.status = b""
         self.headers = []
+        self.special = []   # normalised pairs that state or framing depends on (with Host)
+
+    def normalise(self, h):
+        name, value = h
+        if value and (value[-1] == 32 or value[-1] == 9):
+            value = value.rstrip(b" \t")
+        lname = name.lower()
+        if lname in _SPECIAL_NAMES:
+            if lname == b"transfer-encoding":
+                value = value.lower()   # as h11 stores it
+            pair = (lname, value)
+            self.special.append(pair)
+            return pair
+        pair = (lname, value)
+        if len(value) <= _CACHEABLE_VALUE:
+            if len(_NORMALISED) >= _NORMALISED_MAX:
+                _NORMALISED.clear()
+            _NORMALISED[h] = pair
+        return pair
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -196,6 +224,11 @@ class _HeadSink:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+
+
+# States that take part in h11's state-triggered transitions (with keep-alive and no pending
+# protocol switch, a pair of states outside these never changes in _settle).
+_SETTLING = frozenset((MIGHT_SWITCH_PROTOCOL, SWITCHED_PROTOCOL, CLOSED, ERROR))
 
 
 def _remote(msg: str, hint: int = 400) -> RemoteProtocolError:
@@ -257,6 +290,9 @@ class Connection:
     def _settle(self) -> None:
         """h11's _fire_state_triggered_transitions."""
         c, s = self._cstate, self._sstate
+        if self._keep_alive and c not in _SETTLING and s not in _SETTLING \
+                and not self._switch_upgrade and not self._switch_connect:
+            return   # none of the rules below can fire (the usual case)
         while True:
             c0, s0 = c, s
             if self._switch_upgrade or self._switch_connect:
@@ -402,7 +438,7 @@ class Connection:
             self._receive_buffer += p
 
     def next_event(self):
-        their = self.their_state
+        their = self._cstate if self.our_role is SERVER else self._sstate
         if their is ERROR:
             raise RemoteProtocolError("Can't receive data when peer state is ERROR")
         p = self._pending
@@ -487,37 +523,34 @@ class Connection:
             hint = 501 if "Transfer-Encoding` header" in str(e) or "invalid `Transfer-Encoding`" in str(e) else 400
             raise LocalProtocolError(f"illegal message head: {e}", error_status_hint=hint) from None
         version = parser.get_http_version().encode()
-        # Headers: lower-case names, trailing whitespace dropped (llhttp drops the leading),
-        # h11's Content-Length / Transfer-Encoding / Host rules.
-        headers = []
+        # Headers: lower-case names, trailing whitespace dropped (llhttp drops the leading).
+        # Ordinary pairs come normalised from a cache; the ones h11's Content-Length /
+        # Transfer-Encoding / Host / Connection rules look at go through sink.normalise,
+        # which collects them for the checks below.
+        get = _NORMALISED.get
+        headers = [get(h) or sink.normalise(h) for h in sink.headers]
         hosts = 0
         close = upgrade = expect = te = False
         cl = None
-        for name, value in sink.headers:
-            lname = name.lower()
-            if value and (value[-1] == 32 or value[-1] == 9):
-                value = value.rstrip(b" \t")
-            if lname in _STATE_HEADERS:
-                if lname == b"connection":
-                    close = close or _has_token(value, b"close")
-                elif lname == b"upgrade":
-                    upgrade = upgrade or bool(value.strip(b" \t,"))
-                elif lname == b"expect":
-                    expect = expect or _has_token(value, b"100-continue")
-                elif lname == b"transfer-encoding":
-                    if te:
-                        raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
-                    value = value.lower()
-                    if value != b"chunked":
-                        raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
-                    te = True
-                else:
-                    if len(value) > 20:
-                        raise LocalProtocolError("bad Content-Length")
-                    cl = value
-            elif lname == b"host":
+        for lname, value in sink.special:
+            if lname == b"host":
                 hosts += 1
-            headers.append((lname, value))
+            elif lname == b"connection":
+                close = close or _has_token(value, b"close")
+            elif lname == b"upgrade":
+                upgrade = upgrade or bool(value.strip(b" \t,"))
+            elif lname == b"expect":
+                expect = expect or _has_token(value, b"100-continue")
+            elif lname == b"transfer-encoding":
+                if te:
+                    raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
+                if value.lower() != b"chunked":
+                    raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+                te = True
+            elif lname == b"content-length":
+                if len(value) > 20:
+                    raise LocalProtocolError("bad Content-Length")
+                cl = value
         info = (close, upgrade, expect, te, cl)
         del buf[:end]
         if self.their_role is CLIENT:
@@ -685,30 +718,48 @@ class Connection:
 
     def _their_eom(self, trailers):
         ev = _eom(trailers)
-        self._transition(self.their_role, _EOM)
-        if self.their_role is CLIENT:
+        if self.our_role is SERVER:   # they are the client
+            if self._cstate is SEND_BODY:
+                self._cstate = DONE
+            else:
+                self._transition(CLIENT, _EOM)
             self.client_is_waiting_for_100_continue = False
+        elif self._sstate is SEND_BODY:
+            self._sstate = DONE
+        else:
+            self._transition(SERVER, _EOM)
         self._settle()
         return ev
 
     # --- sending ---
     def send(self, event):
-        if self.our_state is ERROR:
+        if (self._sstate if self.our_role is SERVER else self._cstate) is ERROR:
             raise LocalProtocolError("Can't send data when our state is ERROR")
         try:
             etype = type(event)
             role = self.our_role
             if etype is _Data:
-                self._transition(role, _Data)
                 if role is CLIENT:
+                    if self._cstate is not SEND_BODY:
+                        self._transition(role, _Data)   # raises
                     self.client_is_waiting_for_100_continue = False
+                elif self._sstate is not SEND_BODY:
+                    self._transition(role, _Data)
                 return self._write_data(event.data)
             if etype is _EOM:
-                self._transition(role, _EOM)
+                # SEND_BODY -> DONE (anything else: _transition raises h11's error)
                 if role is CLIENT:
+                    if self._cstate is SEND_BODY:
+                        self._cstate = DONE
+                    else:
+                        self._transition(role, _EOM)
                     self.client_is_waiting_for_100_continue = False
+                elif self._sstate is SEND_BODY:
+                    self._sstate = DONE
+                else:
+                    self._transition(role, _EOM)
                 self._settle()
-                return self._write_eom(event.headers)
+                return self._write_eom(event.headers) if event is not _END else self._write_eom(())
             if etype is _Response or etype is _Info:
                 return self._send_response(event, etype)
             if etype is _Request:
@@ -733,8 +784,17 @@ class Connection:
         fast = _cached_head(ev.headers)
         if fast is not None and fast[2] == 1:
             lines, special, _ = fast
-            framing = self._process_head(self.our_role, _Request, method, 0, b"1.1", _scan(special))
-            self._wkind, self._wleft = framing
+            info = _scan(special)
+            if (self._cstate is IDLE and self._sstate is IDLE and self._keep_alive and not info[0]
+                    and not info[1] and method != b"CONNECT"):
+                # The usual request, h11's transitions written out (see _read_head).
+                self._cstate = SEND_BODY
+                self._sstate = SEND_RESPONSE
+                self._request_method = method
+                self.client_is_waiting_for_100_continue = info[2]
+                self._wkind, self._wleft = _CHUNKED if info[3] else _CL, 0 if info[3] or info[4] is None else int(info[4])
+            else:
+                self._wkind, self._wleft = self._process_head(self.our_role, _Request, method, 0, b"1.1", info)
             return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(lines))
         items = _items(ev.headers)
         hosts = sum(1 for _, n, _v in items if n == b"host")
@@ -761,6 +821,14 @@ class Connection:
             info = _scan(special)
             if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
                 # nothing for _clean_up_response_headers to change
+                if (etype is _Response and self._sstate is SEND_RESPONSE and not info[0]
+                        and (self._cstate is DONE or self._cstate is SEND_BODY)
+                        and not self._switch_upgrade and not self._switch_connect):
+                    # The usual final response, kept alive: h11's transitions written out.
+                    self._sstate = SEND_BODY
+                    self.client_is_waiting_for_100_continue = False
+                    self._wkind, self._wleft = self._framing(self._request_method, _Response, status, info)
+                    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
                 framing = self._process_head(self.our_role, etype, None, status, b"1.1", info)
                 if framing is not None:
                     self._wkind, self._wleft = framing
@@ -850,8 +918,9 @@ def _cache_line(h):
         n, v = h
     except (TypeError, ValueError):
         return None
-    if type(n) is not bytes or type(v) is not bytes or _TOKENS.fullmatch(n) is None:
-        return None
+    if type(n) is not bytes or type(v) is not bytes or _TOKENS.fullmatch(n) is None \
+            or len(v) > _CACHEABLE_VALUE:
+        return None   # (a long value, e.g. a large cookie, is written by the general path)
     if v.translate(None, _VALUE_BYTES) or (v and (v[0] in b" \t" or v[-1] in b" \t")):
         return None
     line = b"%s: %s\r\n" % (n, v)
@@ -977,6 +1046,7 @@ class _FastEngine:
     Data = h11.Data
     EndOfMessage = h11.EndOfMessage
     name = "httptools"
+    END = _END   # the end of a message without trailers, one shared instance
     checks_head_bytes = True   # bare LF and oversized heads are rejected while parsing
 
 

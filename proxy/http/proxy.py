@@ -29,7 +29,6 @@ LINGER_SECONDS = 5.0   # how long a request body is read after an early answer
 LINGER_AFTER_ERROR = 2.0           # and after an error answer that closes the connection
 LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
-END = h11.EndOfMessage()   # immutable, so one instance serves every message (building one costs more than sending it)
 READ_SIZE = 256 * 1024   # reads take a received chunk whole (no split, no copy)
 # The HTTP/1.1 engine, h11's API either way: fastcodec (httptools) when installed, h11 itself
 # (the strict reference) with AUTOCERT_PROXY_HTTP_PARSER=h11. Events stay h11 classes, so the
@@ -39,6 +38,8 @@ HTTP = fastcodec.engine()
 # h11 tolerates a bare LF in a head and limits only heads that arrive incomplete: the proxy
 # checks the raw head bytes itself then. The fast codec rejects both as it parses.
 CHECK_HEAD_BYTES = not getattr(HTTP, "checks_head_bytes", False)
+# Immutable, so one instance serves every message (building one costs more than sending it).
+END = getattr(HTTP, "END", None) or h11.EndOfMessage()
 
 
 # Request headers the proxy replaces rather than forwards (besides the hop-by-hop ones).
