@@ -153,3 +153,22 @@ def test_head_size_limit():
     assert e.value.status == 431
     with pytest.raises(codec.HeadTooLarge):
         codec.check_head_bytes(b"GET / HTTP/1.1\r\nX: " + b"a" * 200, max_size=100)   # still incomplete
+
+
+def test_request_facts_one_pass_agrees_with_the_single_lookups():
+    headers = [(b"host", b"a.example"), (b"x-forwarded-for", b"1.1.1.1"), (b"connection", b"Upgrade, X-Forwarded-For"),
+               (b"upgrade", b"websocket"), (b"host", b"b.example"), (b"x-forwarded-for", b"2.2.2.2"),
+               (b"upgrade", b"h2c"), (b"transfer-encoding", b"chunked")]
+    facts = codec.request_facts(headers)
+    assert facts.host == codec.header_value(headers, b"host") == b"a.example"
+    assert facts.tokens == codec.connection_tokens(headers) == {b"upgrade", b"x-forwarded-for"}
+    assert facts.upgrade == b"websocket" and codec.is_upgrade(headers)
+    assert facts.forwarded_for == [b"1.1.1.1", b"2.2.2.2"]
+    assert facts.chunked
+    plain = codec.request_facts([(b"upgrade", b"websocket"), (b"content-length", b"5, 5")])
+    assert plain.upgrade is None and not codec.is_upgrade([(b"upgrade", b"websocket")])   # not named in Connection
+    assert (plain.host, plain.tokens, plain.forwarded_for, plain.chunked) == (None, set(), [], False)
+    for bad in ([(b"content-length", b"5"), (b"transfer-encoding", b"chunked")],
+                [(b"content-length", b"5"), (b"content-length", b"6")]):
+        with pytest.raises(codec.BadRequest):
+            codec.request_facts(bad)

@@ -45,23 +45,63 @@ def check_head_bytes(buf: bytes, max_size: Optional[int] = None) -> None:
 
 def check_framing(headers: Iterable[tuple[bytes, bytes]]) -> None:
     """Reject requests whose body length two parsers could read differently."""
+    request_facts(headers)
+
+
+class RequestFacts:
+    """What the proxy reads from a request's headers to route and forward it."""
+    __slots__ = ("host", "tokens", "upgrade", "forwarded_for", "chunked")
+
+    def __init__(self, host, tokens, upgrade, forwarded_for, chunked):
+        self.host: Optional[bytes] = host                 # the first Host value
+        self.tokens: set[bytes] = tokens                  # Connection tokens, lower case
+        self.upgrade: Optional[bytes] = upgrade           # the Upgrade value, if Connection names it
+        self.forwarded_for: list[bytes] = forwarded_for   # X-Forwarded-For values, in order
+        self.chunked: bool = chunked                      # the body is chunked
+
+
+_FACT_NAMES = frozenset((b"host", b"connection", b"upgrade", b"x-forwarded-for",
+                         b"transfer-encoding", b"content-length"))
+
+
+def request_facts(headers: Iterable[tuple[bytes, bytes]]) -> RequestFacts:
+    """One pass over a request's (lower-case name, value) pairs. Raises BadRequest when the
+    body length could be read two ways: Content-Length with Transfer-Encoding, or Content-Length
+    values that disagree."""
+    host = upgrade = None
+    connection = []
+    xff = []
     lengths = set()
-    has_te = False
+    te = False
     for name, value in headers:
-        if name == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-        elif name == b"transfer-encoding":
-            has_te = True
-    if has_te and lengths:
-        raise BadRequest("both Content-Length and Transfer-Encoding")
-    if len(lengths) > 1:
-        raise BadRequest("conflicting Content-Length values")
+        if name in _FACT_NAMES:
+            if name == b"host":
+                if host is None:
+                    host = value
+            elif name == b"content-length":
+                lengths.update(v.strip() for v in value.split(b","))
+            elif name == b"connection":
+                connection.append(value)
+            elif name == b"x-forwarded-for":
+                xff.append(value)
+            elif name == b"transfer-encoding":
+                te = True
+            elif upgrade is None:
+                upgrade = value
+    if lengths and (te or len(lengths) > 1):
+        raise BadRequest("both Content-Length and Transfer-Encoding" if te else "conflicting Content-Length values")
+    tokens = _tokens(connection) if connection else set()
+    if b"upgrade" not in tokens:
+        upgrade = None
+    return RequestFacts(host, tokens, upgrade, xff, te)
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
     values = [v for n, v in headers if n == b"connection"]
-    if not values:
-        return set()
+    return _tokens(values) if values else set()
+
+
+def _tokens(values: list[bytes]) -> set[bytes]:
     tokens = {t.strip(b" \t") for t in b",".join(values).lower().split(b",")}
     tokens.discard(b"")
     return tokens
@@ -80,11 +120,13 @@ def is_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
 
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,
-               drop: frozenset = frozenset()) -> Headers:
-    """Headers with hop-by-hop ones removed (and those named in Connection, and ``drop``)."""
+               drop: frozenset = frozenset(), tokens: Optional[set[bytes]] = None) -> Headers:
+    """Headers with hop-by-hop ones removed (and those named in Connection, and ``drop``).
+    ``tokens``: the Connection tokens, when the caller has them already."""
     headers = headers if type(headers) is list else list(headers)
     gone = HOP_BY_HOP | drop if drop else HOP_BY_HOP
-    tokens = connection_tokens(headers)
+    if tokens is None:
+        tokens = connection_tokens(headers)
     if tokens:
         gone = gone | tokens
     out = [h for h in headers if h[0] not in gone]

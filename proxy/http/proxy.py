@@ -211,7 +211,18 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         try:
-            ev = await self._read_head(first, opts)
+            if first or CHECK_HEAD_BYTES or _pending_bytes(conn):
+                ev = await self._read_head(first, opts)
+            else:
+                # The usual keep-alive case, what _read_head does without its coroutines:
+                # nothing buffered, so wait (idle timeout) for the next head's first bytes.
+                data = await self.stream.read(READ_SIZE, opts.timeout_idle)
+                if not data:
+                    return False
+                conn.receive_data(data)
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    ev = await side.next_event(opts.timeout_read_header)
         except TimeoutError:
             if conn.their_state is h11.IDLE and not first and not _pending_bytes(conn):
                 return False   # idle keep-alive connection: close quietly
@@ -237,14 +248,14 @@ class ClientConnection:
         entry = Entry(client=self.stream.peer, method=ev.method.decode("latin-1"),
                       target=ev.target.decode("latin-1"), version=ev.http_version.decode())
         try:
-            codec.check_framing(ev.headers)
+            facts = codec.request_facts(ev.headers)
         except codec.BadRequest as e:
             self._raw_error(400, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
             entry.status = 400
             state.access_log.write(entry, started)
             return False
-        host_header = codec.header_value(ev.headers, b"host") or b""
+        host_header = facts.host or b""
         host = codec.split_host(host_header)
         entry.host = host
         path = ev.target.split(b"?", 1)[0].decode("latin-1")
@@ -262,7 +273,7 @@ class ClientConnection:
                 entry.route = route.from_url
             else:
                 entry.route = route.from_url
-                upgraded = await self._proxy(ev, route, host_header, state, entry)
+                upgraded = await self._proxy(ev, facts, route, host_header, state, entry)
                 if upgraded:
                     state.access_log.write(entry, started)
                     return False
@@ -348,27 +359,27 @@ class ClientConnection:
                 return
 
     # --- proxying ---
-    def _upstream_request(self, req: h11.Request, route: Route, host_header: bytes, upgrade: bool, up) -> h11.Request:
-        src = req.headers
+    def _upstream_request(self, req: h11.Request, facts: codec.RequestFacts, route: Route,
+                          host_header: bytes, up) -> h11.Request:
         headers = [(b"host", host_header if route.preserve_host_header else up.authority_bytes)]
-        kept = codec.end_to_end(src, keep_upgrade=upgrade, drop=_NOT_FORWARDED)
-        headers += kept
-        xffs = [v for n, v in src if n == b"x-forwarded-for"]
-        if xffs and b"x-forwarded-for" in codec.connection_tokens(src):
+        headers += codec.end_to_end(req.headers, keep_upgrade=facts.upgrade is not None,
+                                    drop=_NOT_FORWARDED, tokens=facts.tokens)
+        xffs = facts.forwarded_for
+        if xffs and b"x-forwarded-for" in facts.tokens:
             xffs = []   # named in Connection: hop-by-hop for this request
         peer = self.stream.peer.encode()
         headers.append((b"x-forwarded-for", b", ".join(xffs) + b", " + peer if xffs else peer))
         headers.append((b"x-forwarded-proto", self.scheme.encode()))
         headers.append((b"x-forwarded-host", host_header))
-        if codec.header_value(src, b"transfer-encoding") is not None:
+        if facts.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
         return HTTP.Request(method=req.method, target=req.target, headers=headers)
 
-    async def _proxy(self, req: h11.Request, route: Route, host_header: bytes, state: ProxyState, entry: Entry) -> bool:
+    async def _proxy(self, req: h11.Request, facts: codec.RequestFacts, route: Route, host_header: bytes,
+                     state: ProxyState, entry: Entry) -> bool:
         """Forwards one request. Returns True when the connection was upgraded (and is done)."""
         opts = state.options
         client = self.side
-        upgrade = codec.is_upgrade(req.headers)
         if client.conn.client_is_waiting_for_100_continue:
             client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # The first body event is read before the upstream is contacted: a body that is
@@ -378,7 +389,7 @@ class ClientConnection:
             first_body = await client.next_event(opts.timeout_idle)
         up = state.routes.upstream(route)
         entry.upstream = f"{up.host}:{up.port}"
-        up_req = self._upstream_request(req, route, host_header, upgrade, up)
+        up_req = self._upstream_request(req, facts, route, host_header, up)
         has_body = type(first_body) is not h11.EndOfMessage
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
         for attempt in range(attempts):
@@ -398,7 +409,10 @@ class ClientConnection:
                 return self._gateway_error(504, "The upstream service did not answer in time.", req, entry)
             try:
                 upstream.hold(up_req)   # leaves with the first body bytes or the end of message
-                if await self._send_body(first_body, upstream, opts):
+                if has_body:
+                    if await self._send_body(first_body, upstream, opts):
+                        upstream.send(END)
+                else:
                     upstream.send(END)
                 resp = await upstream.next_event(opts.default_upstream_timeout)
                 while type(resp) is h11.InformationalResponse and resp.status_code != 101:
