@@ -14,9 +14,9 @@ log = logging.getLogger("proxy.access")
 @dataclass
 class Entry:
     client: str = "-"
-    method: str = "-"
-    target: str = "-"
-    version: str = "1.1"
+    method: bytes = b"-"      # as received: decoded only when a line is written
+    target: bytes = b"-"
+    version: bytes = b"1.1"
     host: str = "-"
     status: int = 0
     bytes_sent: int = 0
@@ -34,9 +34,13 @@ class AccessLog:
         if not log.isEnabledFor(logging.INFO):
             return
         entry.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        method, target = entry.method.decode("latin-1"), entry.target.decode("latin-1")
+        version = entry.version.decode("latin-1")
         if self.fmt == "json":
-            log.info(json.dumps(asdict(entry), separators=(",", ":")))
+            fields = asdict(entry)
+            fields.update(method=method, target=target, version=version)
+            log.info(json.dumps(fields, separators=(",", ":")))
         else:
             log.info('%s %s "%s %s HTTP/%s" %d %d %.1fms route=%s upstream=%s',
-                     entry.client, entry.host or "-", entry.method, entry.target, entry.version,
+                     entry.client, entry.host or "-", method, target, version,
                      entry.status, entry.bytes_sent, entry.duration_ms, entry.route, entry.upstream)

@@ -783,8 +783,7 @@ class Connection:
             raise LocalProtocolError("Illegal target characters")
         fast = _cached_head(ev.headers)
         if fast is not None and fast[2] == 1:
-            lines, special, _ = fast
-            info = _scan(special)
+            lines, info, _ = fast
             if (self._cstate is IDLE and self._sstate is IDLE and self._keep_alive and not info[0]
                     and not info[1] and method != b"CONNECT"):
                 # The usual request, h11's transitions written out (see _read_head).
@@ -817,8 +816,7 @@ class Connection:
             raise LocalProtocolError("Illegal reason phrase")
         fast = _cached_head(ev.headers)
         if fast is not None and fast[2] == 0:
-            lines, special, _ = fast
-            info = _scan(special)
+            lines, info, _ = fast
             if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
                 # nothing for _clean_up_response_headers to change
                 if (etype is _Response and self._sstate is SEND_RESPONSE and not info[0]
@@ -932,9 +930,9 @@ def _cache_line(h):
 
 
 def _cached_head(headers):
-    """(lines, special items, number of Host headers) for a plain list of (name, value) pairs
-    whose framing needs no normalising and whose Host, if any, comes first; else None, and the
-    general path handles the head."""
+    """(lines, what _scan would say of the head, number of Host headers) for a plain list of
+    (name, value) pairs whose framing needs no normalising and whose Host, if any, comes first;
+    else None, and the general path handles the head."""
     if type(headers) is not list:
         return None
     if len(_CACHED_LINES) > _CACHE_MAX:
@@ -947,24 +945,32 @@ def _cached_head(headers):
         return None
     if None in lines:
         return None
-    special = [_CACHED_SPECIAL[line] for line in lines if line in _CACHED_SPECIAL]
-    hosts = cl = te = 0
-    for _, n, v in special:
+    hosts = cls = 0
+    close = upgrade = expect = te = False
+    cl = None
+    for _, n, v in [_CACHED_SPECIAL[line] for line in lines if line in _CACHED_SPECIAL]:
         if n == b"host":
             hosts += 1
         elif n == b"content-length":
-            cl += 1
             if not v.isdigit() or len(v) > 20:
                 return None
+            cls += 1
+            cl = v
         elif n == b"transfer-encoding":
-            te += 1
-            if v != b"chunked":
+            if te or v != b"chunked":
                 return None
-    if cl + te > 1 or hosts > 1:
+            te = True
+        elif n == b"connection":
+            close = close or _has_token(v, b"close")
+        elif n == b"upgrade":
+            upgrade = upgrade or bool(v.strip(b" \t,"))
+        else:   # expect
+            expect = expect or _has_token(v, b"100-continue")
+    if cls + te > 1 or hosts > 1:
         return None
     if hosts and _CACHED_SPECIAL.get(lines[0], (0, 0))[1] != b"host":
         return None   # h11 writes Host first
-    return lines, special, hosts
+    return lines, (close, upgrade, expect, te, cl), hosts
 
 
 def _check_framing_headers(items):

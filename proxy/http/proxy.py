@@ -245,8 +245,7 @@ class ClientConnection:
             return False
         self.busy = True
         started = time.monotonic()
-        entry = Entry(client=self.stream.peer, method=ev.method.decode("latin-1"),
-                      target=ev.target.decode("latin-1"), version=ev.http_version.decode())
+        entry = Entry(self.stream.peer, ev.method, ev.target, ev.http_version)
         try:
             facts = codec.request_facts(ev.headers)
         except codec.BadRequest as e:
