@@ -483,7 +483,7 @@ def test_written_line_cache_changes_nothing():
 
 
 def test_received_header_cache_changes_nothing():
-    """The fast codec keeps received (name, value) pairs it has normalised for reuse: parsing
+    """The fast codec keeps received header lines it has normalised for reuse: parsing
     with a warm cache gives the same events as with a cold one and as h11; the pairs framing
     and state depend on are never taken from it; the cache is bounded in entries and in
     value length."""
@@ -505,8 +505,8 @@ def test_received_header_cache_changes_nothing():
     long_value = b"v" * (fastcodec._CACHEABLE_VALUE + 1)
     ev = parse(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + long_value + b"\r\nX-Trailing: v \t\r\n\r\n")
     assert ev.headers == [(b"host", b"a"), (b"cookie", long_value), (b"x-trailing", b"v")]
-    assert (b"Cookie", long_value) not in fastcodec._NORMALISED
-    assert fastcodec._NORMALISED[(b"X-Trailing", b"v \t")] == (b"x-trailing", b"v")
+    assert b"Cookie: " + long_value not in fastcodec._NORMALISED
+    assert fastcodec._NORMALISED[b"X-Trailing: v \t"] == (b"x-trailing", b"v")
     # the same raw pair warm: same normalised pair; Transfer-Encoding's value lower-cased as h11 does
     ev = parse(b"POST / HTTP/1.1\r\nHost: a\r\nX-Trailing: v \t\r\nTransfer-Encoding: Chunked\r\n\r\n")
     assert ev.headers == [(b"host", b"a"), (b"x-trailing", b"v"), (b"transfer-encoding", b"chunked")]

@@ -179,29 +179,29 @@ def _scan(items):
 _STATE_HEADERS = frozenset((b"connection", b"upgrade", b"expect", b"transfer-encoding", b"content-length"))
 
 
-# Received (name, value) -> (lower-case name, value without trailing whitespace), for pairs
+# Received header line -> (lower-case name, value without surrounding whitespace), for lines
 # no framing or state rule looks at: a proxy receives the same User-Agent, Accept, Server...
-# over and over. Bounded in entries and in value length (a client must not be able to make
-# it hold large values); emptied when full.
+# lines over and over. Bounded in entries and in line length (a client must not be able to
+# make it hold large values); emptied when full.
 _NORMALISED: dict = {}
 _NORMALISED_MAX = 4096
 _CACHEABLE_VALUE = 256
 
 
 class _HeadSink:
-    """httptools callbacks for one head, and the normalising of its header pairs."""
-    __slots__ = ("url", "status", "headers", "special")
+    """httptools callbacks for one head (no per-header callback: llhttp validates the whole
+    head, and the lines are split here), and the normalising of its header lines."""
+    __slots__ = ("url", "status", "special")
 
     def __init__(self):
         self.url = b""
         self.status = b""
-        self.headers = []
         self.special = []   # normalised pairs that state or framing depends on (with Host)
 
-    def normalise(self, h):
-        name, value = h
-        if value and (value[-1] == 32 or value[-1] == 9):
-            value = value.rstrip(b" \t")
+    def normalise(self, line: bytes):
+        """One header line of a head llhttp accepted (so ``name: value``, CRLF-free)."""
+        name, _, value = line.partition(b":")
+        value = value.strip(b" \t")
         lname = name.lower()
         if lname in _SPECIAL_NAMES:
             if lname == b"transfer-encoding":
@@ -213,7 +213,7 @@ class _HeadSink:
         if len(value) <= _CACHEABLE_VALUE:
             if len(_NORMALISED) >= _NORMALISED_MAX:
                 _NORMALISED.clear()
-            _NORMALISED[h] = pair
+            _NORMALISED[line] = pair
         return pair
 
     def on_url(self, url: bytes) -> None:
@@ -222,8 +222,6 @@ class _HeadSink:
     def on_status(self, status: bytes) -> None:
         self.status += status
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
 
 
 # States that take part in h11's state-triggered transitions (with keep-alive and no pending
@@ -523,12 +521,14 @@ class Connection:
             hint = 501 if "Transfer-Encoding` header" in str(e) or "invalid `Transfer-Encoding`" in str(e) else 400
             raise LocalProtocolError(f"illegal message head: {e}", error_status_hint=hint) from None
         version = parser.get_http_version().encode()
-        # Headers: lower-case names, trailing whitespace dropped (llhttp drops the leading).
-        # Ordinary pairs come normalised from a cache; the ones h11's Content-Length /
-        # Transfer-Encoding / Host / Connection rules look at go through sink.normalise,
-        # which collects them for the checks below.
+        # Headers: lower-case names, values without surrounding whitespace. Ordinary lines
+        # come normalised from a cache; the ones h11's Content-Length / Transfer-Encoding /
+        # Host / Connection rules look at go through sink.normalise, which collects them for
+        # the checks below.
         get = _NORMALISED.get
-        headers = [get(h) or sink.normalise(h) for h in sink.headers]
+        lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
+        del lines[0], lines[-2:]
+        headers = [get(line) or sink.normalise(line) for line in lines]
         hosts = 0
         close = upgrade = expect = te = False
         cl = None
