@@ -30,21 +30,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
 
 
-def proc_times(root: int) -> tuple[float, float]:
-    """(user, system) CPU seconds over a process tree."""
-    u = s = 0
+def proc_times(root: int) -> tuple[float, float, int]:
+    """(user, system) CPU seconds and minor page faults over a process tree."""
+    u = s = flt = 0
     for p in run.tree_pids(root):
         try:
             st = open(f"/proc/{p}/stat").read()
         except OSError:
             continue
         f = st[st.rfind(")") + 2:].split()
+        flt += int(f[7])
         u += int(f[11])
         s += int(f[12])
-    return u / run.CLK_TCK, s / run.CLK_TCK
+    return u / run.CLK_TCK, s / run.CLK_TCK, flt
+
+
+WRK_PATH = None   # set by --wrk: load with wrk -c4 on this path instead of tlsload
 
 
 def tlsload(b: run.Bench, srv: run.Server, seconds: float, reuse: bool) -> int:
+    """Operations done: new connections (tlsload), or with --wrk MiB moved (1 MiB requests)."""
+    if WRK_PATH:
+        script = b.workdir / "post.lua" if WRK_PATH == "/upload" else None
+        return b.wrk(srv, WRK_PATH, max(1, round(seconds)), 4, script)["requests"]
     cmd = [str(b.tlsload), "-p", str(srv.port), "-s", "localhost", "-c", str(b.hs_procs),
            "-d", str(seconds)] + (["-r"] if reuse else [])
     r = run.run(run.pinned(run.CLIENT_CORE, cmd), seconds + 60)
@@ -104,28 +112,48 @@ def main() -> None:
     ap.add_argument("--perf", action="store_true", help="also a perf cpu-clock profile by object and symbol")
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--floor", action="store_true", help="also measure benchmarks/floor.py (as 'floor')")
+    ap.add_argument("--floor-io", action="store_true",
+                    help="also measure benchmarks/floor_io.py membio and sockbio (as 'membio', 'sockbio')")
+    ap.add_argument("--wrk", metavar="PATH", help="bulk load instead: wrk -c4 on /1m or /upload; "
+                    "figures per 1 MiB request")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also measure the proxy from another checkout (e.g. a git worktree of the "
                          "last commit) as 'base', same set-up: A/B in one run")
+    ap.add_argument("--base-env", action="append", metavar="K=V", help="environment for 'base' (repeatable)")
+    ap.add_argument("--ours", metavar="DIR", help="run 'ours' from this checkout (default: this one)")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the CPU measurement, servers interleaved")
     a = ap.parse_args()
     b = run.Bench(quick=True, only=a.only.split(","), keep=False)
     b.setup()
     results = {}
     try:
-        names = a.only.split(",") + (["floor"] if a.floor else []) + (["base"] if a.baseline else [])
+        global WRK_PATH
+        WRK_PATH = a.wrk
+        names = a.only.split(",") + (["floor"] if a.floor else []) + (["base"] if a.baseline else []) \
+            + (["membio", "sockbio"] if a.floor_io else [])
+        names = [n for n in names if n]
         servers = {}
         for name in names:
             if name == "floor":
-                srv = b.make_server("ours")
+                srv = b.make_server("ours", tag="-floor")
                 srv.name = "floor"
                 srv.argv = [b.venv_python, str(run.HERE / "floor.py"), str(b.leaf.cert_path),
                             str(b.leaf.key_path), str(srv.port), str(b.up_port)]
+            elif name in ("membio", "sockbio"):
+                srv = b.make_server("ours", tag="-" + name)
+                srv.name = name
+                srv.argv = [b.venv_python, str(run.HERE / "floor_io.py"), str(b.leaf.cert_path),
+                            str(b.leaf.key_path), str(srv.port), str(b.up_port), name]
             elif name == "base":
-                srv = b.make_server("ours")
+                srv = b.make_server("ours", tag="-base")
                 srv.name = "base"
                 srv.argv = [b.venv_python, "-m", "proxy"] + srv.argv[1:]
                 srv.env["PYTHONPATH"] = a.baseline
+                srv.env.update(kv.split("=", 1) for kv in a.base_env or ())
+            elif name == "ours" and a.ours:
+                srv = b.make_server("ours")
+                srv.argv = [b.venv_python, "-m", "proxy"] + srv.argv[1:]
+                srv.env["PYTHONPATH"] = a.ours
             else:
                 srv = b.make_server(name)
             servers[name] = srv
@@ -134,20 +162,22 @@ def main() -> None:
                 srv.start()
                 tlsload(b, srv, 1.0, a.reuse)                   # warm-up
             for name in names:
-                results[name] = {"n": 0, "user": 0.0, "sys": 0.0}
+                results[name] = {"n": 0, "user": 0.0, "sys": 0.0, "flt": 0}
             for _ in range(a.rounds):
                 for name, srv in servers.items():
-                    u0, s0 = proc_times(srv.pid)
+                    u0, s0, f0 = proc_times(srv.pid)
                     n = tlsload(b, srv, a.seconds, a.reuse)
-                    u1, s1 = proc_times(srv.pid)
+                    u1, s1, f1 = proc_times(srv.pid)
                     r = results[name]
                     r["n"] += n
+                    r["flt"] += f1 - f0
                     r["user"] += u1 - u0
                     r["sys"] += s1 - s0
             for name, srv in servers.items():
                 r = results[name]
                 r["user"] = r["user"] / r["n"] * 1e6
                 r["sys"] = r["sys"] / r["n"] * 1e6
+                r["flt"] = r["flt"] / r["n"]
                 r["n"] /= a.rounds
                 if not a.no_strace:
                     r["strace"] = strace_counts(b, srv, 3.0, a.reuse)
@@ -160,15 +190,18 @@ def main() -> None:
         if b.upstream:
             b.upstream.stop()
     names = list(results)
-    print("per connection (tlsload, %s):" % ("resumption on" if a.reuse else "full handshakes"))
+    if a.wrk:
+        print(f"per 1 MiB request (wrk -c4 {a.wrk}):")
+    else:
+        print("per connection (tlsload, %s):" % ("resumption on" if a.reuse else "full handshakes"))
     for name in names:
         r = results[name]
-        print(f"  {name:6s} {r['n'] / a.seconds:7.0f} conn/s   CPU user {r['user']:6.0f} us  system {r['sys']:6.0f} us"
-              f"  total {r['user'] + r['sys']:6.0f} us")
+        print(f"  {name:7s} {r['n'] / a.seconds:7.0f} {'req' if a.wrk else 'conn'}/s   CPU user {r['user']:6.0f} us  system {r['sys']:6.0f} us"
+              f"  total {r['user'] + r['sys']:6.0f} us   page faults {r['flt']:6.1f}")
     if not a.no_strace:
         allsys = sorted({s for n in names for s in results[n]["strace"][1]},
                         key=lambda s: -max(results[n]["strace"][1].get(s, 0) / results[n]["strace"][0] for n in names))
-        print("system calls per connection (strace -f -c; errors in brackets):")
+        print("system calls per %s (strace -f -c; errors in brackets):" % ("request" if a.wrk else "connection"))
         print("  %-18s" % "" + "".join(f"{n:>16s}" for n in names))
         tot = {n: 0.0 for n in names}
         for s in allsys:

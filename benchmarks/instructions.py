@@ -169,6 +169,10 @@ def main() -> None:
     ap.add_argument("--new-conns", type=int, default=0)
     ap.add_argument("--floor", action="store_true",
                     help="measure benchmarks/floor.py (a minimal callback-only TLS proxy) instead")
+    ap.add_argument("--src", metavar="DIR",
+                    help="run the proxy from this checkout (e.g. a git worktree: A/B without the working tree's edits)")
+    ap.add_argument("--floor-io", choices=("membio", "sockbio"),
+                    help="measure benchmarks/floor_io.py with that TLS I/O design instead")
     ap.add_argument("--path", default="/small", help="/small (100 bytes), /1m (1 MiB) or /upload (1 MiB POST)")
     ap.add_argument("--handshakes", type=int, default=0,
                     help="also count H connections that only handshake and close (tlsload's cycle)")
@@ -184,6 +188,12 @@ def main() -> None:
     if a.floor:
         srv.argv = [b.venv_python, str(run.HERE / "floor.py"), str(b.leaf.cert_path), str(b.leaf.key_path),
                     str(srv.port), str(b.up_port)]
+    if a.src:
+        srv.argv = [b.venv_python, "-m", "proxy"] + srv.argv[1:]
+        srv.env["PYTHONPATH"] = a.src
+    if a.floor_io:
+        srv.argv = [b.venv_python, str(run.HERE / "floor_io.py"), str(b.leaf.cert_path), str(b.leaf.key_path),
+                    str(srv.port), str(b.up_port), a.floor_io]
     out = srv.workdir / "callgrind.out"
     srv.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                 f"--callgrind-out-file={out}"] + srv.argv
