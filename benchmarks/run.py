@@ -155,11 +155,12 @@ class Server:
     env: dict
     proc: Optional[subprocess.Popen] = None
     startup_s: Optional[float] = None
+    cores: str = SERVER_CORE
 
     def start(self, timeout: float = 120.0, sni: str = "localhost") -> float:
         logf = open(self.workdir / f"{self.name}.out", "ab")
         t0 = time.monotonic()
-        self.proc = subprocess.Popen(pinned(SERVER_CORE, self.argv), env=self.env, stdout=logf,
+        self.proc = subprocess.Popen(pinned(self.cores, self.argv), env=self.env, stdout=logf,
                                      stderr=subprocess.STDOUT, cwd=str(self.workdir),
                                      start_new_session=True)
         deadline = t0 + timeout
@@ -320,7 +321,7 @@ class Bench:
 
     # --- server definitions ---------------------------------------------------------------
     def make_server(self, name: str, certs: Optional[list[tuple[Path, Path, str]]] = None,
-                    tag: str = "") -> Server:
+                    tag: str = "", workers: int = 1) -> Server:
         """certs: extra (cert, key, name) beyond the main leaf (for the many-certificates test)."""
         port = free_port()
         d = self.workdir / f"{name}{tag}"
@@ -338,6 +339,7 @@ class Bench:
                 "autocert": False,
                 "autocert_dir": str(d / "autocert"),
                 "log_level": "warning",        # no access-log lines (nginx: access_log off)
+                "workers": workers,
                 "timeout_idle": "600s",
                 "timeout_read_header": "600s",
             }
@@ -699,10 +701,38 @@ class Bench:
         finally:
             srv.stop()
 
+    def bench_workers(self) -> None:
+        """Keep-alive requests/s of our proxy with workers: 1 and workers: 2, both allowed on
+        both cores (the load generator and the upstream share core 1), rounds interleaved."""
+        if "ours" not in self.only:
+            return
+        log("== workers: 1 -> 2 (ours, cores 0-1)")
+        servers = {}
+        try:
+            for w in (1, 2):
+                srv = servers[w] = self.make_server("ours", tag=f"-w{w}", workers=w)
+                srv.cores = "0,1"
+                srv.start()
+                with contextlib.suppress(Exception):
+                    self.wrk(srv, "/small", 2, 50)   # warm-up
+            rps: dict[int, list[float]] = {1: [], 2: []}
+            for _ in range(self.rounds):
+                for w, srv in servers.items():
+                    rps[w].append(self.wrk(srv, "/small", self.d_keepalive, 50)["rps"])
+            med = {w: sorted(v)[len(v) // 2] for w, v in rps.items()}
+            self.extra["workers"] = (med[1], med[2], rps)
+            log(f"  workers 1 -> 2: {med[1]:,.0f} -> {med[2]:,.0f} req/s ({med[2] / med[1]:.2f}x)")
+        except NA as e:
+            self.notes.append(f"workers scaling not measured: {e}")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+
     def run_all(self) -> None:
         self.setup()
         try:
             self.run_main()
+            self.bench_workers()
             certs = self.many_certs()
             for name in self.only:
                 self.bench_one_cert_sni(name)
@@ -826,6 +856,11 @@ class Bench:
         for name, kib in self.extra.get("many_rss", {}).items():
             details.append(f"- {name}: RSS {kib:,} KiB with {self.n_certs:,} certificates loaded "
                            "(after the handshake run)")
+        if "workers" in self.extra:
+            one, two, rounds = self.extra["workers"]
+            details.append(f"- ours, keep-alive with workers: 1 -> 2 (both on cores 0-1, where wrk and the upstream "
+                           f"also run): {one:,.0f} -> {two:,.0f} req/s, {two / one:.2f}x (rounds: "
+                           + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(rounds[1], rounds[2])) + ")")
         fmt_of = {k: f for k, _, _, f, _ in self.ROWS}
         for metric in ("ka_rps", "ka_cpu", "hs_new_cpu", "hs_reuse_cpu", "dl", "ul"):
             for name, vals in self.samples.get(metric, {}).items():

@@ -452,14 +452,12 @@ class Connection:
             self._receive_buffer += p
         try:
             buf = self._receive_buffer
-            if their is DONE and buf:
-                return PAUSED
-            if their is MIGHT_SWITCH_PROTOCOL or their is SWITCHED_PROTOCOL:
-                return PAUSED
             if their is SEND_BODY:
                 ev = self._read_body(buf)
             elif their is IDLE or their is SEND_RESPONSE:
                 ev = self._read_head(buf)
+            elif (their is DONE and buf) or their is MIGHT_SWITCH_PROTOCOL or their is SWITCHED_PROTOCOL:
+                return PAUSED
             else:   # DONE, MUST_CLOSE, CLOSED
                 if buf:
                     raise LocalProtocolError("Got data when expecting EOF")
