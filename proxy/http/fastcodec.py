@@ -726,7 +726,9 @@ class Connection:
             self._sstate = DONE
         else:
             self._transition(SERVER, _EOM)
-        self._settle()
+        if not (self._keep_alive and self._cstate not in _SETTLING and self._sstate not in _SETTLING
+                and not self._switch_upgrade and not self._switch_connect):
+            self._settle()   # (as in send)
         return ev
 
     # --- sending ---
@@ -756,7 +758,9 @@ class Connection:
                     self._sstate = DONE
                 else:
                     self._transition(role, _EOM)
-                self._settle()
+                if not (self._keep_alive and self._cstate not in _SETTLING and self._sstate not in _SETTLING
+                        and not self._switch_upgrade and not self._switch_connect):
+                    self._settle()   # (the test is _settle's own: no call when no rule can fire)
                 return self._write_eom(event.headers) if event is not _END else self._write_eom(())
             if etype is _Response or etype is _Info:
                 return self._send_response(event, etype)

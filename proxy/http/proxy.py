@@ -298,6 +298,12 @@ class ClientConnection:
                 await self.stream.drain(opts.timeout_idle)
         except TimeoutError:
             return False   # the client stopped reading its response
+        if not state.draining:
+            try:
+                conn.start_next_cycle()   # both sides done: keep the connection
+                return True
+            except h11.LocalProtocolError:
+                pass
         if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY \
                 and not conn.client_is_waiting_for_100_continue:
             await self._linger(opts)
@@ -472,12 +478,12 @@ class ClientConnection:
             self.stream.abort()
             raise StreamClosed("upstream broke off") from None
         entry.bytes_sent = sent
-        uc = upstream.conn
-        if uc.our_state is h11.DONE and uc.their_state is h11.DONE:
-            uc.start_next_cycle()
-            state.pool.release(up, stream, upstream)   # the next request on it reuses its codec
-        else:
+        try:
+            upstream.conn.start_next_cycle()   # both sides done, or LocalProtocolError
+        except h11.LocalProtocolError:
             stream.close()
+        else:
+            state.pool.release(up, stream, upstream)   # the next request on it reuses its codec
         return False
 
     async def _send_body(self, first_body, upstream: Side, opts: Options) -> bool:
