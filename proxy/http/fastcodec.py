@@ -236,6 +236,12 @@ def _remote(msg: str, hint: int = 400) -> RemoteProtocolError:
 class Connection:
     """h11.Connection's API (the part the proxy uses) with llhttp parsing heads."""
 
+    # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
+    __slots__ = ("our_role", "their_role", "_max", "_receive_buffer", "_pending", "_receive_buffer_closed",
+                 "_search_from", "their_http_version", "_request_method", "client_is_waiting_for_100_continue",
+                 "_cstate", "_sstate", "_keep_alive", "_switch_upgrade", "_switch_connect", "_rkind", "_rleft",
+                 "_rchunk_phase", "_wkind", "_wleft")
+
     def __init__(self, our_role, max_incomplete_event_size: int = 16 * 1024):
         if our_role not in (CLIENT, SERVER):
             raise ValueError(f"expected CLIENT or SERVER, not {our_role!r}")

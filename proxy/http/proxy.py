@@ -211,18 +211,25 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         try:
-            if first or CHECK_HEAD_BYTES or _pending_bytes(conn):
+            if CHECK_HEAD_BYTES or _pending_bytes(conn):
                 ev = await self._read_head(first, opts)
             else:
-                # The usual keep-alive case, what _read_head does without its coroutines:
-                # nothing buffered, so wait (idle timeout) for the next head's first bytes.
-                data = await self.stream.read(READ_SIZE, opts.timeout_idle)
+                # The usual case, what _read_head does without its two coroutines (each
+                # would also stay in memory while the connection waits): nothing buffered, so
+                # wait for the head's first bytes. A kept-alive connection waits its idle
+                # timeout; on a new one the head timeout runs from now and bounds the head.
+                if first:
+                    deadline = self.stream._loop.time() + opts.timeout_read_header
+                    data = await self.stream.read(READ_SIZE, opts.timeout_read_header)
+                else:
+                    data = await self.stream.read(READ_SIZE, opts.timeout_idle)
                 if not data:
                     return False
                 conn.receive_data(data)
                 ev = conn.next_event()
                 if ev is h11.NEED_DATA:
-                    ev = await side.next_event(opts.timeout_read_header)
+                    ev = await side.next_event(deadline - self.stream._loop.time() if first
+                                               else opts.timeout_read_header)
         except TimeoutError:
             if conn.their_state is h11.IDLE and not first and not _pending_bytes(conn):
                 return False   # idle keep-alive connection: close quietly
