@@ -486,7 +486,7 @@ def test_received_header_cache_changes_nothing():
     """The fast codec keeps received header lines it has normalised for reuse: parsing
     with a warm cache gives the same events as with a cold one and as h11; the pairs framing
     and state depend on are never taken from it; the cache is bounded in entries and in
-    value length."""
+    line length."""
     fastcodec._NORMALISED.clear()
     for _ in range(2):   # cold, then warm
         for name in VALID_REQUESTS:
@@ -502,7 +502,7 @@ def test_received_header_cache_changes_nothing():
         conn.receive_data(head)
         return conn.next_event()
 
-    long_value = b"v" * (fastcodec._CACHEABLE_VALUE + 1)
+    long_value = b"v" * (fastcodec._CACHEABLE + 1)
     ev = parse(b"GET / HTTP/1.1\r\nHost: a\r\nCookie: " + long_value + b"\r\nX-Trailing: v \t\r\n\r\n")
     assert ev.headers == [(b"host", b"a"), (b"cookie", long_value), (b"x-trailing", b"v")]
     assert b"Cookie: " + long_value not in fastcodec._NORMALISED
@@ -513,8 +513,13 @@ def test_received_header_cache_changes_nothing():
     for i in range(fastcodec._NORMALISED_MAX + 10):
         parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n\r\n" % i)
     assert len(fastcodec._NORMALISED) <= fastcodec._NORMALISED_MAX
-    # and the written-line cache takes no long values either
+    long_name = b"X-" + b"n" * fastcodec._CACHEABLE
+    ev = parse(b"GET / HTTP/1.1\r\nHost: a\r\n" + long_name + b": v\r\n\r\n")
+    assert ev.headers == [(b"host", b"a"), (long_name.lower(), b"v")]
+    assert long_name + b": v" not in fastcodec._NORMALISED
+    # and the written-line cache takes no long lines either
     assert fastcodec._cache_line((b"x", long_value)) is None
+    assert fastcodec._cache_line((long_name, b"v")) is None
 
 
 @pytest.mark.parametrize("bad", [

@@ -182,10 +182,10 @@ _STATE_HEADERS = frozenset((b"connection", b"upgrade", b"expect", b"transfer-enc
 # Received header line -> (lower-case name, value without surrounding whitespace), for lines
 # no framing or state rule looks at: a proxy receives the same User-Agent, Accept, Server...
 # lines over and over. Bounded in entries and in line length (a client must not be able to
-# make it hold large values); emptied when full.
+# make it hold large names or values); emptied when full.
 _NORMALISED: dict = {}
 _NORMALISED_MAX = 4096
-_CACHEABLE_VALUE = 256
+_CACHEABLE = 256   # longest header line (name and value) either cache keeps
 
 
 class _HeadSink:
@@ -210,7 +210,7 @@ class _HeadSink:
             self.special.append(pair)
             return pair
         pair = (lname, value)
-        if len(value) <= _CACHEABLE_VALUE:
+        if len(line) <= _CACHEABLE:
             if len(_NORMALISED) >= _NORMALISED_MAX:
                 _NORMALISED.clear()
             _NORMALISED[line] = pair
@@ -925,8 +925,8 @@ def _cache_line(h):
     except (TypeError, ValueError):
         return None
     if type(n) is not bytes or type(v) is not bytes or _TOKENS.fullmatch(n) is None \
-            or len(v) > _CACHEABLE_VALUE:
-        return None   # (a long value, e.g. a large cookie, is written by the general path)
+            or len(n) + len(v) > _CACHEABLE:
+        return None   # (a long line, e.g. a large cookie, is written by the general path)
     if v.translate(None, _VALUE_BYTES) or (v and (v[0] in b" \t" or v[-1] in b" \t")):
         return None
     line = b"%s: %s\r\n" % (n, v)
