@@ -121,6 +121,7 @@ def main() -> None:
                          "last commit) as 'base', same set-up: A/B in one run")
     ap.add_argument("--base-env", action="append", metavar="K=V", help="environment for 'base' (repeatable)")
     ap.add_argument("--ours", metavar="DIR", help="run 'ours' from this checkout (default: this one)")
+    ap.add_argument("--idle", type=int, metavar="N", help="instead: memory per idle TLS connection, N connections")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the CPU measurement, servers interleaved")
     a = ap.parse_args()
     b = run.Bench(quick=True, only=a.only.split(","), keep=False)
@@ -157,6 +158,19 @@ def main() -> None:
             else:
                 srv = b.make_server(name)
             servers[name] = srv
+        if a.idle:   # memory per idle TLS connection on each fresh server (run.py's method)
+            b.n_idle = a.idle
+            try:
+                for name, srv in servers.items():
+                    srv.start()
+                    m = b.idle_memory(srv)
+                    print(f"  {name:7s} idle: {m['kib_per_conn']:5.1f} KiB per connection "
+                          f"({m['opened']} connections, RSS {m['before_kib']} -> {m['after_kib']} KiB)")
+                    srv.stop()
+            finally:
+                for srv in servers.values():
+                    srv.stop()
+            return
         try:
             for srv in servers.values():
                 srv.start()

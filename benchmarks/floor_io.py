@@ -57,8 +57,12 @@ class Up(asyncio.Protocol):
         self.client.send(b)
 
     def on_message_complete(self):
-        self.client = None
-        idle.append(self)
+        c, self.client = self.client, None
+        if c.req_done:        # the upstream goes back to the list once both messages are complete
+            c.up = None
+            idle.append(self)
+        else:
+            c.up_done = True
 
     def data_received(self, d):
         self.p.feed_data(d)
@@ -72,9 +76,20 @@ class Base:
         self.h = []
         self.up = None
         self.pending = []
+        self.req_done = self.up_done = False
 
     def on_url(self, u):
         self.url = u
+
+    def on_message_begin(self):
+        self.req_done = False
+        self.up_done = False
+
+    def on_message_complete(self):
+        self.req_done = True
+        if self.up_done and self.up is not None:
+            idle.append(self.up)
+            self.up = None
 
     def on_header(self, n, v):
         if n.lower() not in (b"connection", b"keep-alive"):

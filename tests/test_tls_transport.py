@@ -258,3 +258,47 @@ def test_direct_path_stands_down_without_pyopenssl_internals(monkeypatch, caplog
         assert transport._check_direct(NoInternals()) is False
     assert transport._direct is False and transport._direct_checked is True
     assert sum("public API" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_large_arrivals_are_not_held_while_idle(leaf, path):
+    """Large received chunks are read by OpenSSL in place (a read-only BIO over the bytes);
+    once the stream waits for more, it holds none of them (nor a grown buffer)."""
+    payload = os.urandom(2 * 1024 * 1024)
+
+    async def go():
+        ctx = server_context(leaf)
+        loop = asyncio.get_running_loop()
+        idle = loop.create_future()
+
+        async def serve(stream):
+            await stream.wait_ready(10)
+            got = bytearray()
+            while len(got) < len(payload):
+                got += await stream.read(1 << 20, 10)
+            stream.write(b"ok")
+            reading = loop.create_task(stream.read(10, 10))   # waits: the stream goes idle
+            await asyncio.sleep(0.05)
+            idle.set_result((bytes(got), stream._rdata,
+                             transport._ssl_lib.BIO_get_mem_data(stream.conn._into_ssl, transport._ssl_ffi.NULL)))
+            await reading
+            stream.close()
+
+        def factory():
+            stream = transport.TLSStream(lambda: SSL.Connection(ctx, None), None, loop)
+            loop.create_task(serve(stream))
+            return stream
+
+        server = await loop.create_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
+                                                       server_hostname="stream.test")
+        writer.write(payload)
+        assert await asyncio.wait_for(reader.readexactly(2), 30) == b"ok"
+        got, held, pending = await asyncio.wait_for(idle, 10)
+        writer.close()
+        server.close()
+        return got, held, pending
+
+    got, held, pending = uvloop.run(go())
+    assert got == payload
+    assert held is None and pending == 0

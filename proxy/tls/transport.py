@@ -42,6 +42,12 @@ _SSL_write = _ssl_lib.SSL_write
 _SSL_pending = _ssl_lib.SSL_pending
 _SSL_do_handshake = _ssl_lib.SSL_do_handshake
 _SSL_get_error = _ssl_lib.SSL_get_error
+_SSL_set_bio = _ssl_lib.SSL_set_bio
+_BIO_new_mem_buf = _ssl_lib.BIO_new_mem_buf
+_BIO_set_mem_eof_return = _ssl_lib.BIO_set_mem_eof_return
+_rest_ptr = _ssl_ffi.new("char **")
+_BIO_new = _ssl_lib.BIO_new
+_BIO_s_mem = _ssl_lib.BIO_s_mem
 _WANT_READ = _ssl_lib.SSL_ERROR_WANT_READ
 _ZERO_RETURN = _ssl_lib.SSL_ERROR_ZERO_RETURN
 # A write is encrypted and flushed in pieces of this size: the memory BIO then never holds
@@ -277,7 +283,7 @@ class TLSStream(Stream):
     """
 
     __slots__ = ("_new_connection", "_prepare", "conn", "_handshaked", "_held",
-                 "_sent_shutdown", "_swap_bios")
+                 "_sent_shutdown", "_swap_bios", "_rdata")
 
     def __init__(self, new_connection: Callable[[], SSL.Connection],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
@@ -290,6 +296,7 @@ class TLSStream(Stream):
         self._held: Optional[bytearray] = None   # bytes kept back while ``prepare`` runs
         self._sent_shutdown = False
         self._swap_bios = False   # the BIOs may hold large buffers: renew them when idle
+        self._rdata: Optional[bytes] = None   # the bytes the read BIO reads in place
 
     # What the handshake settled, read from the connection when asked (most connections never ask).
     @property
@@ -366,7 +373,33 @@ class TLSStream(Stream):
             self._swap_bios = True
         ssl = conn._ssl
         rbio = conn._into_ssl
-        if _BIO_write(rbio, _from_buffer(data), n) != n:
+        if n > _BIG or self._rdata is not None:
+            # A large chunk is read by OpenSSL where it is: a read-only memory BIO over the
+            # bytes object (kept alive in _rdata) replaces the read BIO, instead of a copy
+            # into a growing buffer that is zeroed first (a small one is copied: swapping
+            # BIOs costs more than copying a few KiB). OpenSSL keeps a record that arrives in
+            # parts in its own buffer, and the reads below take everything, so the read BIO
+            # is empty here.
+            rest = _pending_bytes(rbio, _rest_ptr)
+            if rest > 0:   # not seen (bytes after close_notify, say): they go first
+                data = _buffer(_rest_ptr[0], rest)[:] + data
+                n = len(data)
+            if n > _BIG:
+                if type(data) is not bytes:
+                    data = bytes(data)
+                rbio = _BIO_new_mem_buf(_from_buffer(data), n)
+                if rbio != _NULL:
+                    _BIO_set_mem_eof_return(rbio, -1)   # empty means "more to come", not the end
+                self._rdata = data
+            else:   # back to a regular memory BIO
+                rbio = _BIO_new(_BIO_s_mem())
+                self._rdata = None
+            if rbio == _NULL:
+                self._fail("out of memory")
+                return
+            _SSL_set_bio(ssl, rbio, conn._from_ssl)   # frees the previous read BIO
+            conn._into_ssl = rbio
+        if self._rdata is None and _BIO_write(rbio, _from_buffer(data), n) != n:
             self._fail("bio write failed")
             return
         if not self._handshaked:
@@ -554,6 +587,7 @@ class TLSStream(Stream):
             return
         _ssl_lib.SSL_set_bio(ssl, new_r, new_w)
         conn._into_ssl, conn._from_ssl = new_r, new_w
+        self._rdata = None
         self._swap_bios = False
 
     def _fail(self, reason: Optional[str]) -> None:
