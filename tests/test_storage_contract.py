@@ -21,6 +21,21 @@ from tests.infra.s3server import free_port, s3_env, s3_server  # noqa: F401  (fi
 
 BACKENDS = ["file", "s3", "gcs"]
 
+# Bound on one lock step that involves storage round trips but no lease to run out: moto and
+# fake-gcs-server answer a lock request in 10-60 ms (p95) on a loaded 2-core machine, so this
+# only bounds a hang; waits that depend on a lease are derived from the lease they set.
+STEP = 10.0
+# Lock tests each take 1-5 s (loaded machine); a hang fails here, not at the suite's 300 s.
+LOCK_TEST_TIMEOUT = 60
+
+
+async def warmed(*stores):
+    """Make every instance do one request first, so building its client (aiobotocore parses
+    the S3 model: 0.3-1.5 s on a loaded machine) does not fall inside a timed lease window."""
+    for st in stores:
+        await asyncio.wait_for(st.exists("warm-up"), STEP)
+    return stores
+
 
 @pytest.fixture(params=BACKENDS)
 def backend(request):
@@ -197,21 +212,25 @@ def test_file_store_is_atomic_rename(tmp_path, monkeypatch):
 
 # ----------------------------------------------------------------------------- locks
 
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
 async def test_lock_exclusion_between_instances(make):
-    a, b = make(lease=1.0), make(lease=1.0)
-    await a.lock("order-example.com")
-    # B must keep waiting past several of A's leases: A's renewals keep the lock alive.
+    lease = 1.0
+    a, b = await warmed(make(lease=lease), make(lease=lease))
+    await asyncio.wait_for(a.lock("order-example.com"), STEP)
+    # B must keep waiting past two of A's leases: A's renewals keep the lock alive.
     with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(b.lock("order-example.com"), timeout=2.2)
+        await asyncio.wait_for(b.lock("order-example.com"), timeout=2.2 * lease)
     assert not a.held("order-example.com").lost.is_set()
+    assert b.held("order-example.com") is None
     # another name is independent
-    await asyncio.wait_for(b.lock("order-other.com"), timeout=5)
+    await asyncio.wait_for(b.lock("order-other.com"), timeout=STEP)
     await b.unlock("order-other.com")
     await a.unlock("order-example.com")
-    await asyncio.wait_for(b.lock("order-example.com"), timeout=5)
+    await asyncio.wait_for(b.lock("order-example.com"), timeout=STEP)
     await b.unlock("order-example.com")
 
 
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
 async def test_lock_exclusion_between_tasks_of_one_instance(make):
     st = make(lease=2.0)
     inside, overlaps = 0, 0
@@ -223,59 +242,175 @@ async def test_lock_exclusion_between_tasks_of_one_instance(make):
             overlaps += inside > 1
             await asyncio.sleep(0.02)
             inside -= 1
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(5))), timeout=30)
+    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(5))), timeout=3 * STEP)
     assert overlaps == 0
 
 
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
 async def test_lapsed_lease_is_taken_over_and_holder_learns_it(make):
-    a, b, c = make(lease=1.0), make(lease=1.0), make(lease=1.0)
-    await a.lock("renew")
+    lease = 1.0
+    a, b, c = await warmed(make(lease=lease), make(lease=lease), make(lease=lease))
+    t0 = time.monotonic()                   # before A writes its expiry (now + lease)
+    await asyncio.wait_for(a.lock("renew"), STEP)
     h = a.held("renew")
     h.renewal.cancel()                                  # the holder "dies": no more renewals
-    t0 = time.monotonic()
-    await asyncio.wait_for(b.lock("renew"), timeout=10)
-    # taken over only after the lease lapsed (time measured with a monotonic clock)
-    assert time.monotonic() - t0 > 0.5
+    await asyncio.wait_for(b.lock("renew"), timeout=lease + STEP)
+    # taken over only after the lease lapsed (time measured with a monotonic clock from
+    # before A's expiry was computed; 10 ms for the record's rounding to 1 ms)
+    assert time.monotonic() - t0 > lease - 0.01
     # the old holder's next renewal is refused (conditional write on its stale version)
     h.expires = time.time() + 100                       # pretend its own clock still says fine
     h.renewal = asyncio.get_running_loop().create_task(a._renew(h))
-    await asyncio.wait_for(h.lost.wait(), timeout=5)
-    # its unlock must not release B's lock
+    await asyncio.wait_for(h.lost.wait(), timeout=lease / 3 + STEP)
+    # its unlock must not release B's lock: the record is still B's ...
     await a.unlock("renew")
+    record = await asyncio.wait_for(c._lock_read("renew"), STEP)
+    assert record is not None and record.owner == b.held("renew").owner
+    # ... and stays B's past B's own lease, as B keeps renewing it
     with pytest.raises(asyncio.TimeoutError):
-        await asyncio.wait_for(c.lock("renew"), timeout=1.5)
+        await asyncio.wait_for(c.lock("renew"), timeout=1.5 * lease)
     assert not b.held("renew").lost.is_set()
+    assert c.held("renew") is None
     await b.unlock("renew")
-    await asyncio.wait_for(c.lock("renew"), timeout=5)
+    await asyncio.wait_for(c.lock("renew"), timeout=STEP)
     await c.unlock("renew")
 
 
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
 async def test_holder_whose_lease_ran_out_marks_lost(make):
-    a = make(lease=0.6)
-    await a.lock("stall")
+    lease = 0.6
+    a, = await warmed(make(lease=lease))
+    await asyncio.wait_for(a.lock("stall"), STEP)
     h = a.held("stall")
+    h.renewal.cancel()                                  # (none in flight to overwrite expires)
     h.expires = time.time() - 1                         # as if the loop stalled past the lease
-    await asyncio.wait_for(h.lost.wait(), timeout=5)
+    h.renewal = asyncio.get_running_loop().create_task(a._renew(h))
+    await asyncio.wait_for(h.lost.wait(), timeout=lease / 3 + STEP)
 
 
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
+async def test_holder_whose_renewal_hangs_past_the_lease_marks_lost(make):
+    """A renewal request still unanswered when the lease runs out cannot save the lock (a
+    waiter may take it over from then on): the holder must learn it then, not when the store
+    finally answers (S3 allowed 3 x timeout = 30 s per call; the file backend, forever)."""
+    lease = 0.6
+    a, = await warmed(make(lease=lease))
+    await asyncio.wait_for(a.lock("hang"), STEP)
+    h = a.held("hang")
+    asked = asyncio.Event()
+
+    async def never_answers(name, data, token):
+        asked.set()
+        await asyncio.Event().wait()
+    a._lock_replace = never_answers
+    await asyncio.wait_for(asked.wait(), timeout=lease / 3 + STEP)
+    lease_end = h.expires
+    await asyncio.wait_for(h.lost.wait(), timeout=lease + 2.0)
+    assert time.time() >= lease_end - 0.05              # not before the lease really ended
+    await a.unlock("hang")
+
+
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
+async def test_lock_whose_acquiring_answer_was_slow_is_renewed_in_time(make):
+    """The lease starts when lock() writes its expiry, before the request: if the answer took
+    most of the lease (a new S3 client's first request took 1.5 s on a loaded machine), the
+    first renewal must come at once, not a fixed lease/3 after lock() returned (by then the
+    lease had run out: the holder lost the lock and a waiter took it)."""
+    lease = 1.5
+    a, = await warmed(make(lease=lease))
+    real = a._lock_create
+
+    async def slow_answer(name, data):
+        token = await real(name, data)
+        await asyncio.sleep(0.75 * lease)               # the answer took 3/4 of the lease
+        return token
+    a._lock_create = slow_answer
+    await asyncio.wait_for(a.lock("slow"), STEP)
+    await asyncio.sleep(lease)
+    assert not a.held("slow").lost.is_set()
+    await a.unlock("slow")
+
+
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
 async def test_unlock_only_releases_own_lock(make):
     a, b, c = make(lease=2.0), make(lease=2.0), make(lease=2.0)
-    await a.lock("mine")
+    await asyncio.wait_for(a.lock("mine"), STEP)
     await b.unlock("mine")                              # B does not hold it: no effect
     with pytest.raises(asyncio.TimeoutError):
         await asyncio.wait_for(c.lock("mine"), timeout=0.8)
     await a.unlock("mine")
-    await asyncio.wait_for(c.lock("mine"), timeout=5)
+    await asyncio.wait_for(c.lock("mine"), timeout=STEP)
     await c.unlock("mine")
 
 
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
 async def test_unreadable_lock_record_expires_by_age(backend, make):
     """A lock object someone left half-written (crash between create and write) does not
     block forever: it lapses one lease after it was last modified."""
-    a = make(lease=1.0)
+    lease = 1.0
+    a = make(lease=lease)
     await a.store("locks/garbled.lock", b"{not json")
-    await asyncio.wait_for(a.lock("garbled"), timeout=10)
+    await asyncio.wait_for(a.lock("garbled"), timeout=lease + STEP)
     await a.unlock("garbled")
+
+
+@pytest.mark.timeout(LOCK_TEST_TIMEOUT)
+@pytest.mark.parametrize("method", ["put_object", "get_object"])
+async def test_s3_lock_cancelled_as_an_answer_arrives_stops(s3_env, method):
+    """lock() cancelled by its caller (a timeout, shutdown) in the very loop step in which an
+    S3 answer arrives must stop. Python 3.11's asyncio.wait_for returns the result and drops
+    such a cancellation (CPython gh-86296): with it around every S3 call, lock() kept polling
+    until it got the lock, which never happens while the holder renews, and the caller's
+    own wait_for waited with it (a contract test hung until pytest-timeout)."""
+    url = s3_env.url(f"t-{uuid.uuid4().hex[:10]}/autocert")
+    a, b = open_storage(url, lease_seconds=5.0), open_storage(url, lease_seconds=5.0)
+    waiter = None
+    try:
+        await asyncio.wait_for(a.lock("busy"), STEP)
+        client = await b._c()
+        real = getattr(client, method)
+
+        async def answered_then_cancelled(**kw):
+            try:
+                return await real(**kw)
+            finally:
+                waiter.cancel()                         # the caller gives up as the answer is in
+        setattr(client, method, answered_then_cancelled)
+        waiter = asyncio.get_running_loop().create_task(b.lock("busy"))
+        done, _ = await asyncio.wait([waiter], timeout=STEP)
+        assert done, "lock() went on polling after it was cancelled"
+        assert waiter.cancelled()
+        assert b.held("busy") is None
+    finally:
+        if waiter is not None and not waiter.done():    # the bug: let the stuck lock() end
+            delattr(client, method)
+            await a.unlock("busy")
+            await asyncio.wait([waiter], timeout=STEP)
+        await a.close()
+        await b.close()
+
+
+async def test_s3_client_is_built_off_the_event_loop(s3_env, monkeypatch):
+    """Building an aiobotocore client parses botocore's S3 model (0.25-0.9 s of CPU): done on
+    the event loop it stalled every other task, lease renewals included (a 1 s lease test lost
+    its lock to a waiter that was just creating its client)."""
+    import threading
+    import botocore.loaders
+    parsed_on = []
+    real = botocore.loaders.JSONFileLoader.load_file
+
+    def spy(self, file_path):
+        parsed_on.append((str(file_path), threading.get_ident()))
+        return real(self, file_path)
+    monkeypatch.setattr(botocore.loaders.JSONFileLoader, "load_file", spy)
+    st = open_storage(s3_env.url(f"t-{uuid.uuid4().hex[:10]}/autocert"))
+    try:
+        await asyncio.wait_for(st.exists("k"), STEP)
+    finally:
+        await st.close()
+    model = [t for p, t in parsed_on if os.sep + "s3" + os.sep in p and "service-2" in p]
+    assert model, parsed_on
+    assert threading.get_ident() not in model
 
 
 # ----------------------------------------------------------------------------- faults

@@ -205,8 +205,9 @@ class LeaseLocks:
     lock(name): loop { create-if-absent -> held; else read the record; if its ``expires`` is
     in the past, replace it conditionally on the version we read (exactly one waiter's
     conditional replace can succeed) -> held; else sleep 50-250 ms (jittered) }.
-    While held, a task renews the record every lease/3, conditionally on our last version;
-    a failed condition (or our lease running out before a renewal got through) sets
+    While held, a task renews the record a third of a lease after it was last written,
+    conditionally on our last version; a failed condition (or our lease running out before a
+    renewal got through, even while that renewal is still in flight) sets
     ``handle.lost``. unlock(name) deletes the record conditionally on our version.
     Expiry times are unix wall-clock times: instances sharing a store need synced clocks
     (as certmagic assumes); clock skew must stay well below the lease.
@@ -275,18 +276,40 @@ class LeaseLocks:
             self._renew(handle), name=f"lease-renewal:{name}")
         leases[name] = handle
 
+    def _next_renewal(self, h: LeaseHandle) -> float:
+        """Seconds until the next renewal: a third of a lease after the record was written.
+        Counted from the expiry it holds, not from now: the request that acquired or renewed
+        the lock may itself have taken a good part of the lease (an S3 client's first request
+        builds the client: up to 1.5 s on a loaded machine), and a fixed lease/3 after that
+        could come after the lease had already run out."""
+        lease = self.lease_seconds
+        return min(lease / 3, max(0.0, h.expires - time.time() - 2 * lease / 3))
+
     async def _renew(self, h: LeaseHandle) -> None:
         lease = self.lease_seconds
+        delay = self._next_renewal(h)
         while True:
-            await asyncio.sleep(lease / 3)
-            if time.time() >= h.expires:
+            await asyncio.sleep(delay)
+            delay = lease / 3                    # after a failed attempt: retry this much later
+            left = h.expires - time.time()
+            if left <= 0:
                 log.error("%s: lease on lock %r ran out before it could be renewed; lock lost",
                           self.describe(), h.name)
                 h.lost.set()
                 return
             expires = time.time() + lease
             try:
-                token = await self._lock_replace(h.name, encode_record(h.owner, expires), h.token)
+                # A renewal still in flight when our lease runs out cannot help any more: a
+                # waiter may take the lock over now. Without this bound a slow store (S3 allows
+                # 3 x timeout per call) kept ``lost`` unset long after the lease had lapsed.
+                async with asyncio.timeout(left):
+                    token = await self._lock_replace(h.name, encode_record(h.owner, expires),
+                                                     h.token)
+            except TimeoutError:
+                log.error("%s: lease on lock %r ran out while its renewal was in flight; "
+                          "lock lost", self.describe(), h.name)
+                h.lost.set()
+                return
             except StorageError as e:
                 log.warning("%s: renewing lock %r failed (will retry): %s",
                             self.describe(), h.name, e)
@@ -297,6 +320,7 @@ class LeaseLocks:
                 h.lost.set()
                 return
             h.token, h.expires = token, expires
+            delay = self._next_renewal(h)
 
     async def unlock(self, name: str) -> None:
         h = self._leases().pop(name, None)
