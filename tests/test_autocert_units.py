@@ -256,3 +256,22 @@ def test_parse_client_hello_never_raises_on_mutations():
         facts = parse_client_hello(bytes(mutated))   # must not raise
         if facts is not None and facts.server_name is not None:
             assert isinstance(facts.server_name, str)
+
+
+async def test_bounded_waits_keep_a_cancellation_that_arrives_with_the_answer():
+    """The manager bounds its storage reads with _within, not asyncio.wait_for: on Python 3.11
+    wait_for returns the answer and drops a cancellation that arrives in the same loop step
+    (CPython gh-86296), so a task cancelled at shutdown could carry on."""
+    import asyncio
+    from proxy.autocert.manager import _within
+
+    async def answer():
+        await asyncio.sleep(0)
+        task.cancel()   # the caller gives up just as the answer is in
+        return "answer"
+
+    task = asyncio.get_running_loop().create_task(_within(answer(), 5.0))
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    with pytest.raises(TimeoutError):
+        await _within(asyncio.sleep(10), 0.01)

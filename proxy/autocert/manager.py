@@ -35,6 +35,13 @@ from .schedule import renewal_time, retry_delay
 
 log = logging.getLogger("proxy.autocert")
 
+
+async def _within(aw, seconds: float):
+    """``aw`` bounded by ``seconds`` (TimeoutError). Not asyncio.wait_for: on Python 3.11 it
+    can drop a cancellation that arrives as the awaited call finishes (CPython gh-86296)."""
+    async with asyncio.timeout(seconds):
+        return await aw
+
 # Problems that mean "the CA could not validate this way": the other challenge type may work.
 _VALIDATION_PROBLEMS = ("connection", "unauthorized", "tls", "incorrectResponse", "dns")
 
@@ -167,12 +174,12 @@ class AutocertManager:
             return asyncio.ensure_future(self._adopt_stored_challenge(name))
         if name in self._missing and self.cache.managed(name) is None:
             if not self._ready.is_set():
-                return asyncio.ensure_future(asyncio.wait_for(self._ready.wait(), 5.0))
+                return asyncio.ensure_future(_within(self._ready.wait(), 5.0))
             now = time.monotonic()
             if now - self._miss_lookups.get(name, -1e9) < 2.0:
                 return None
             self._miss_lookups[name] = now
-            return asyncio.ensure_future(asyncio.wait_for(self._sync_from_storage(name), 3.0))
+            return asyncio.ensure_future(_within(self._sync_from_storage(name), 3.0))
         return None
 
     async def _stored_challenge(self, name: str) -> Optional[Challenge]:
@@ -190,7 +197,8 @@ class AutocertManager:
     async def _read_challenge(self, name: str) -> Optional[Challenge]:
         key = storage_key(Challenge(HTTP_01, name, "-", "-"), self.issuer_key)
         try:
-            data = await asyncio.wait_for(self.storage.load(key), 5.0)
+            async with asyncio.timeout(5.0):
+                data = await self.storage.load(key)
             return Challenge.from_json(data)
         except (NotFound, StorageError, TimeoutError, ValueError, KeyError, TypeError):
             return None
@@ -292,7 +300,8 @@ class AutocertManager:
                 if st is not None and st.next_attempt > now:
                     delay = min(delay, st.next_attempt - now + 0.05)
             try:
-                await asyncio.wait_for(self._wake.wait(), max(0.05, delay))
+                async with asyncio.timeout(max(0.05, delay)):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
