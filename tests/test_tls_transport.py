@@ -302,3 +302,54 @@ def test_large_arrivals_are_not_held_while_idle(leaf, path):
     got, held, pending = uvloop.run(go())
     assert got == payload
     assert held is None and pending == 0
+
+
+def test_corrupt_record_after_handshake_closes_only_that_connection(leaf, path):
+    """A record that fails to decrypt ends that connection; OpenSSL's error queue is left
+    clean (a stale entry would make the next connection's reads look failed)."""
+    import socket
+
+    async def go():
+        seen = []
+        server = await echo_server(leaf, seen)
+        port = server.sockets[0].getsockname()[1]
+        loop = asyncio.get_running_loop()
+
+        def corrupt():
+            cctx = client_context()
+            cctx.maximum_version = ssl.TLSVersion.TLSv1_2   # no post-handshake messages
+            s = cctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                 server_hostname="stream.test")
+            try:
+                s.sendall(b"ping")
+                assert s.recv(4) == b"ping"
+                # an application-data record with a bad tag, straight onto the TCP stream
+                os.write(s.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+                try:
+                    while s.recv(100):
+                        pass
+                except (ssl.SSLError, OSError):
+                    pass
+            finally:
+                s.close()
+
+        def good():
+            s = client_context().wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                             server_hostname="stream.test")
+            try:
+                for size in (1, 5000, 70000):
+                    data = os.urandom(size)
+                    s.sendall(data)
+                    got = b""
+                    while len(got) < size:
+                        got += s.recv(size - len(got))
+                    assert got == data
+                s.unwrap()
+            finally:
+                s.close()
+
+        await loop.run_in_executor(None, corrupt)
+        await loop.run_in_executor(None, good)
+        server.close()
+
+    uvloop.run(go())
