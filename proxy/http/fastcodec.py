@@ -446,20 +446,30 @@ class Connection:
         if their is ERROR:
             raise RemoteProtocolError("Can't receive data when peer state is ERROR")
         p = self._pending
+        head_src = None
         if p is not None:
             # Bytes that arrived on an empty buffer: inside a body they are the next Data
             # event as they are (a 1 MiB response crosses here in 256 KiB pieces: copying
             # each into the buffer and out again would double the proxy's memory traffic).
+            # A head is parsed where it is, and what follows it (the start of a body) stays
+            # pending, copied once.
             self._pending = None
             if their is SEND_BODY and (self._rkind is _HTTP10 or (self._rkind is _CL and len(p) <= self._rleft)):
                 if self._rkind is _CL:
                     self._rleft -= len(p)
                 return self._their_data(_data(p if type(p) is bytes else bytes(p)))
-            self._receive_buffer += p
+            if (their is IDLE or their is SEND_RESPONSE) and type(p) is bytes and not self._receive_buffer:
+                head_src = p
+            else:
+                self._receive_buffer += p
         try:
             buf = self._receive_buffer
             if their is SEND_BODY:
                 ev = self._read_body(buf)
+            elif head_src is not None:
+                ev = self._read_head(head_src)
+                if ev is None:   # not a whole head yet: keep the bytes
+                    buf += head_src
             elif their is IDLE or their is SEND_RESPONSE:
                 ev = self._read_head(buf)
             elif (their is DONE and buf) or their is MIGHT_SWITCH_PROTOCOL or their is SWITCHED_PROTOCOL:
@@ -489,7 +499,9 @@ class Connection:
                 raise RemoteProtocolError(str(exc), error_status_hint=exc.error_status_hint) from None
             raise
 
-    def _read_head(self, buf: bytearray):
+    def _read_head(self, buf):
+        """The head at the start of ``buf``: the receive buffer, or bytes that arrived on an
+        empty one (then what follows the head becomes ``_pending``)."""
         if not buf:
             return None
         if buf[0] == 10 or buf[:2] == b"\r\n":
@@ -556,7 +568,11 @@ class Connection:
                     raise LocalProtocolError("bad Content-Length")
                 cl = value
         info = (close, upgrade, expect, te, cl)
-        del buf[:end]
+        if type(buf) is bytes:
+            if end < len(buf):
+                self._pending = buf[end:]
+        else:
+            del buf[:end]
         if self.their_role is CLIENT:
             method = parser.get_method()
             target = sink.url

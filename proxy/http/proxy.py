@@ -30,6 +30,7 @@ LINGER_AFTER_ERROR = 2.0           # and after an error answer that closes the c
 LINGER_BYTES = 4 * 1024 * 1024
 SERVER_NAME = b"autocert-proxy"
 READ_SIZE = 256 * 1024   # reads take a received chunk whole (no split, no copy)
+JOIN_MAX = 16 * 1024     # held head bytes and a body chunk up to this size leave as one write
 # The HTTP/1.1 engine, h11's API either way: fastcodec (httptools) when installed, h11 itself
 # (the strict reference) with AUTOCERT_PROXY_HTTP_PARSER=h11. Events stay h11 classes, so the
 # event type checks and exceptions below are the same (events are compared with ``type(ev) is``:
@@ -123,10 +124,13 @@ class Side:
     def send(self, event) -> None:
         data = self.conn.send(event)
         if self.held:
-            if data:
-                self.held.append(data)
-            data = b"".join(self.held)
-            self.held.clear()
+            if data and len(data) > JOIN_MAX:
+                self.flush()   # a large body chunk is not copied just to put a head before it
+            else:
+                if data:
+                    self.held.append(data)
+                data = b"".join(self.held)
+                self.held.clear()
         if data:
             self.stream.write(data)
 
