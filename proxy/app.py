@@ -63,7 +63,7 @@ class App:
         self.state = ProxyState(options=options, routes=RouteTable(options.routes), pool=self.pool,
                                 access_log=AccessLog(options.access_log_format))
         self.servers: list[asyncio.AbstractServer] = []
-        self.connections: set = set()
+        self.connections: dict = {}   # the task serving each open connection -> the connection
         self.stopped = asyncio.Event()
         self.autocert = None      # the autocert manager, when enabled
         self.stapler = None
@@ -73,9 +73,12 @@ class App:
 
     # --- connection factories ---
     def _track(self, conn) -> None:
-        self.connections.add(conn)
         task = self._loop.create_task(conn.run())
-        task.add_done_callback(lambda t: self.connections.discard(conn))
+        self.connections[task] = conn
+        task.add_done_callback(self._untrack)   # (no closure per connection: it would stay as long)
+
+    def _untrack(self, task) -> None:
+        self.connections.pop(task, None)
 
     def _get_state(self) -> ProxyState:
         return self.state
@@ -246,12 +249,12 @@ class App:
             await self.autocert.stop()
         deadline = asyncio.get_running_loop().time() + self.state.options.shutdown_timeout
         while self.connections:
-            for c in list(self.connections):
+            for c in list(self.connections.values()):
                 if not c.busy:
                     c.stream.close()
             if asyncio.get_running_loop().time() >= deadline:
                 log.warning("drain timeout: closing %d connections", len(self.connections))
-                for c in list(self.connections):
+                for c in list(self.connections.values()):
                     c.stream.abort()
                 break
             await asyncio.sleep(0.05)
