@@ -68,6 +68,9 @@ def main() -> None:
     ap.add_argument("--path", default="/small", help="/small (100 bytes) or /1m (1 MiB)")
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--lines", metavar="FUNCTION", help="count this function's bytecodes by line")
+    ap.add_argument("--handshakes", type=int, default=0, metavar="N",
+                    help="count N new connections instead (tlsload's cycle: handshake, close_notify, "
+                         "no request)")
     a = ap.parse_args()
     b = run.Bench(quick=True, only=["ours"], keep=False)
     b.setup()
@@ -84,10 +87,17 @@ def main() -> None:
         for s in conns:                      # warm-up: pools, caches, first-use imports
             for _ in range(20):
                 instructions.get(s, a.path)
+        for _ in range(20):
+            instructions.handshake_only(ctx, srv.port)
         os.kill(srv.pid, signal.SIGUSR1)
         time.sleep(0.3)
-        for i in range(a.requests):
-            instructions.get(conns[i % len(conns)], a.path)
+        if a.handshakes:
+            for _ in range(a.handshakes):
+                instructions.handshake_only(ctx, srv.port)
+            time.sleep(0.5)   # let the proxy see the closes
+        else:
+            for i in range(a.requests):
+                instructions.get(conns[i % len(conns)], a.path)
         os.kill(srv.pid, signal.SIGUSR2)
         for _ in range(100):
             if out.exists():
@@ -103,12 +113,17 @@ def main() -> None:
     rows = [(int(v), k) for v, k in (line.split(" ", 1) for line in out.read_text().splitlines())]
     total = sum(v for v, _ in rows)
     what = f"in {a.lines}()" if a.lines else "in all"
-    print(f"keep-alive GET {a.path}: {total / a.requests:,.0f} bytecodes per request {what} "
-          f"({a.requests} requests over {len(conns)} connections)")
+    per = a.handshakes or a.requests
+    if a.handshakes:
+        print(f"new connections: {total / per:,.0f} bytecodes per connection {what} "
+              f"(handshake + close_notify, no request; {per} connections)")
+    else:
+        print(f"keep-alive GET {a.path}: {total / per:,.0f} bytecodes per request {what} "
+              f"({per} requests over {len(conns)} connections)")
     if a.lines:
         rows.sort(key=lambda r: int(r[1].rsplit(":", 1)[1]) if r[1].rsplit(":", 1)[1].isdigit() else 0)
     for v, k in rows[: a.top if not a.lines else None]:
-        print(f"{v / a.requests:9.1f}  {k}")
+        print(f"{v / per:9.1f}  {k}")
 
 
 if __name__ == "__main__":
