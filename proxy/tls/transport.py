@@ -465,14 +465,7 @@ class TLSStream(Stream):
                     chunks = [chunks, chunk]
             if got < avail or end is not None:
                 break
-        if chunks is not None:
-            self._feed(chunks if type(chunks) is bytes else b"".join(chunks))
-        if end == "eof":
-            self._feed_eof()
-        elif end == "fail":
-            self._fail(None)
-            return
-        self._flush()
+        self._deliver(None if chunks is None else chunks if type(chunks) is bytes else b"".join(chunks), end)
 
     def _incoming_api(self, data: bytes) -> None:
         """The same through pyOpenSSL's public API (when its internals are not what
@@ -512,8 +505,13 @@ class TLSStream(Stream):
             if not chunk:
                 break
             got.append(chunk)
-        if got:
-            self._feed(got[0] if len(got) == 1 else b"".join(got))
+        self._deliver((got[0] if len(got) == 1 else b"".join(got)) if got else None, end)
+
+    def _deliver(self, data: Optional[bytes], end: Optional[str]) -> None:
+        """Hands up what one arrival decrypted, then the end it reached ("eof", "fail" or
+        None), and sends what OpenSSL has to say (handshake or alert bytes)."""
+        if data:
+            self._feed(data)
         if end == "eof":
             self._feed_eof()
         elif end == "fail":
