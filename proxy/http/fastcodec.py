@@ -522,7 +522,8 @@ class Connection:
         if end > self._max:
             raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
         head = bytes(buf[:end])
-        if head.count(b"\n") != head.count(b"\r\n"):
+        lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
+        if head.count(b"\n") != len(lines) - 1:   # an LF that ends no CRLF
             raise LocalProtocolError("bare LF in message head")
         sink = _HeadSink()
         if self.their_role is CLIENT:
@@ -542,7 +543,6 @@ class Connection:
         # Host / Connection rules look at go through sink.normalise, which collects them for
         # the checks below.
         get = _NORMALISED.get
-        lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
         del lines[0], lines[-2:]
         headers = [get(line) or sink.normalise(line) for line in lines]
         hosts = 0
