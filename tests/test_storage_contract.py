@@ -607,3 +607,30 @@ async def test_gcs_service_account_jwt_flow(tmp_path, monkeypatch):
         assert isinstance(ServiceAccountCredentials, type)
     finally:
         await runner.cleanup()
+
+
+async def test_unlock_cancelled_while_the_renewal_winds_down_is_cancelled(tmp_path):
+    """unlock() waits for the renewal task to end; if unlock() itself is cancelled meanwhile
+    (shutdown), the cancellation reaches its caller instead of being swallowed with the
+    renewal's own CancelledError."""
+    s = open_storage(str(tmp_path / "autocert"), lease_seconds=30.0)
+    try:
+        await asyncio.wait_for(s.lock("slow"), STEP)
+        h = s.held("slow")
+        h.renewal.cancel()
+
+        async def slow_to_stop():
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                await asyncio.sleep(0.5)   # winding down (a storage call in flight)
+                raise
+        h.renewal = asyncio.get_running_loop().create_task(slow_to_stop())
+        await asyncio.sleep(0)
+        unlocking = asyncio.get_running_loop().create_task(s.unlock("slow"))
+        await asyncio.sleep(0.05)
+        unlocking.cancel()
+        done, _ = await asyncio.wait([unlocking], timeout=STEP)
+        assert done and unlocking.cancelled()
+    finally:
+        await s.close()

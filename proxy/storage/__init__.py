@@ -328,10 +328,12 @@ class LeaseLocks:
             return                               # not ours: never touch another's lock
         if h.renewal is not None:
             h.renewal.cancel()
-            try:
-                await h.renewal
-            except (asyncio.CancelledError, Exception):
-                pass
+            # Not ``await h.renewal``: its CancelledError could not be told from a cancellation
+            # of unlock() itself, which must go on to the caller. A renewal that failed is not
+            # unlock's error: its exception is marked retrieved.
+            await asyncio.wait([h.renewal])
+            if not h.renewal.cancelled():
+                h.renewal.exception()
         if h.lost.is_set():
             return
         if not await self._lock_delete(name, h.token):
