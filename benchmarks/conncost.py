@@ -19,7 +19,6 @@ telling where ours spends more than nginx, not a benchmark result (that is run.p
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -138,23 +137,19 @@ def main() -> None:
             if name == "floor":
                 srv = b.make_server("ours", tag="-floor")
                 srv.name = "floor"
-                srv.argv = [b.venv_python, str(run.HERE / "floor.py"), str(b.leaf.cert_path),
-                            str(b.leaf.key_path), str(srv.port), str(b.up_port)]
+                b.as_floor(srv, "floor.py")
             elif name in ("membio", "sockbio"):
                 srv = b.make_server("ours", tag="-" + name)
                 srv.name = name
-                srv.argv = [b.venv_python, str(run.HERE / "floor_io.py"), str(b.leaf.cert_path),
-                            str(b.leaf.key_path), str(srv.port), str(b.up_port), name]
+                b.as_floor(srv, "floor_io.py", name)
             elif name == "base":
                 srv = b.make_server("ours", tag="-base")
                 srv.name = "base"
-                srv.argv = [b.venv_python, "-m", "proxy"] + srv.argv[1:]
-                srv.env["PYTHONPATH"] = a.baseline
+                b.from_checkout(srv, a.baseline)
                 srv.env.update(kv.split("=", 1) for kv in a.base_env or ())
             elif name == "ours" and a.ours:
                 srv = b.make_server("ours")
-                srv.argv = [b.venv_python, "-m", "proxy"] + srv.argv[1:]
-                srv.env["PYTHONPATH"] = a.ours
+                b.from_checkout(srv, a.ours)
             else:
                 srv = b.make_server(name)
             servers[name] = srv

@@ -22,6 +22,7 @@ in run.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import socket
 import ssl
@@ -29,9 +30,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
+
 
 def request(path: str) -> bytes:
     return f"GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: bench\r\nAccept: */*\r\n\r\n".encode()
@@ -83,12 +86,16 @@ def control(args: list[str], pid: int) -> None:
     subprocess.run(["callgrind_control", *args, str(pid)], check=True, capture_output=True, timeout=120)
 
 
+def exclusive_profile(f: Path) -> str:
+    """callgrind_annotate's listing of every function by exclusive instructions."""
+    return subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(f)],
+                          capture_output=True, text=True, timeout=300).stdout
+
+
 def by_object(f: Path, top: int = 12) -> str:
     """Instructions by shared object (python, libssl, libcrypto, uvloop, libc...)."""
-    r = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(f)],
-                       capture_output=True, text=True, timeout=300)
     per: dict[str, int] = {}
-    for line in r.stdout.splitlines():
+    for line in exclusive_profile(f).splitlines():
         m = re.match(r"\s*([\d,]+)\s+\(.*?\)\s+(\S+?):(.*?)(?: \[(.*)\])?$", line)
         if m:
             obj = Path(m.group(4) or m.group(2)).name
@@ -99,10 +106,8 @@ def by_object(f: Path, top: int = 12) -> str:
 
 def functions(f: Path, top: int) -> str:
     """The ``top`` functions by exclusive instructions."""
-    r = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", str(f)],
-                       capture_output=True, text=True, timeout=300)
     rows = []
-    for line in r.stdout.splitlines():
+    for line in exclusive_profile(f).splitlines():
         m = re.match(r"\s*([\d,]+)\s+\(\s*([\d.]+)%\)\s+(.*)$", line)
         if m and not m.group(3).startswith("PROGRAM TOTALS"):
             rows.append(f"  {m.group(2):>5s}%  {m.group(3)[:110]}")
@@ -162,6 +167,34 @@ def dump_ir(out: Path, pid: int) -> tuple[int, Path]:
     raise SystemExit(f"no totals in {f}")
 
 
+@contextlib.contextmanager
+def warm_proxy(adjust: Callable[[run.Bench, run.Server], None], conns: int, path: str,
+               timeout: float) -> Iterator[tuple[run.Server, ssl.SSLContext, list[ssl.SSLSocket]]]:
+    """Our proxy set up as run.py sets it up (same certificate, same upstream nginx), its
+    command line first adjusted by ``adjust(bench, server)``. Yields (server, client context,
+    ``conns`` keep-alive connections, each warmed with 20 requests for ``path``: pools, caches,
+    first-use imports); afterwards closes them and stops the proxy and the upstream."""
+    b = run.Bench(quick=True, only=["ours"], keep=False)
+    b.setup()
+    srv = b.make_server("ours")
+    adjust(b, srv)
+    socks: list[ssl.SSLSocket] = []
+    try:
+        srv.start(timeout=timeout)
+        ctx = client_ctx()
+        socks = [connect(ctx, srv.port) for _ in range(conns)]
+        for s in socks:
+            for _ in range(20):
+                get(s, path)
+        yield srv, ctx, socks
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+        if b.upstream:
+            b.upstream.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=2000)
@@ -182,28 +215,19 @@ def main() -> None:
     ap.add_argument("--callers", action="append", metavar="SYMBOL",
                     help="also show who calls SYMBOL (e.g. memcpy), from the caller tree; repeatable")
     a = ap.parse_args()
-    b = run.Bench(quick=True, only=["ours"], keep=False)
-    b.setup()
-    srv = b.make_server("ours")
-    if a.floor:
-        srv.argv = [b.venv_python, str(run.HERE / "floor.py"), str(b.leaf.cert_path), str(b.leaf.key_path),
-                    str(srv.port), str(b.up_port)]
-    if a.src:
-        srv.argv = [b.venv_python, "-m", "proxy"] + srv.argv[1:]
-        srv.env["PYTHONPATH"] = a.src
-    if a.floor_io:
-        srv.argv = [b.venv_python, str(run.HERE / "floor_io.py"), str(b.leaf.cert_path), str(b.leaf.key_path),
-                    str(srv.port), str(b.up_port), a.floor_io]
-    out = srv.workdir / "callgrind.out"
-    srv.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
-                f"--callgrind-out-file={out}"] + srv.argv
-    try:
-        srv.start(timeout=300)
-        ctx = client_ctx()
-        conns = [connect(ctx, srv.port) for _ in range(a.conns)]
-        for s in conns:                      # warm-up: pools, caches, first-use imports
-            for _ in range(20):
-                get(s, a.path)
+
+    def adjust(b: run.Bench, srv: run.Server) -> None:
+        if a.floor:
+            b.as_floor(srv, "floor.py")
+        if a.src:
+            b.from_checkout(srv, a.src)
+        if a.floor_io:
+            b.as_floor(srv, "floor_io.py", a.floor_io)
+        srv.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    f"--callgrind-out-file={srv.workdir / 'callgrind.out'}"] + srv.argv
+
+    with warm_proxy(adjust, a.conns, a.path, timeout=300) as (srv, ctx, conns):
+        out = srv.workdir / "callgrind.out"
         control(["-i", "on"], srv.pid)
         dump_ir(out, srv.pid)                 # start from zero
         t0 = time.monotonic()
@@ -232,13 +256,6 @@ def main() -> None:
             print(f"handshakes: {ir_hs / a.handshakes:,.0f} instructions per connection "
                   f"(full handshake + close_notify both ways, no request, {a.handshakes} connections)")
             report(dump, a)
-        for s in conns:
-            s.close()
-    finally:
-        srv.stop()
-        if b.upstream:
-            b.upstream.stop()
-
 
 if __name__ == "__main__":
     main()

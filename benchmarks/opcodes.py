@@ -72,21 +72,15 @@ def main() -> None:
                     help="count N new connections instead (tlsload's cycle: handshake, close_notify, "
                          "no request)")
     a = ap.parse_args()
-    b = run.Bench(quick=True, only=["ours"], keep=False)
-    b.setup()
-    srv = b.make_server("ours")
     out = Path(tempfile.mkdtemp(prefix="acp-opcodes-")) / "counts.txt"
-    srv.env = dict(srv.env or os.environ, OPCODES_OUT=str(out))
-    if a.lines:
-        srv.env["OPCODES_LINES"] = a.lines
-    srv.argv = [b.venv_python, str(Path(__file__).resolve()), "--serve"] + srv.argv[1:]
-    try:
-        srv.start(timeout=120)
-        ctx = instructions.client_ctx()
-        conns = [instructions.connect(ctx, srv.port) for _ in range(10)]
-        for s in conns:                      # warm-up: pools, caches, first-use imports
-            for _ in range(20):
-                instructions.get(s, a.path)
+
+    def adjust(b: run.Bench, srv: run.Server) -> None:
+        srv.env = dict(srv.env or os.environ, OPCODES_OUT=str(out))
+        if a.lines:
+            srv.env["OPCODES_LINES"] = a.lines
+        srv.argv = [b.venv_python, str(Path(__file__).resolve()), "--serve"] + srv.argv[1:]
+
+    with instructions.warm_proxy(adjust, 10, a.path, timeout=120) as (srv, ctx, conns):
         for _ in range(20):
             instructions.handshake_only(ctx, srv.port)
         os.kill(srv.pid, signal.SIGUSR1)
@@ -104,12 +98,6 @@ def main() -> None:
                 break
             time.sleep(0.1)
         time.sleep(0.3)
-        for s in conns:
-            s.close()
-    finally:
-        srv.stop()
-        if b.upstream:
-            b.upstream.stop()
     rows = [(int(v), k) for v, k in (line.split(" ", 1) for line in out.read_text().splitlines())]
     total = sum(v for v, _ in rows)
     what = f"in {a.lines}()" if a.lines else "in all"

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import io
 import os
 import pstats
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -83,7 +80,6 @@ def main() -> None:
         async def go():
             app = App(options, env)
             await app.start()
-            loop = asyncio.get_running_loop()
 
             async def client(n, path, requests):
                 p = await asyncio.create_subprocess_exec(sys.executable, "-c", CLIENT, str(port), str(n), path,

@@ -320,6 +320,18 @@ class Bench:
         return int(m.group(1)), int(m.group(3))
 
     # --- server definitions ---------------------------------------------------------------
+    def as_floor(self, srv: Server, script: str, *extra: str) -> None:
+        """Runs ``script`` (floor.py, floor_io.py: minimal reference proxies) in ``srv``'s place:
+        same certificate, port and upstream; ``extra``: its further arguments."""
+        srv.argv = [self.venv_python, str(HERE / script), str(self.leaf.cert_path), str(self.leaf.key_path),
+                    str(srv.port), str(self.up_port), *extra]
+
+    def from_checkout(self, srv: Server, src: str) -> None:
+        """Runs our proxy (``srv`` from make_server("ours")) from the checkout ``src`` (e.g. a
+        git worktree: A/B against the working tree) instead of this one."""
+        srv.argv = [self.venv_python, "-m", "proxy"] + srv.argv[1:]
+        srv.env["PYTHONPATH"] = src
+
     def make_server(self, name: str, certs: Optional[list[tuple[Path, Path, str]]] = None,
                     tag: str = "", workers: int = 1) -> Server:
         """certs: extra (cert, key, name) beyond the main leaf (for the many-certificates test)."""

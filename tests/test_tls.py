@@ -297,12 +297,13 @@ def test_certificate_whose_key_fails_late_is_not_served_and_says_why(start_proxy
     assert served_certificate(p.port, "good.test").serial_number == good.cert.serial_number
 
 
-def test_bio_renewal_stands_down_if_pyopenssl_internals_change(caplog):
+def test_bio_renewal_stands_down_if_pyopenssl_internals_change(caplog, monkeypatch):
     """Renewing memory BIOs uses pyOpenSSL's private attributes: a release without them must
     leave connections working (buffers kept, one warning), not break every connection."""
     import asyncio
     import logging
     from proxy.tls import transport
+    monkeypatch.setattr(transport, "_bio_swap", True)   # restored to what it was afterwards
 
     class NoInternals:   # a pyOpenSSL Connection as a future release might shape it
         pass
@@ -313,10 +314,7 @@ def test_bio_renewal_stands_down_if_pyopenssl_internals_change(caplog):
         stream._swap_bios = True
         stream._going_idle()           # what a read does before it waits
         stream._going_idle()
-    try:
-        with caplog.at_level(logging.WARNING, logger="proxy.tls"):
-            asyncio.run(go())
-        assert transport._bio_swap is False
-        assert sum("memory-BIO" in r.getMessage() for r in caplog.records) == 1
-    finally:
-        transport._bio_swap = True
+    with caplog.at_level(logging.WARNING, logger="proxy.tls"):
+        asyncio.run(go())
+    assert transport._bio_swap is False
+    assert sum("memory-BIO" in r.getMessage() for r in caplog.records) == 1
