@@ -35,10 +35,10 @@ def test_bare_lf_in_head_is_rejected(head):
 # --------------------------------------------------------------------------- framing
 
 def test_framing_single_length_ok():
-    codec.check_framing([(b"host", b"a"), (b"content-length", b"5")])
-    codec.check_framing([(b"content-length", b"5"), (b"content-length", b"5")])
-    codec.check_framing([(b"content-length", b"5, 5")])
-    codec.check_framing([(b"transfer-encoding", b"chunked")])
+    codec.request_facts([(b"host", b"a"), (b"content-length", b"5")])
+    codec.request_facts([(b"content-length", b"5"), (b"content-length", b"5")])
+    codec.request_facts([(b"content-length", b"5, 5")])
+    codec.request_facts([(b"transfer-encoding", b"chunked")])
 
 
 @pytest.mark.parametrize("headers", [
@@ -49,7 +49,7 @@ def test_framing_single_length_ok():
 ])
 def test_framing_ambiguous_is_rejected(headers):
     with pytest.raises(codec.BadRequest):
-        codec.check_framing(headers)
+        codec.request_facts(headers)
 
 
 # --------------------------------------------------------------------------- headers
@@ -67,12 +67,12 @@ def test_end_to_end_drops_hop_by_hop_and_connection_named():
 
 def test_end_to_end_keeps_upgrade_when_asked():
     headers = [(b"connection", b"Upgrade"), (b"upgrade", b"websocket"), (b"sec-websocket-key", b"k")]
-    assert codec.is_upgrade(headers)
+    assert codec.request_facts(headers).upgrade == b"websocket"
     out = codec.end_to_end(headers, keep_upgrade=True)
     assert (b"upgrade", b"websocket") in out and (b"connection", b"upgrade") in out
     assert (b"sec-websocket-key", b"k") in out
-    assert not codec.is_upgrade([(b"upgrade", b"websocket")])          # no Connection: upgrade
-    assert not codec.is_upgrade([(b"connection", b"upgrade")])         # no Upgrade header
+    assert codec.request_facts([(b"upgrade", b"websocket")]).upgrade is None    # no Connection: upgrade
+    assert codec.request_facts([(b"connection", b"upgrade")]).upgrade is None   # no Upgrade header
 
 
 def test_connection_tokens_case_and_spaces():
@@ -162,11 +162,11 @@ def test_request_facts_one_pass_agrees_with_the_single_lookups():
     facts = codec.request_facts(headers)
     assert facts.host == codec.header_value(headers, b"host") == b"a.example"
     assert facts.tokens == codec.connection_tokens(headers) == {b"upgrade", b"x-forwarded-for"}
-    assert facts.upgrade == b"websocket" and codec.is_upgrade(headers)
+    assert facts.upgrade == codec.header_value(headers, b"upgrade") == b"websocket"
     assert facts.forwarded_for == [b"1.1.1.1", b"2.2.2.2"]
     assert facts.chunked
     plain = codec.request_facts([(b"upgrade", b"websocket"), (b"content-length", b"5, 5")])
-    assert plain.upgrade is None and not codec.is_upgrade([(b"upgrade", b"websocket")])   # not named in Connection
+    assert plain.upgrade is None   # not named in Connection
     assert (plain.host, plain.tokens, plain.forwarded_for, plain.chunked) == (None, set(), [], False)
     for bad in ([(b"content-length", b"5"), (b"transfer-encoding", b"chunked")],
                 [(b"content-length", b"5"), (b"content-length", b"6")]):

@@ -47,7 +47,7 @@ def merge_data(events):
 
 def drain(conn, chunks, eof=False):
     """Feeds ``chunks`` one by one, collecting events and states until the parser stops.
-    A request head goes through the proxy's own framing check (codec.check_framing) like in
+    A request head goes through the proxy's own framing check (codec.request_facts) like in
     the proxy, so "rejected" means rejected by the parser or by the proxy before any upstream."""
     trace = []
     chunks = list(chunks)
@@ -55,7 +55,7 @@ def drain(conn, chunks, eof=False):
         try:
             ev = conn.next_event()
             if type(ev) is h11.Request:
-                codec.check_framing(ev.headers)
+                codec.request_facts(ev.headers)
         except (h11.RemoteProtocolError, codec.BadRequest):
             trace.append(("error", "RemoteProtocolError"))
             return trace, conn

@@ -64,13 +64,27 @@ async def echo_server(leaf, seen: list):
                 await stream.drain(10)
         stream.close()
 
-    def factory():
-        stream = transport.TLSStream(lambda: SSL.Connection(ctx, None), None, loop)
+    def on_stream(stream: transport.TLSStream) -> None:
         assert stream.server_name is None and stream.alpn is None and stream.tls_version == ""
         loop.create_task(serve(stream))
+
+    server, _ = await serve_tls(ctx, on_stream)
+    return server
+
+
+
+async def serve_tls(ctx, on_stream, cls=transport.TLSStream):
+    """A TLS server on a free local port; every connection is a ``cls`` stream handed to
+    ``on_stream`` as it is made. Returns (server, port)."""
+    loop = asyncio.get_running_loop()
+
+    def factory():
+        stream = cls(lambda: SSL.Connection(ctx, None), None, loop)
+        on_stream(stream)
         return stream
 
-    return await loop.create_server(factory, "127.0.0.1", 0)
+    server = await loop.create_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
 
 
 @pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
@@ -164,13 +178,7 @@ def test_large_write_goes_out_in_pieces_and_the_bio_stays_small(leaf, path):
             stream.close()
             done.set_result(None)
 
-        def factory():
-            stream = Watched(lambda: SSL.Connection(ctx, None), None, loop)
-            loop.create_task(serve(stream))
-            return stream
-
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await serve_tls(ctx, lambda stream: loop.create_task(serve(stream)), cls=Watched)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
                                                        server_hostname="stream.test")
         got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
@@ -189,13 +197,7 @@ def test_closed_resolves_when_the_connection_goes(leaf):
         loop = asyncio.get_running_loop()
         streams = []
 
-        def factory():
-            stream = transport.TLSStream(lambda: SSL.Connection(ctx, None), None, loop)
-            streams.append(stream)
-            return stream
-
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await serve_tls(ctx, streams.append)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
                                                        server_hostname="stream.test")
         closed_early = streams[0].closed          # asked for while open
@@ -225,13 +227,7 @@ def test_handshake_timeout_leaves_the_stream_consistent(leaf):
                 outcome.set_result("timeout")
                 stream.abort()
 
-        def factory():
-            stream = transport.TLSStream(lambda: SSL.Connection(ctx, None), None, loop)
-            loop.create_task(serve(stream))
-            return stream
-
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await serve_tls(ctx, lambda stream: loop.create_task(serve(stream)))
         raw = socket.create_connection(("127.0.0.1", port))   # says nothing
         try:
             assert await asyncio.wait_for(outcome, 10) == "timeout"
@@ -283,13 +279,7 @@ def test_large_arrivals_are_not_held_while_idle(leaf, path):
             await reading
             stream.close()
 
-        def factory():
-            stream = transport.TLSStream(lambda: SSL.Connection(ctx, None), None, loop)
-            loop.create_task(serve(stream))
-            return stream
-
-        server = await loop.create_server(factory, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
+        server, port = await serve_tls(ctx, lambda stream: loop.create_task(serve(stream)))
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
                                                        server_hostname="stream.test")
         writer.write(payload)

@@ -43,11 +43,6 @@ def check_head_bytes(buf: bytes, max_size: Optional[int] = None) -> None:
         raise BadRequest("bare LF in request head")
 
 
-def check_framing(headers: Iterable[tuple[bytes, bytes]]) -> None:
-    """Reject requests whose body length two parsers could read differently."""
-    request_facts(headers)
-
-
 class RequestFacts:
     """What the proxy reads from a request's headers to route and forward it."""
     __slots__ = ("host", "tokens", "upgrade", "forwarded_for", "chunked")
@@ -112,11 +107,6 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> Optiona
         if n == name:
             return v
     return None
-
-
-def is_upgrade(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    headers = headers if type(headers) is list else list(headers)
-    return b"upgrade" in connection_tokens(headers) and header_value(headers, b"upgrade") is not None
 
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,

@@ -364,6 +364,28 @@ class Connection:
     def _process_head(self, role, etype, method, status, version, info) -> tuple:
         """State changes for a Request / Response / InformationalResponse from ``role``.
         Returns the body framing (kind, length) when the sender enters SEND_BODY."""
+        if (version == b"1.1" and self._keep_alive and not info[0]
+                and not self._switch_upgrade and not self._switch_connect):
+            # The usual heads, h11's transitions written out (what the general path below
+            # does for them): a request on an idle kept-alive connection that asks for no
+            # switch, and a final response that keeps the connection alive.
+            if etype is _Request:
+                if self._cstate is IDLE and self._sstate is IDLE and not info[1] and method != b"CONNECT":
+                    self._cstate = SEND_BODY
+                    self._sstate = SEND_RESPONSE
+                    self._request_method = method
+                    if role is self.their_role:
+                        self.their_http_version = version
+                    if info[2]:
+                        self.client_is_waiting_for_100_continue = True
+                    return (_CHUNKED, 0) if info[3] else (_CL, 0 if info[4] is None else int(info[4]))
+            elif etype is _Response and self._sstate is SEND_RESPONSE \
+                    and (self._cstate is DONE or self._cstate is SEND_BODY):
+                self._sstate = SEND_BODY
+                if role is self.their_role:
+                    self.their_http_version = version
+                self.client_is_waiting_for_100_continue = False
+                return self._framing(self._request_method, _Response, status, info)
         switch = None
         if etype is _Request:
             if method == b"CONNECT":
@@ -589,18 +611,6 @@ class Connection:
             _set(ev, "target", target)
             _set(ev, "headers", headers)
             _set(ev, "http_version", version)
-            if (self._cstate is IDLE and self._sstate is IDLE and self._keep_alive and version == b"1.1"
-                    and not close and not upgrade and method != b"CONNECT"):
-                # The usual request, h11's transitions written out (what _process_head would
-                # do): the client sends its body, the server owes a response, nothing switches.
-                self._cstate = SEND_BODY
-                self._sstate = SEND_RESPONSE
-                self._request_method = method
-                self.their_http_version = version
-                self.client_is_waiting_for_100_continue = expect
-                self._rkind, self._rleft = _CHUNKED if te else _CL, 0 if te or cl is None else int(cl)
-                self._rchunk_phase = 0
-                return ev
             etype, status = _Request, 0
         else:
             method = None
@@ -611,16 +621,6 @@ class Connection:
             _set(ev, "headers", headers)
             _set(ev, "reason", sink.status)
             _set(ev, "http_version", version)
-            if (etype is _Response and self._sstate is SEND_RESPONSE and self._cstate is DONE
-                    and self._keep_alive and version == b"1.1" and not close
-                    and not self._switch_upgrade and not self._switch_connect):
-                # The usual final response to a finished request, kept alive.
-                self._sstate = SEND_BODY
-                self.their_http_version = version
-                self.client_is_waiting_for_100_continue = False
-                self._rkind, self._rleft = self._framing(self._request_method, _Response, status, info)
-                self._rchunk_phase = 0
-                return ev
         framing = self._process_head(self.their_role, etype, method, status, version, info)
         if framing is not None:
             self._rkind, self._rleft = framing
@@ -748,9 +748,7 @@ class Connection:
             self._sstate = DONE
         else:
             self._transition(SERVER, _EOM)
-        if not (self._keep_alive and self._cstate not in _SETTLING and self._sstate not in _SETTLING
-                and not self._switch_upgrade and not self._switch_connect):
-            self._settle()   # (as in send)
+        self._settle()
         return ev
 
     # --- sending ---
@@ -780,10 +778,8 @@ class Connection:
                     self._sstate = DONE
                 else:
                     self._transition(role, _EOM)
-                if not (self._keep_alive and self._cstate not in _SETTLING and self._sstate not in _SETTLING
-                        and not self._switch_upgrade and not self._switch_connect):
-                    self._settle()   # (the test is _settle's own: no call when no rule can fire)
-                return self._write_eom(event.headers) if event is not _END else self._write_eom(())
+                self._settle()
+                return self._write_eom(event.headers)
             if etype is _Response or etype is _Info:
                 return self._send_response(event, etype)
             if etype is _Request:
@@ -808,16 +804,7 @@ class Connection:
         fast = _cached_head(ev.headers)
         if fast is not None and fast[2] == 1:
             lines, info, _ = fast
-            if (self._cstate is IDLE and self._sstate is IDLE and self._keep_alive and not info[0]
-                    and not info[1] and method != b"CONNECT"):
-                # The usual request, h11's transitions written out (see _read_head).
-                self._cstate = SEND_BODY
-                self._sstate = SEND_RESPONSE
-                self._request_method = method
-                self.client_is_waiting_for_100_continue = info[2]
-                self._wkind, self._wleft = _CHUNKED if info[3] else _CL, 0 if info[3] or info[4] is None else int(info[4])
-            else:
-                self._wkind, self._wleft = self._process_head(self.our_role, _Request, method, 0, b"1.1", info)
+            self._wkind, self._wleft = self._process_head(self.our_role, _Request, method, 0, b"1.1", info)
             return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(lines))
         items = _items(ev.headers)
         hosts = sum(1 for _, n, _v in items if n == b"host")
@@ -843,14 +830,6 @@ class Connection:
             lines, info, _ = fast
             if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
                 # nothing for _clean_up_response_headers to change
-                if (etype is _Response and self._sstate is SEND_RESPONSE and not info[0]
-                        and (self._cstate is DONE or self._cstate is SEND_BODY)
-                        and not self._switch_upgrade and not self._switch_connect):
-                    # The usual final response, kept alive: h11's transitions written out.
-                    self._sstate = SEND_BODY
-                    self.client_is_waiting_for_100_continue = False
-                    self._wkind, self._wleft = self._framing(self._request_method, _Response, status, info)
-                    return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
                 framing = self._process_head(self.our_role, etype, None, status, b"1.1", info)
                 if framing is not None:
                     self._wkind, self._wleft = framing

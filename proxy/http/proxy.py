@@ -189,24 +189,37 @@ class ClientConnection:
                 await self._discard_input()
             stream.close()
 
-    async def _read_head(self, first: bool, opts: Options):
-        """Waits for the next request head: idle timeout to its first byte, then the head timeout."""
+    async def _next_head(self, first: bool, opts: Options):
+        """The next request head (None at end of stream). A kept-alive connection waits its
+        idle timeout for the head's first byte, then the head timeout for the rest; on a new
+        connection the head timeout runs from the start and bounds the whole head. The usual
+        case, nothing buffered, reads here without Side.next_event's coroutine (which would
+        also stay in memory while the connection waits)."""
         side = self.side
         conn = side.conn
         pending = _pending_bytes(conn)
         head_buf = None
-        if CHECK_HEAD_BYTES:
+        if CHECK_HEAD_BYTES:   # h11: the raw head is checked here (see CHECK_HEAD_BYTES)
             head_buf = bytearray(pending)
             codec.check_head_bytes(pending, MAX_HEAD)
-        if not pending and not first:
+        if pending:   # a pipelined head, or part of one
+            return await side.next_event(opts.timeout_read_header, head_buf)
+        if first:
+            deadline = self.stream._loop.time() + opts.timeout_read_header
+            data = await self.stream.read(READ_SIZE, opts.timeout_read_header)
+        else:
             data = await self.stream.read(READ_SIZE, opts.timeout_idle)
-            if not data:
-                return None
-            if head_buf is not None:
-                head_buf += data
-                codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
-            conn.receive_data(data)
-        return await side.next_event(opts.timeout_read_header, head_buf)
+        if not data:
+            return None
+        if head_buf is not None:
+            head_buf += data
+            codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
+        conn.receive_data(data)
+        ev = conn.next_event()
+        if ev is h11.NEED_DATA:
+            ev = await side.next_event(deadline - self.stream._loop.time() if first
+                                       else opts.timeout_read_header, head_buf)
+        return ev
 
     async def _one_request(self, first: bool) -> bool:
         """Serve one request. Returns whether the connection stays open for another."""
@@ -215,25 +228,7 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         try:
-            if CHECK_HEAD_BYTES or _pending_bytes(conn):
-                ev = await self._read_head(first, opts)
-            else:
-                # The usual case, what _read_head does without its two coroutines (each
-                # would also stay in memory while the connection waits): nothing buffered, so
-                # wait for the head's first bytes. A kept-alive connection waits its idle
-                # timeout; on a new one the head timeout runs from now and bounds the head.
-                if first:
-                    deadline = self.stream._loop.time() + opts.timeout_read_header
-                    data = await self.stream.read(READ_SIZE, opts.timeout_read_header)
-                else:
-                    data = await self.stream.read(READ_SIZE, opts.timeout_idle)
-                if not data:
-                    return False
-                conn.receive_data(data)
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    ev = await side.next_event(deadline - self.stream._loop.time() if first
-                                               else opts.timeout_read_header)
+            ev = await self._next_head(first, opts)
         except TimeoutError:
             if conn.their_state is h11.IDLE and not first and not _pending_bytes(conn):
                 return False   # idle keep-alive connection: close quietly

@@ -13,6 +13,11 @@ class UpstreamRefused(ConnectionError):
     pass
 
 
+def _reusable(stream: Stream) -> bool:
+    """Open, not at its end, and nothing unread (an idle upstream has nothing to say)."""
+    return not (stream.is_closing or stream._eof or stream._buf)
+
+
 class UpstreamPool:
     """Idle keep-alive connections per upstream, newest first; stale ones are dropped."""
 
@@ -30,7 +35,7 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             stream, codec, since = idle.pop()
-            if stream.is_closing or stream._eof or stream._buf or now - since > self.idle_seconds:
+            if not _reusable(stream) or now - since > self.idle_seconds:
                 stream.close()
                 continue
             return stream, codec
@@ -50,7 +55,7 @@ class UpstreamPool:
 
     def release(self, up: Upstream, stream: Stream, codec: object) -> None:
         """Keeps ``stream`` for reuse with ``codec``, the caller's HTTP state for it (opaque here)."""
-        if stream.is_closing or stream._eof or stream._buf:
+        if not _reusable(stream):
             stream.close()
             return
         idle = self._idle.setdefault((up.host, up.port), [])
