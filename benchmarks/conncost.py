@@ -196,8 +196,7 @@ def main() -> None:
             for srv in servers.values():
                 srv.stop()
     finally:
-        if b.upstream:
-            b.upstream.stop()
+        b.close()
     names = list(results)
     if a.wrk:
         print(f"per 1 MiB request (wrk -c4 {a.wrk}):")

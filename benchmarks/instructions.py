@@ -191,8 +191,7 @@ def warm_proxy(adjust: Callable[[run.Bench, run.Server], None], conns: int, path
         for s in socks:
             s.close()
         srv.stop()
-        if b.upstream:
-            b.upstream.stop()
+        b.close()
 
 
 def main() -> None:

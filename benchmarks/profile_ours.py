@@ -62,7 +62,7 @@ def main() -> None:
         keep.write_text(out.read_text())
     finally:
         srv.stop()
-        b.upstream.stop()
+        b.close()
 
 
 if __name__ == "__main__":

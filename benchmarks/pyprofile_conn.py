@@ -130,8 +130,7 @@ def main() -> None:
         for r in sorted(rows, key=lambda r: -r[1])[:a.top]:
             print(f"{r[0]:8.2f} {r[1]:8.1f} {r[2]:8.1f}  {r[3]}")
     finally:
-        if b.upstream:
-            b.upstream.stop()
+        b.close()
 
 
 if __name__ == "__main__":

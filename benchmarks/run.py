@@ -740,6 +740,13 @@ class Bench:
             for srv in servers.values():
                 srv.stop()
 
+    def close(self) -> None:
+        """Stops the upstream and, unless ``keep``, removes the work directory."""
+        if self.upstream is not None:
+            self.upstream.stop()
+        if not self.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
     def run_all(self) -> None:
         self.setup()
         try:
@@ -924,7 +931,7 @@ def main() -> None:
             (out / "latest.md").write_text(text)
             log(f"written {out / (stamp + '.md')} and {out / 'latest.md'}")
         if not args.keep:
-            shutil.rmtree(b.workdir, ignore_errors=True)
+            shutil.rmtree(b.workdir, ignore_errors=True)   # (run_all stopped the upstream)
 
 
 if __name__ == "__main__":
