@@ -458,6 +458,7 @@ def test_written_line_cache_changes_nothing():
     refused, and the cache stays bounded."""
     fastcodec._CACHED_LINES.clear()
     fastcodec._CACHED_SPECIAL.clear()
+    fastcodec._BLOCKS_OUT.clear()   # (a block seen before would not reach the line cache)
     for _ in range(2):   # cold, then warm
         for case in SEND_CASES:
             test_response_bytes_and_states_equal_h11(case, False)
@@ -478,6 +479,7 @@ def test_written_line_cache_changes_nothing():
             respond(bad + [(b"content-length", b"0")])
     for i in range(fastcodec._CACHE_MAX + 10):
         fastcodec._cache_line((b"x-n", b"%d" % i))
+    fastcodec._BLOCKS_OUT.clear()
     respond([(b"content-length", b"0")])
     assert len(fastcodec._CACHED_LINES) <= 1
 
@@ -488,6 +490,7 @@ def test_received_header_cache_changes_nothing():
     and state depend on are never taken from it; the cache is bounded in entries and in
     line length."""
     fastcodec._NORMALISED.clear()
+    fastcodec._BLOCKS_IN.clear()   # (a block seen before would not reach the line cache)
     for _ in range(2):   # cold, then warm
         for name in VALID_REQUESTS:
             test_requests_parse_like_h11(name, 0)
@@ -510,6 +513,7 @@ def test_received_header_cache_changes_nothing():
     # the same raw pair warm: same normalised pair; Transfer-Encoding's value lower-cased as h11 does
     ev = parse(b"POST / HTTP/1.1\r\nHost: a\r\nX-Trailing: v \t\r\nTransfer-Encoding: Chunked\r\n\r\n")
     assert ev.headers == [(b"host", b"a"), (b"x-trailing", b"v"), (b"transfer-encoding", b"chunked")]
+    fastcodec._BLOCKS_IN.clear()
     for i in range(fastcodec._NORMALISED_MAX + 10):
         parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n\r\n" % i)
     assert len(fastcodec._NORMALISED) <= fastcodec._NORMALISED_MAX
@@ -520,6 +524,80 @@ def test_received_header_cache_changes_nothing():
     # and the written-line cache takes no long lines either
     assert fastcodec._cache_line((b"x", long_value)) is None
     assert fastcodec._cache_line((long_name, b"v")) is None
+
+
+def test_header_block_caches_change_nothing():
+    """Whole header blocks, received and sent, are kept with their parse: warm, the codec gives
+    what it gives cold and what h11 gives; what depends on the start line is still checked on
+    a warm block; a refused block is never kept; the caches are bounded; an event's headers
+    are its own list."""
+    fastcodec._BLOCKS_IN.clear()
+    fastcodec._BLOCKS_OUT.clear()
+    for _ in range(2):   # cold, then warm
+        for name in VALID_REQUESTS:
+            test_requests_parse_like_h11(name, 0)
+        for name in VALID_RESPONSES:
+            test_responses_parse_like_h11(name, 0)
+        for case in SEND_CASES:
+            test_response_bytes_and_states_equal_h11(case, False)
+        test_request_bytes_and_framing_equal_h11()
+    assert fastcodec._BLOCKS_IN and fastcodec._BLOCKS_OUT   # both caches ran
+
+    def parse(head, role=h11.SERVER):
+        conn = FAST.Connection(role)
+        if role is h11.CLIENT:
+            conn.send(FAST.Request(method=b"GET", target=b"/", headers=[(b"host", b"a")]))
+            conn.send(h11.EndOfMessage())
+        conn.receive_data(head)
+        return conn.next_event()
+
+    block = b"Host: a\r\nX: 1\r\n\r\n"
+    assert parse(b"GET / HTTP/1.1\r\n" + block).headers == [(b"host", b"a"), (b"x", b"1")]
+    assert parse(b"HTTP/1.1 200 OK\r\n" + block, h11.CLIENT).status_code == 200
+    assert block in fastcodec._BLOCKS_IN
+    # a bare LF in the start line, before a block seen before: refused as cold (llhttp would
+    # refuse it too, with another message)
+    for head, role in ((b"GET / HTTP/1.1\nX-A: b\r\n" + block, h11.SERVER),
+                       (b"HTTP/1.1 200 OK\nX-A: b\r\n" + block, h11.CLIENT)):
+        with pytest.raises(h11.RemoteProtocolError, match="bare LF"):
+            parse(head, role)
+    # the Host rules depend on the version in the start line
+    assert parse(b"GET / HTTP/1.0\r\nX: 1\r\n\r\n").headers == [(b"x", b"1")]
+    with pytest.raises(h11.RemoteProtocolError, match="Host"):
+        parse(b"GET / HTTP/1.1\r\nX: 1\r\n\r\n")
+    # refused blocks are not kept, and are refused again
+    bad = b"Host: a\r\nTransfer-Encoding: gzip\r\n\r\n"
+    for _ in range(2):
+        with pytest.raises(h11.RemoteProtocolError):
+            parse(b"POST / HTTP/1.1\r\n" + bad)
+    assert bad not in fastcodec._BLOCKS_IN
+    # each event has its own list of headers
+    ev = parse(b"GET / HTTP/1.1\r\n" + block)
+    ev.headers.append((b"y", b"2"))
+    assert parse(b"GET / HTTP/1.1\r\n" + block).headers == [(b"host", b"a"), (b"x", b"1")]
+    # bounded in entries and in block length
+    for i in range(fastcodec._BLOCKS_MAX + 10):
+        parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n\r\n" % i)
+    assert len(fastcodec._BLOCKS_IN) <= fastcodec._BLOCKS_MAX
+    long_block = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(30)) + b"Host: a\r\n\r\n"
+    assert len(parse(b"GET / HTTP/1.1\r\n" + long_block).headers) == 31
+    assert long_block not in fastcodec._BLOCKS_IN
+
+    # sending: refused heads are refused again, warm
+    def respond(headers):
+        conn = FAST.Connection(h11.SERVER)
+        conn.receive_data(REQ_11)
+        conn.next_event(), conn.next_event()
+        return conn.send(FAST.Response(status_code=200, headers=headers))
+
+    for _ in range(2):
+        with pytest.raises(h11.LocalProtocolError):
+            respond([(b"x", b"a\r\nInjected: 1"), (b"content-length", b"0")])
+    good = [(b"x", b"v"), (b"content-length", b"0")]
+    assert respond(list(good)) == respond(list(good)) == b"HTTP/1.1 200 \r\nx: v\r\ncontent-length: 0\r\n\r\n"
+    for i in range(fastcodec._BLOCKS_MAX + 10):
+        respond([(b"x-n", b"%d" % i), (b"content-length", b"0")])
+    assert len(fastcodec._BLOCKS_OUT) <= fastcodec._BLOCKS_MAX
 
 
 @pytest.mark.parametrize("bad", [

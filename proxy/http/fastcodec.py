@@ -187,6 +187,20 @@ _NORMALISED: dict = {}
 _NORMALISED_MAX = 4096
 _CACHEABLE = 256   # longest header line (name and value) either cache keeps
 
+# Whole header blocks, one level above the line caches: the same client sends the same block
+# of header lines with every request (only the request line changes), and an upstream sends
+# the same block with every response to the same resource (until its Date ticks). A block's
+# parse is a pure function of its bytes, so a block seen before and accepted gives its parse
+# again: received block (the lines after the start line, with the blank line) ->
+# (normalised pairs, what _scan would say, number of Host headers); headers to send (a tuple
+# of the pairs) -> (block bytes, what _scan would say, number of Host headers). Bounded in
+# entries and in block length; emptied when full. A block not seen before costs one dict
+# look-up more than the line caches alone.
+_BLOCKS_IN: dict = {}
+_BLOCKS_OUT: dict = {}
+_BLOCKS_MAX = 1024
+_BLOCK_BYTES = 2048   # longest block either keeps
+
 
 class _HeadSink:
     """httptools callbacks for one head (no per-header callback: llhttp validates the whole
@@ -544,8 +558,14 @@ class Connection:
         if end > self._max:
             raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
         head = bytes(buf[:end])
-        lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
-        if head.count(b"\n") != len(lines) - 1:   # an LF that ends no CRLF
+        first = head.find(b"\r\n")
+        block = head[first + 2:]
+        seen = _BLOCKS_IN.get(block)
+        if seen is None:
+            lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
+            if head.count(b"\n") != len(lines) - 1:   # an LF that ends no CRLF
+                raise LocalProtocolError("bare LF in message head")
+        elif head.find(b"\n") != first + 1:   # the block has none: one in the start line
             raise LocalProtocolError("bare LF in message head")
         sink = _HeadSink()
         if self.their_role is CLIENT:
@@ -560,6 +580,57 @@ class Connection:
             hint = 501 if "Transfer-Encoding` header" in str(e) or "invalid `Transfer-Encoding`" in str(e) else 400
             raise LocalProtocolError(f"illegal message head: {e}", error_status_hint=hint) from None
         version = parser.get_http_version().encode()
+        if seen is not None:
+            pairs, info, hosts = seen
+            headers = list(pairs)
+        else:
+            headers, info, hosts = self._read_block(lines, sink)
+            if len(block) <= _BLOCK_BYTES:
+                if len(_BLOCKS_IN) >= _BLOCKS_MAX:
+                    _BLOCKS_IN.clear()
+                _BLOCKS_IN[block] = (tuple(headers), info, hosts)
+        if type(buf) is bytes:
+            if end < len(buf):
+                self._pending = buf[end:]
+        else:
+            del buf[:end]
+        if self.their_role is CLIENT:
+            method = parser.get_method()
+            target = sink.url
+            # llhttp tolerates extra spaces in the request line; h11 does not.
+            # The line is exactly "METHOD SP target SP HTTP/x.y" when its length leaves no room.
+            if first != len(method) + len(target) + len(version) + 7 or not head.startswith(method):
+                raise LocalProtocolError("illegal request line")
+            if version == b"1.1" and hosts == 0:
+                raise LocalProtocolError("Missing mandatory Host: header")
+            if hosts > 1:
+                raise LocalProtocolError("Found multiple Host: headers")
+            ev = _new(_Request)
+            _set(ev, "method", method)
+            _set(ev, "target", target)
+            _set(ev, "headers", headers)
+            _set(ev, "http_version", version)
+            etype, status = _Request, 0
+        else:
+            method = None
+            status = parser.get_status_code()
+            etype = _Info if status < 200 else _Response
+            ev = _new(etype)
+            _set(ev, "status_code", status)
+            _set(ev, "headers", headers)
+            _set(ev, "reason", sink.status)
+            _set(ev, "http_version", version)
+        framing = self._process_head(self.their_role, etype, method, status, version, info)
+        if framing is not None:
+            self._rkind, self._rleft = framing
+            self._rchunk_phase = 0
+        return ev
+
+    @staticmethod
+    def _read_block(lines, sink):
+        """The header lines of a head llhttp accepted (``lines``: its start line, header lines,
+        b"", b"") -> (pairs, what _scan would say, number of Host headers); raises what
+        h11 raises for their framing."""
         # Headers: lower-case names, values without surrounding whitespace. Ordinary lines
         # come normalised from a cache; the ones h11's Content-Length / Transfer-Encoding /
         # Host / Connection rules look at go through sink.normalise, which collects them for
@@ -589,43 +660,7 @@ class Connection:
                 if len(value) > 20:
                     raise LocalProtocolError("bad Content-Length")
                 cl = value
-        info = (close, upgrade, expect, te, cl)
-        if type(buf) is bytes:
-            if end < len(buf):
-                self._pending = buf[end:]
-        else:
-            del buf[:end]
-        if self.their_role is CLIENT:
-            method = parser.get_method()
-            target = sink.url
-            # llhttp tolerates extra spaces in the request line; h11 does not.
-            # The line is exactly "METHOD SP target SP HTTP/x.y" when its length leaves no room.
-            if head.find(b"\r\n") != len(method) + len(target) + len(version) + 7 or not head.startswith(method):
-                raise LocalProtocolError("illegal request line")
-            if version == b"1.1" and hosts == 0:
-                raise LocalProtocolError("Missing mandatory Host: header")
-            if hosts > 1:
-                raise LocalProtocolError("Found multiple Host: headers")
-            ev = _new(_Request)
-            _set(ev, "method", method)
-            _set(ev, "target", target)
-            _set(ev, "headers", headers)
-            _set(ev, "http_version", version)
-            etype, status = _Request, 0
-        else:
-            method = None
-            status = parser.get_status_code()
-            etype = _Info if status < 200 else _Response
-            ev = _new(etype)
-            _set(ev, "status_code", status)
-            _set(ev, "headers", headers)
-            _set(ev, "reason", sink.status)
-            _set(ev, "http_version", version)
-        framing = self._process_head(self.their_role, etype, method, status, version, info)
-        if framing is not None:
-            self._rkind, self._rleft = framing
-            self._rchunk_phase = 0
-        return ev
+        return headers, (close, upgrade, expect, te, cl), hosts
 
     def _read_body(self, buf: bytearray):
         kind = self._rkind
@@ -803,9 +838,9 @@ class Connection:
             raise LocalProtocolError("Illegal target characters")
         fast = _cached_head(ev.headers)
         if fast is not None and fast[2] == 1:
-            lines, info, _ = fast
+            block, info, _ = fast
             self._wkind, self._wleft = self._process_head(self.our_role, _Request, method, 0, b"1.1", info)
-            return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, b"".join(lines))
+            return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, block)
         items = _items(ev.headers)
         hosts = sum(1 for _, n, _v in items if n == b"host")
         if hosts == 0:
@@ -827,13 +862,13 @@ class Connection:
             raise LocalProtocolError("Illegal reason phrase")
         fast = _cached_head(ev.headers)
         if fast is not None and fast[2] == 0:
-            lines, info, _ = fast
+            block, info, _ = fast
             if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
                 # nothing for _clean_up_response_headers to change
                 framing = self._process_head(self.our_role, etype, None, status, b"1.1", info)
                 if framing is not None:
                     self._wkind, self._wleft = framing
-                return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, b"".join(lines))
+                return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, block)
         items = _check_framing_headers(_items(ev.headers))
         if etype is _Response:
             items = self._clean_up_response_headers(status, items)
@@ -933,11 +968,18 @@ def _cache_line(h):
 
 
 def _cached_head(headers):
-    """(lines, what _scan would say of the head, number of Host headers) for a plain list of
+    """(header block bytes, what _scan would say of the head, number of Host headers) for a plain list of
     (name, value) pairs whose framing needs no normalising and whose Host, if any, comes first;
     else None, and the general path handles the head."""
     if type(headers) is not list:
         return None
+    try:
+        key = tuple(headers)
+        seen = _BLOCKS_OUT.get(key)
+    except TypeError:   # an unhashable pair
+        return None
+    if seen is not None:
+        return seen
     if len(_CACHED_LINES) > _CACHE_MAX:
         _CACHED_LINES.clear()
         _CACHED_SPECIAL.clear()
@@ -973,7 +1015,13 @@ def _cached_head(headers):
         return None
     if hosts and _CACHED_SPECIAL.get(lines[0], (0, 0))[1] != b"host":
         return None   # h11 writes Host first
-    return lines, (close, upgrade, expect, te, cl), hosts
+    block = b"".join(lines)
+    seen = block, (close, upgrade, expect, te, cl), hosts
+    if len(block) <= _BLOCK_BYTES:
+        if len(_BLOCKS_OUT) >= _BLOCKS_MAX:
+            _BLOCKS_OUT.clear()
+        _BLOCKS_OUT[key] = seen
+    return seen
 
 
 def _check_framing_headers(items):
