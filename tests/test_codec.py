@@ -75,6 +75,32 @@ def test_end_to_end_keeps_upgrade_when_asked():
     assert codec.request_facts([(b"connection", b"upgrade")]).upgrade is None   # no Upgrade header
 
 
+def test_end_to_end_answers_again_the_same():
+    """end_to_end keeps its answers for headers it has seen: warm it answers as cold, for
+    every combination of arguments, each caller gets its own list, tokens the caller passes
+    are honoured, and the memory is bounded."""
+    codec._FORWARDED.clear()
+    headers = [(b"host", b"a"), (b"connection", b"keep-alive, X-Secret"), (b"x-secret", b"1"),
+               (b"upgrade", b"websocket"), (b"x-kept", b"yes")]
+    calls = [dict(), dict(keep_upgrade=True), dict(drop=frozenset({b"host"})), dict(tokens=set()),
+             dict(tokens={b"x-kept"})]
+    cold = [codec.end_to_end(list(headers), **kw) for kw in calls]
+    assert cold[0] == [(b"host", b"a"), (b"x-kept", b"yes")]
+    assert cold[3] == [(b"host", b"a"), (b"x-secret", b"1"), (b"x-kept", b"yes")]   # the caller's tokens
+    assert cold[4] == [(b"host", b"a"), (b"x-secret", b"1")]
+    assert codec._FORWARDED   # kept
+    warm = [codec.end_to_end(list(headers), **kw) for kw in calls]
+    assert warm == cold
+    warm[0].append((b"x-added", b"1"))
+    assert codec.end_to_end(list(headers)) == cold[0]
+    for i in range(codec._FORWARDED_MAX + 10):
+        codec.end_to_end([(b"x-n", b"%d" % i)])
+    assert len(codec._FORWARDED) <= codec._FORWARDED_MAX
+    big = [(b"x-big", b"v" * codec._FORWARDED_BYTES)]
+    codec._FORWARDED.clear()
+    assert codec.end_to_end(big) == big and not codec._FORWARDED
+
+
 def test_connection_tokens_case_and_spaces():
     assert codec.connection_tokens([(b"connection", b" Close ,X-A,, ")]) == {b"close", b"x-a"}
 

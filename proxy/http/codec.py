@@ -9,6 +9,7 @@ because a message that two parsers could read differently is a smuggling vector:
 from __future__ import annotations
 
 import re
+from itertools import chain
 from typing import Iterable, Optional
 
 HEAD_END = b"\r\n\r\n"
@@ -109,11 +110,40 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> Optiona
     return None
 
 
+# end_to_end's answers for the headers it saw last: an upstream sends the same response
+# headers for the same resource, a client the same request headers (the fast codec hands the
+# same pairs again for a block it has seen). Bounded in entries and bytes per entry; emptied
+# when full.
+_FORWARDED: dict = {}
+_FORWARDED_MAX = 1024
+_FORWARDED_BYTES = 2048
+
+
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,
                drop: frozenset = frozenset(), tokens: Optional[set[bytes]] = None) -> Headers:
     """Headers with hop-by-hop ones removed (and those named in Connection, and ``drop``).
     ``tokens``: the Connection tokens, when the caller has them already."""
-    headers = headers if type(headers) is list else list(headers)
+    key = None
+    if not tokens:   # the answer depends on the arguments alone
+        try:
+            key = (tuple(headers), keep_upgrade, drop, tokens is None)
+            seen = _FORWARDED.get(key)
+        except TypeError:   # unhashable pairs
+            key = None
+        else:
+            if seen is not None:
+                return list(seen)
+            headers = key[0]
+    out = _end_to_end(headers, keep_upgrade, drop, tokens)
+    if key is not None and sum(map(len, chain.from_iterable(key[0]))) <= _FORWARDED_BYTES:
+        if len(_FORWARDED) >= _FORWARDED_MAX:
+            _FORWARDED.clear()
+        _FORWARDED[key] = tuple(out)
+    return out
+
+
+def _end_to_end(headers, keep_upgrade, drop, tokens) -> Headers:
+    headers = headers if type(headers) is list or type(headers) is tuple else list(headers)
     gone = HOP_BY_HOP | drop if drop else HOP_BY_HOP
     if tokens is None:
         tokens = connection_tokens(headers)
