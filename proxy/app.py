@@ -16,7 +16,8 @@ from .http.routes import RouteTable
 from .http.upstream import UpstreamPool
 from .tls.certcache import MANUAL, Certificate, CertificateCache
 from .tls.engine import TLSEngine, self_signed_certificate
-from .tls.transport import Stream, TLSStream
+from .tls.socketstream import TLSServerStream, check_pyopenssl, start_tls_server
+from .tls.transport import Stream
 
 log = logging.getLogger("proxy")
 
@@ -83,8 +84,8 @@ class App:
     def _get_state(self) -> ProxyState:
         return self.state
 
-    def _tls_protocol(self) -> Stream:
-        stream = TLSStream(self.engine.new_connection, self.engine.prepare, self._loop)
+    def _tls_protocol(self) -> TLSServerStream:
+        stream = TLSServerStream(self.engine.new_connection, self.engine.prepare, self._loop)
         self._track(ClientConnection(stream, self._get_state, scheme="https"))
         return stream
 
@@ -131,7 +132,8 @@ class App:
         await self._install_manual(manual, wait=5.0)
         # Listeners before anything slow: they never wait for storage or a CA (a handshake
         # for a managed name waits briefly for the first look into storage).
-        self.servers.append(await loop.create_server(
+        check_pyopenssl(self.engine.new_connection)   # a clear error now, not on every connection
+        self.servers.append(await start_tls_server(
             self._tls_protocol, opts.address.host or None, opts.address.port,
             reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))
         log.info("listening for HTTPS on %s", opts.address)

@@ -1,20 +1,31 @@
-"""The TLS stream itself, in process: real OpenSSL on both ends over real sockets.
+"""The TLS server stream, in process: OpenSSL on the accepted socket at our end, real clients
+(Python's ssl module, openssl s_client, raw sockets) at the other.
 
-Both ways through it must be exact (every byte, in order, whatever the chunk sizes), on the
-direct OpenSSL path and on pyOpenSSL's public API path (taken when its internals differ).
+Every byte both ways, in order; flow control both ways with bounded memory; KeyUpdate;
+close_notify both ways; resets and aborted handshakes leave no descriptor behind; the
+engine's prepare hook sees the ClientHello before OpenSSL does.
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+import signal
+import socket
 import ssl
+import struct
 
 import pytest
 import uvloop
 from OpenSSL import SSL
 
-from proxy.tls import transport
+from proxy import metrics
+from proxy.tls import socketstream
+from proxy.tls.clienthello import parse_client_hello
+from proxy.tls.transport import READ_LIMIT, StreamClosed
 from tests.infra.pki import TestCA
+
+CHUNK = 256 * 1024
 
 
 @pytest.fixture(scope="module")
@@ -40,18 +51,25 @@ def client_context() -> ssl.SSLContext:
     return ctx
 
 
-@pytest.fixture(params=["direct", "api"])
-def path(request, monkeypatch):
-    monkeypatch.setattr(transport, "_direct", request.param == "direct")
-    return request.param
+async def serve_tls(ctx, on_stream, prepare=None):
+    """A TLS listener on a free local port; every connection is a TLSServerStream handed to
+    ``on_stream`` as it is made. Returns (listener, port)."""
+    loop = asyncio.get_running_loop()
+
+    def factory():
+        stream = socketstream.TLSServerStream(lambda: SSL.Connection(ctx, None), prepare, loop)
+        on_stream(stream)
+        return stream
+
+    server = await socketstream.start_tls_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
 
 
 async def echo_server(leaf, seen: list):
-    """A TLSStream server that echoes what it reads, then answers EOF with close_notify."""
-    ctx = server_context(leaf)
+    """Echoes what it reads (draining as the proxy does), then answers EOF with close_notify."""
     loop = asyncio.get_running_loop()
 
-    async def serve(stream: transport.TLSStream) -> None:
+    async def serve(stream) -> None:
         await stream.wait_ready(10)
         seen.append((stream.server_name, stream.alpn, stream.tls_version))
         while True:
@@ -64,32 +82,21 @@ async def echo_server(leaf, seen: list):
                 await stream.drain(10)
         stream.close()
 
-    def on_stream(stream: transport.TLSStream) -> None:
+    def on_stream(stream) -> None:
         assert stream.server_name is None and stream.alpn is None and stream.tls_version == ""
         loop.create_task(serve(stream))
 
-    server, _ = await serve_tls(ctx, on_stream)
+    server, _ = await serve_tls(server_context(leaf), on_stream)
     return server
 
 
-
-async def serve_tls(ctx, on_stream, cls=transport.TLSStream):
-    """A TLS server on a free local port; every connection is a ``cls`` stream handed to
-    ``on_stream`` as it is made. Returns (server, port)."""
-    loop = asyncio.get_running_loop()
-
-    def factory():
-        stream = cls(lambda: SSL.Connection(ctx, None), None, loop)
-        on_stream(stream)
-        return stream
-
-    server = await loop.create_server(factory, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+def in_thread(fn, *args):
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
 
 
 @pytest.mark.parametrize("run", [uvloop.run, asyncio.run], ids=["uvloop", "asyncio"])
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
-def test_echo_is_exact_both_ways(leaf, path, version, run):
+def test_echo_is_exact_both_ways(leaf, version, run):
     payload = os.urandom(3 * 1024 * 1024 + 12345)
     sizes = [1, 100, 5, 16383, 16384, 16385, 70000, 300000, 1 << 20]
 
@@ -110,7 +117,6 @@ def test_echo_is_exact_both_ways(leaf, path, version, run):
                 await writer.drain()
                 off += n
                 i += 1
-            writer.write_eof() if writer.can_write_eof() else None
 
         sender = asyncio.create_task(send())
         got = await asyncio.wait_for(reader.readexactly(len(payload)), 60)
@@ -126,14 +132,11 @@ def test_echo_is_exact_both_ways(leaf, path, version, run):
     assert version_name == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
 
 
-def test_close_notify_both_ways(leaf, path):
+def test_close_notify_both_ways(leaf):
     """The client's close_notify reads as EOF; the server's close answers with its own (the
     client's unwrap completes), tlsload's cycle."""
-    import socket
-
     async def go():
-        seen = []
-        server = await echo_server(leaf, seen)
+        server = await echo_server(leaf, [])
         port = server.sockets[0].getsockname()[1]
 
         def client():
@@ -144,78 +147,359 @@ def test_close_notify_both_ways(leaf, path):
                 s.unwrap()   # raises unless the server's close_notify arrives
             return True
 
-        ok = await asyncio.get_running_loop().run_in_executor(None, client)
+        ok = await in_thread(client)
         server.close()
         return ok
 
     assert uvloop.run(go())
 
 
-def test_large_write_goes_out_in_pieces_and_the_bio_stays_small(leaf, path):
-    """One write far above WRITE_PIECE arrives whole, and the memory BIO never held more than
-    one piece's records (it would otherwise grow to the whole write)."""
-    payload = os.urandom(5 * transport.WRITE_PIECE + 7)
-    largest = []
-
+def test_shutdown_write_sends_close_notify_and_keeps_reading(leaf):
+    """shutdown_write: the client reads EOF (close_notify), and what it sends afterwards is
+    still read by the server."""
     async def go():
-        ctx = server_context(leaf)
         loop = asyncio.get_running_loop()
-        done = loop.create_future()
-
-        class Watched(transport.TLSStream):
-            __slots__ = ()
-
-            def _flush(self):
-                if self.conn._from_ssl is not None:
-                    largest.append(transport._ssl_lib.BIO_get_mem_data(self.conn._from_ssl,
-                                                                       transport._ssl_ffi.NULL))
-                super()._flush()
+        got = loop.create_future()
 
         async def serve(stream):
             await stream.wait_ready(10)
-            stream.write(payload)
-            await stream.read(10, 10)   # until the client's EOF
+            stream.write(b"bye")
+            stream.shutdown_write()
+            with pytest.raises(StreamClosed):
+                stream.write(b"late")
+            rest = b""
+            while data := await stream.read(100, 10):
+                rest += data
+            got.set_result(rest)
             stream.close()
-            done.set_result(None)
 
-        server, port = await serve_tls(ctx, lambda stream: loop.create_task(serve(stream)), cls=Watched)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
-                                                       server_hostname="stream.test")
-        got = await asyncio.wait_for(reader.readexactly(len(payload)), 30)
-        writer.close()
-        await done
+        server, port = await serve_tls(server_context(leaf), lambda s: loop.create_task(serve(s)))
+
+        def client():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                s = client_context().wrap_socket(raw, server_hostname="stream.test")
+                data = b""
+                while chunk := s.recv(100):   # b"" at the server's close_notify
+                    data += chunk
+                assert data == b"bye"
+                s.sendall(b"more")
+                s.unwrap()
+        await in_thread(client)
+        assert await asyncio.wait_for(got, 10) == b"more"
         server.close()
-        return got
 
-    assert uvloop.run(go()) == payload
-    assert max(largest) < transport.WRITE_PIECE + 5 * 64   # one piece plus record overhead
+    uvloop.run(go())
 
 
-def test_closed_resolves_when_the_connection_goes(leaf):
+def test_a_reader_that_stalls_does_not_make_the_server_buffer_everything(leaf):
+    """A client that reads nothing: the writer waits in drain with at most WRITE_HIGH plus
+    one chunk kept (the rest stays upstream); once the client reads, every byte arrives."""
+    total = 48 * 1024 * 1024
+    block = os.urandom(CHUNK)
+
     async def go():
-        ctx = server_context(leaf)
         loop = asyncio.get_running_loop()
+        progress = {"written": 0, "most_kept": 0}
         streams = []
 
-        server, port = await serve_tls(ctx, streams.append)
+        async def serve(stream):
+            await stream.wait_ready(10)
+            while progress["written"] < total:
+                stream.write(block)
+                progress["written"] += CHUNK
+                progress["most_kept"] = max(progress["most_kept"], stream._out_size)
+                if stream.must_drain:
+                    await stream.drain(30)
+            stream.close()
+
+        def on_stream(stream):
+            streams.append(stream)
+            loop.create_task(serve(stream))
+
+        server, port = await serve_tls(server_context(leaf), on_stream)
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s = await in_thread(lambda: client_context().wrap_socket(raw, server_hostname="stream.test"))
+        await asyncio.sleep(1.0)   # the client reads nothing meanwhile
+        stalled_at = progress["written"]
+        assert stalled_at < total / 4, stalled_at
+        assert streams[0]._write_paused
+        assert progress["most_kept"] <= socketstream.WRITE_HIGH + CHUNK, progress
+
+        def read_all():
+            h, n = hashlib.sha256(), 0
+            while chunk := s.recv(1 << 20):
+                h.update(chunk)
+                n += len(chunk)
+            return n, h.hexdigest()
+        n, digest = await in_thread(read_all)
+        s.close()
+        server.close()
+        assert progress["most_kept"] <= socketstream.WRITE_HIGH + CHUNK, progress
+        return n, digest
+
+    n, digest = uvloop.run(go())
+    expected = hashlib.sha256()
+    for _ in range(total // CHUNK):
+        expected.update(block)
+    assert n == total and digest == expected.hexdigest()
+
+
+def test_a_server_that_does_not_read_stops_reading_the_socket(leaf):
+    """Received plaintext waiting for the HTTP layer stays near READ_LIMIT (reading stops, and
+    resumes below half); then every byte arrives in order."""
+    payload = os.urandom(16 * 1024 * 1024)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = []
+        server, port = await serve_tls(server_context(leaf), streams.append)
+
+        def client():
+            with socket.create_connection(("127.0.0.1", port), timeout=20) as raw:
+                s = client_context().wrap_socket(raw, server_hostname="stream.test")
+                s.sendall(payload)
+                s.unwrap()
+        sending = in_thread(client)
+        while not streams or not streams[0].ready.done():
+            await asyncio.sleep(0.01)
+        stream = streams[0]
+        await asyncio.sleep(1.0)   # nothing read meanwhile
+        assert stream._reading_paused and not sending.done()
+        held = stream._size
+        assert READ_LIMIT < held <= READ_LIMIT + socketstream._SCRATCH_SIZE + 16384, held
+        got = bytearray()
+        while data := await stream.read(1 << 20, 20):
+            got += data
+            assert stream._size <= READ_LIMIT + socketstream._SCRATCH_SIZE + 16384
+        stream.close()   # close_notify: the client's unwrap completes
+        await sending
+        server.close()
+        return bytes(got)
+
+    assert uvloop.run(go()) == payload
+
+
+def test_key_update_while_the_socket_is_full(leaf, tmp_path):
+    """A client's KeyUpdate (update requested) that the server reads while its own writes
+    wait for a full socket: OpenSSL 3.0 sends its answer with the next SSL_write once the
+    pending record is out (ssl3_write_bytes), i.e. from our retries on writability; the
+    client sees it and the conversation goes on, exact both ways."""
+    msgs = tmp_path / "msgs"
+    line = b"x" * 1023 + b"\n"   # never starts with a s_client command letter
+    sent_lines = 640              # 640 KiB: the server stops reading after READ_LIMIT
+    big = os.urandom(8 * 1024 * 1024)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = []
+        server, port = await serve_tls(server_context(leaf), streams.append)
+        proc = await asyncio.create_subprocess_exec(
+            "openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3", "-msg",
+            "-msgfile", str(msgs), stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL)
+        try:
+            while not streams or not streams[0].ready.done():
+                await asyncio.sleep(0.01)
+            stream = streams[0]
+            proc.stdin.write(line * sent_lines)
+            await proc.stdin.drain()
+            while not stream._reading_paused:   # the server holds READ_LIMIT and waits
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.3)
+            proc.stdin.write(b"K\n")              # KeyUpdate, update_requested
+            await proc.stdin.drain()
+            for _ in range(500):
+                if b"KeyUpdate" in msgs.read_bytes():
+                    break
+                await asyncio.sleep(0.01)
+            os.kill(proc.pid, signal.SIGSTOP)     # the client stops reading
+            stream.write(big)                     # the socket fills; the rest is kept
+            assert stream._out is not None
+            got = bytearray()
+            while len(got) < len(line) * sent_lines:   # reading resumes: data, then KeyUpdate
+                got += await stream.read(1 << 20, 10)
+            await asyncio.sleep(0.2)
+            os.kill(proc.pid, signal.SIGCONT)
+            echo = bytearray()
+
+            async def read_client():
+                while big not in echo:
+                    echo.extend(await proc.stdout.read(1 << 20))
+            await asyncio.wait_for(read_client(), 30)
+            stream.write(b"after the update\n")
+            await asyncio.wait_for(proc.stdout.readuntil(b"after the update\n"), 10)
+            proc.stdin.write(b"client after\n")
+            await proc.stdin.drain()
+            more = await stream.read(100, 10)
+            assert bytes(got) == line * sent_lines and more == b"client after\n"
+            stream.close()
+        finally:
+            if proc.returncode is None:
+                os.kill(proc.pid, signal.SIGCONT)
+                proc.kill()
+            await proc.wait()
+            server.close()
+
+    uvloop.run(go())
+    log = msgs.read_text(errors="replace")
+    updates = [ln for ln in log.splitlines() if ln.endswith("KeyUpdate")]
+    assert any(ln.startswith(">>>") for ln in updates), log   # the client's
+    assert any(ln.startswith("<<<") for ln in updates), log   # the server's answer
+
+
+def test_a_read_that_must_write_first_waits_for_writability(leaf):
+    """SSL_read saying WANT_WRITE (OpenSSL must send something before it reads on): reading
+    stops, the socket is watched for writability, then reading goes on."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = []
+        server, port = await serve_tls(server_context(leaf), streams.append)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
                                                        server_hostname="stream.test")
-        closed_early = streams[0].closed          # asked for while open
-        writer.transport.abort()                  # the TCP connection goes, no TLS goodbye
-        await asyncio.wait_for(closed_early, 10)
-        assert streams[0].closed.done()           # asked for after: already resolved
+        while not streams or not streams[0].ready.done():
+            await asyncio.sleep(0.01)
+        stream = streams[0]
+        stream._read_stopped(socketstream._WANT_WRITE)
+        assert stream._watching == socketstream._WRITE and not stream.at_eof
+        writer.write(b"ping")
+        assert await asyncio.wait_for(stream.read(10, 10), 10) == b"ping"
+        assert stream._watching == socketstream._READ
+        writer.close()
+        stream.close()
+        server.close()
+
+    uvloop.run(go())
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_aborted_handshakes_leave_no_descriptors(leaf):
+    """Connections reset mid-handshake, closed before a byte, or sending garbage: each ends
+    (ready fails, closed resolves), no descriptor stays open, and only the garbage counts as
+    a failed handshake."""
+    async def go():
+        streams = []
+        server, port = await serve_tls(server_context(leaf), streams.append)
+        hello = await in_thread(_client_hello_bytes)
+
+        def clients():
+            for i in range(300):
+                s = socket.create_connection(("127.0.0.1", port))
+                kind = i % 3
+                if kind == 0:   # half a ClientHello, then a reset
+                    s.sendall(hello[:len(hello) // 2])
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                elif kind == 1:   # garbage: a failed handshake, answered with an alert
+                    s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+                s.close()
+        before_errors = metrics.value("autocert_proxy_tls_handshake_errors_total")
+        await asyncio.sleep(0.1)
+        before = _fds()
+        await in_thread(clients)
+        for _ in range(500):
+            if len(streams) == 300 and all(s._lost for s in streams):
+                break
+            await asyncio.sleep(0.02)
+        assert len(streams) == 300 and all(s._lost for s in streams)
+        assert all(isinstance(s.ready.exception(), StreamClosed) for s in streams)
+        assert all(s.closed.done() for s in streams)
+        after = _fds()
+        errors = metrics.value("autocert_proxy_tls_handshake_errors_total") - before_errors
+        server.close()
+        return before, after, errors
+
+    before, after, errors = uvloop.run(go())
+    assert after <= before, (before, after)
+    assert errors == 100
+
+
+def _client_hello_bytes() -> bytes:
+    """A real ClientHello (Python's ssl over a memory BIO)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = client_context().wrap_bio(incoming, outgoing, server_hostname="stream.test")
+    try:
+        obj.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return outgoing.read()
+
+
+def test_prepare_sees_the_client_hello_and_can_hold_the_handshake(leaf):
+    """The prepare hook gets the ClientHello before OpenSSL reads it (the ALPN and SNI are
+    in it); while its future is pending the handshake does not advance; then it completes."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        seen, gate = [], loop.create_future()
+        streams = []
+
+        def prepare(first_bytes):
+            seen.append(first_bytes)
+            return gate
+
+        server, port = await serve_tls(server_context(leaf), streams.append, prepare=prepare)
+
+        def client():
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                s = client_context().wrap_socket(raw, server_hostname="stream.test")
+                s.sendall(b"hello")
+                s.unwrap()
+        done = in_thread(client)
+        while not seen:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert not streams[0].ready.done() and not done.done()   # held
+        facts = parse_client_hello(seen[0])
+        assert facts is not None and facts.server_name == "stream.test" and b"http/1.1" in facts.alpn
+        gate.set_result(None)
+        await asyncio.wait_for(streams[0].ready, 10)
+        assert await streams[0].read(100, 10) == b"hello"
+        assert await streams[0].read(100, 10) == b""
+        streams[0].close()
+        await asyncio.wait_for(done, 10)
+        server.close()
+        return len(seen)
+
+    assert uvloop.run(go()) == 1
+
+
+def test_a_lost_connection_wakes_every_waiter(leaf):
+    """A reset while the server waits in read, in drain and on ``closed``: all three wake."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = []
+        server, port = await serve_tls(server_context(leaf), streams.append)
+        raw = socket.create_connection(("127.0.0.1", port))
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s = await in_thread(lambda: client_context().wrap_socket(raw, server_hostname="stream.test"))
+        while not streams or not streams[0].ready.done():
+            await asyncio.sleep(0.01)
+        stream = streams[0]
+        while not stream.must_drain:   # fill the socket until the writer must wait
+            stream.write(os.urandom(CHUNK))
+        reading = loop.create_task(stream.read(100, 30))
+        draining = loop.create_task(stream.drain(30))
+        closed = stream.closed
+        await asyncio.sleep(0.2)
+        assert not reading.done() and not draining.done() and not closed.done()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()   # a reset
+        assert await asyncio.wait_for(reading, 10) == b""
+        with pytest.raises(StreamClosed):
+            await asyncio.wait_for(draining, 10)
+        await asyncio.wait_for(closed, 10)
+        assert stream.is_closing and stream.at_eof
         server.close()
 
     uvloop.run(go())
 
 
 def test_handshake_timeout_leaves_the_stream_consistent(leaf):
-    """wait_ready's timeout lands on ``ready`` itself: TimeoutError for the waiter, and a
-    late handshake or close does not trip over the settled future."""
-    import socket
-
+    """wait_ready's timeout lands on ``ready`` itself: TimeoutError for the waiter, and the
+    abort that follows closes the socket."""
     async def go():
-        ctx = server_context(leaf)
         loop = asyncio.get_running_loop()
         outcome = loop.create_future()
 
@@ -227,12 +511,12 @@ def test_handshake_timeout_leaves_the_stream_consistent(leaf):
                 outcome.set_result("timeout")
                 stream.abort()
 
-        server, port = await serve_tls(ctx, lambda stream: loop.create_task(serve(stream)))
+        server, port = await serve_tls(server_context(leaf), lambda s: loop.create_task(serve(s)))
         raw = socket.create_connection(("127.0.0.1", port))   # says nothing
         try:
             assert await asyncio.wait_for(outcome, 10) == "timeout"
             raw.settimeout(5)
-            assert await loop.run_in_executor(None, raw.recv, 10) == b""
+            assert await in_thread(raw.recv, 10) == b""
         finally:
             raw.close()
             server.close()
@@ -240,70 +524,12 @@ def test_handshake_timeout_leaves_the_stream_consistent(leaf):
     uvloop.run(go())
 
 
-def test_direct_path_stands_down_without_pyopenssl_internals(monkeypatch, caplog):
-    """A pyOpenSSL release without the internals the direct calls use: one warning, and every
-    connection takes the public API path (the echo tests above run that path too)."""
-    import logging
-    monkeypatch.setattr(transport, "_direct", True)
-    monkeypatch.setattr(transport, "_direct_checked", False)
-
-    class NoInternals:   # a pyOpenSSL Connection as a future release might shape it
-        pass
-
-    with caplog.at_level(logging.WARNING, logger="proxy.tls"):
-        assert transport._check_direct(NoInternals()) is False
-    assert transport._direct is False and transport._direct_checked is True
-    assert sum("public API" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_large_arrivals_are_not_held_while_idle(leaf, path):
-    """Large received chunks are read by OpenSSL in place (a read-only BIO over the bytes);
-    once the stream waits for more, it holds none of them (nor a grown buffer)."""
-    payload = os.urandom(2 * 1024 * 1024)
-
-    async def go():
-        ctx = server_context(leaf)
-        loop = asyncio.get_running_loop()
-        idle = loop.create_future()
-
-        async def serve(stream):
-            await stream.wait_ready(10)
-            got = bytearray()
-            while len(got) < len(payload):
-                got += await stream.read(1 << 20, 10)
-            stream.write(b"ok")
-            reading = loop.create_task(stream.read(10, 10))   # waits: the stream goes idle
-            await asyncio.sleep(0.05)
-            idle.set_result((bytes(got), stream._rdata,
-                             transport._ssl_lib.BIO_get_mem_data(stream.conn._into_ssl, transport._ssl_ffi.NULL)))
-            await reading
-            stream.close()
-
-        server, port = await serve_tls(ctx, lambda stream: loop.create_task(serve(stream)))
-        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
-                                                       server_hostname="stream.test")
-        writer.write(payload)
-        assert await asyncio.wait_for(reader.readexactly(2), 30) == b"ok"
-        got, held, pending = await asyncio.wait_for(idle, 10)
-        writer.close()
-        server.close()
-        return got, held, pending
-
-    got, held, pending = uvloop.run(go())
-    assert got == payload
-    assert held is None and pending == 0
-
-
-def test_corrupt_record_after_handshake_closes_only_that_connection(leaf, path):
+def test_corrupt_record_after_handshake_closes_only_that_connection(leaf):
     """A record that fails to decrypt ends that connection; OpenSSL's error queue is left
     clean (a stale entry would make the next connection's reads look failed)."""
-    import socket
-
     async def go():
-        seen = []
-        server = await echo_server(leaf, seen)
+        server = await echo_server(leaf, [])
         port = server.sockets[0].getsockname()[1]
-        loop = asyncio.get_running_loop()
 
         def corrupt():
             cctx = client_context()
@@ -338,8 +564,33 @@ def test_corrupt_record_after_handshake_closes_only_that_connection(leaf, path):
             finally:
                 s.close()
 
-        await loop.run_in_executor(None, corrupt)
-        await loop.run_in_executor(None, good)
+        await in_thread(corrupt)
+        await in_thread(good)
         server.close()
 
     uvloop.run(go())
+
+
+def test_closed_listener_refuses_new_connections_and_keeps_open_ones(leaf):
+    async def go():
+        server = await echo_server(leaf, [])
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
+                                                       server_hostname="stream.test")
+        server.close()
+        await server.wait_closed()
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"still here")
+        assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+        writer.close()
+
+    uvloop.run(go())
+
+
+def test_a_pyopenssl_without_the_internals_is_refused_at_start():
+    class NoInternals:   # a pyOpenSSL Connection as a future release might shape it
+        pass
+
+    with pytest.raises(RuntimeError, match="lacks _ssl"):
+        socketstream.check_pyopenssl(NoInternals)

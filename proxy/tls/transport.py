@@ -1,9 +1,12 @@
-"""Byte streams over asyncio transports: plain TCP, and TLS through pyOpenSSL memory BIOs.
+"""Byte streams over asyncio transports: plain TCP (upstreams, the :80 and metrics listeners).
 
-The one place where socket bytes meet TLS. Both stream kinds offer the same small interface
-(``read``, ``write``, ``drain``, ``close``), so the HTTP code above never knows which one it
-has. Flow control both ways: reading pauses the transport when the buffer is full; ``drain``
-waits while the transport's write buffer is above its high-water mark.
+The proxy's TLS connections are ``socketstream.TLSServerStream`` (OpenSSL on the socket),
+with the same interface; ``TLSStream`` below (memory BIOs) is no longer used by the proxy.
+
+Every stream offers the same small interface (``read``, ``write``, ``drain``, ``close``), so
+the HTTP code above never knows which one it has. Flow control both ways: reading pauses the
+transport when the buffer is full; ``drain`` waits while the transport's write buffer is
+above its high-water mark.
 """
 from __future__ import annotations
 
@@ -279,6 +282,10 @@ class Stream(asyncio.Protocol):
 
 class TLSStream(Stream):
     """A server-side TLS stream: pyOpenSSL ``Connection`` with memory BIOs on a TCP transport.
+
+    Not used by the proxy any more: its TLS listener is ``socketstream`` (OpenSSL on the
+    socket). Kept only while tests/test_ocsp.py and tests/test_tls.py still build it; it goes
+    with them, in one change.
 
     ``new_connection`` builds the SSL.Connection (the engine's default context with its
     callbacks). The handshake runs as bytes arrive; ``ready`` resolves when it is done.

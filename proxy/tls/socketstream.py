@@ -1,0 +1,670 @@
+"""TLS server connections where OpenSSL reads and writes the socket itself.
+
+The listener accepts on its own (``loop.add_reader`` on the listening socket, a bounded batch
+per wake-up); each accepted, non-blocking socket is handed to OpenSSL with ``SSL_set_fd``
+and watched with ``loop.add_reader`` / ``add_writer``. No memory BIOs and no asyncio
+transport sit between the socket and OpenSSL: a record is read from the kernel straight
+into OpenSSL and decrypted into one reused buffer, and a write is encrypted and sent record
+by record. ``TLSServerStream`` offers the HTTP layer the same interface as
+``transport.Stream`` (read with a timeout, write, drain, shutdown_write, close, abort).
+
+Flow control both ways: reading stops (``remove_reader``) while more than ``READ_LIMIT``
+bytes wait to be read by the HTTP layer, and resumes below half; what the socket does not
+take is kept (``SSL_MODE_ENABLE_PARTIAL_WRITE``, retried when the socket is writable) and
+``drain`` waits while more than ``WRITE_HIGH`` bytes are kept, until they are below
+``WRITE_LOW``.
+
+OpenSSL is called through pyOpenSSL's cffi binding and its Connection's private ``_ssl``:
+``check_pyopenssl`` refuses to start, with a clear error, on a pyOpenSSL without them.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from typing import Callable, Optional
+
+import OpenSSL
+from OpenSSL import SSL
+from OpenSSL.SSL import _ffi, _lib
+
+from .. import metrics
+from .transport import READ_LIMIT, StreamClosed, _time_out
+
+log = logging.getLogger("proxy.tls")
+
+WRITE_HIGH = 64 * 1024   # drain waits while more than this is kept unsent (asyncio's default)
+WRITE_LOW = 16 * 1024
+ACCEPT_BATCH = 32        # connections accepted per wake-up of the listening socket
+PEEK_SIZE = 16 * 1024 + 5   # the ClientHello's first record, shown to the engine's prepare hook
+_SCRATCH_SIZE = 256 * 1024   # plaintext decrypted per wake-up at most (then epoll calls again)
+_scratch = _ffi.new_allocator(should_clear_after_alloc=False)("char[]", _SCRATCH_SIZE)
+_buffer = _ffi.buffer
+_from_buffer = _ffi.from_buffer
+_SSL_read = _lib.SSL_read
+_SSL_write = _lib.SSL_write
+_SSL_pending = _lib.SSL_pending
+_SSL_get_error = _lib.SSL_get_error
+_SSL_do_handshake = _lib.SSL_do_handshake
+_SSL_shutdown = _lib.SSL_shutdown
+_ERR_clear_error = _lib.ERR_clear_error
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+_WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
+_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
+_SYSCALL = _lib.SSL_ERROR_SYSCALL
+_MODES = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+_UNEXPECTED_EOF = getattr(_lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", -1)
+_READ, _WRITE = 1, 2   # what the loop watches the socket for
+_NO_SHUTDOWN, _SHUTDOWN_WANTED, _SHUTDOWN_SENT = 0, 1, 2
+_NEEDED = ("SSL_set_fd", "SSL_set_mode", "SSL_read", "SSL_write", "SSL_pending", "SSL_shutdown",
+           "SSL_get_error", "SSL_do_handshake", "ERR_clear_error", "ERR_peek_error", "ERR_GET_REASON")
+
+
+def check_pyopenssl(new_connection: Callable[[], SSL.Connection]) -> None:
+    """Raises RuntimeError when this pyOpenSSL lacks what the TLS listener calls directly
+    (its Connection's ``_ssl`` and ``_raise_ssl_error``, and OpenSSL functions in its binding)."""
+    conn = new_connection()
+    missing = [a for a in ("_ssl", "_raise_ssl_error", "_socket", "_into_ssl", "_from_ssl")
+               if not hasattr(conn, a)] + [f for f in _NEEDED if not hasattr(_lib, f)]
+    if missing:
+        raise RuntimeError(f"pyOpenSSL {OpenSSL.__version__} lacks {', '.join(missing)}, which the TLS "
+                           "listener uses to let OpenSSL read and write the socket; install the "
+                           "pyOpenSSL version pinned in pyproject.toml")
+
+
+class TLSServerStream:
+    """One accepted client connection: OpenSSL on the socket, a byte stream to the HTTP layer.
+
+    Made by the listener's factory (``new_connection`` builds the SSL.Connection with the
+    engine's callbacks; ``prepare`` sees the first bytes before OpenSSL does), then
+    ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done."""
+
+    __slots__ = ("_new_connection", "_prepare", "_loop", "conn", "_ssl", "_sock", "_fd", "peer",
+                 "_buf", "_size", "_eof", "_lost", "_waiter", "ready", "_closed", "_handshaked",
+                 "_watching", "_reading_paused", "_read_needs_write", "_write_needs_read",
+                 "_out", "_out_size", "_write_paused", "_drain_waiters", "_closing", "_shutdown")
+
+    def __init__(self, new_connection: Callable[[], SSL.Connection],
+                 prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
+                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        self._new_connection = new_connection
+        self._prepare = prepare
+        self._loop = loop or asyncio.get_event_loop()
+        self.conn: Optional[SSL.Connection] = None
+        self._ssl = None
+        self._sock: Optional[socket.socket] = None
+        self._fd = -1
+        self.peer = "-"
+        self._buf: list[bytes] = []   # received plaintext not yet read, as it came
+        self._size = 0
+        self._eof = False
+        self._lost = False            # the socket is closed
+        self._waiter: Optional[asyncio.Future] = None
+        self.ready: asyncio.Future = self._loop.create_future()   # the handshake is done
+        self._closed: Optional[asyncio.Future] = None   # made when asked for (rarely)
+        self._handshaked = False
+        self._watching = 0
+        self._reading_paused = False   # more than READ_LIMIT is waiting to be read
+        self._read_needs_write = False   # SSL_read said WANT_WRITE (a KeyUpdate to answer)
+        self._write_needs_read = False   # SSL_write said WANT_READ
+        self._out: Optional[list] = None   # plaintext the socket did not take yet
+        self._out_size = 0
+        self._write_paused = False
+        self._drain_waiters: Optional[list] = None
+        self._closing = False
+        self._shutdown = _NO_SHUTDOWN
+
+    # --- what the handshake settled, read when asked (most connections never ask) ---
+    @property
+    def server_name(self) -> Optional[str]:
+        """The SNI name the client sent (lower case), None without one or before the handshake."""
+        if not self._handshaked:
+            return None
+        name = self.conn.get_servername()
+        return name.decode("ascii", "replace").lower() if name else None
+
+    @property
+    def alpn(self) -> Optional[bytes]:
+        return (self.conn.get_alpn_proto_negotiated() or None) if self._handshaked else None
+
+    @property
+    def tls_version(self) -> str:
+        return self.conn.get_protocol_version_name() if self._handshaked else ""
+
+    @property
+    def closed(self) -> asyncio.Future:
+        """Resolves when the connection is gone."""
+        if self._closed is None:
+            self._closed = self._loop.create_future()
+            if self._lost:
+                self._closed.set_result(None)
+        return self._closed
+
+    # --- the socket ---
+    def attach(self, sock: socket.socket, addr) -> None:
+        """Take the accepted (non-blocking) socket and start: the peek for ``prepare``, or the
+        handshake, when it becomes readable."""
+        self._sock = sock
+        self._fd = sock.fileno()
+        if addr:
+            self.peer = addr[0]
+        self.conn = conn = self._new_connection()
+        conn.set_accept_state()
+        self._ssl = ssl = conn._ssl
+        if _lib.SSL_set_fd(ssl, self._fd) != 1:   # frees the memory BIOs pyOpenSSL made
+            self._lose("SSL_set_fd failed")
+            return
+        conn._into_ssl = conn._from_ssl = None
+        conn._socket = sock
+        _lib.SSL_set_mode(ssl, _MODES)
+        self._watch(_READ)
+
+    def _watch(self, want: int) -> None:
+        """Watch the socket for exactly ``want`` (_READ, _WRITE, both or neither)."""
+        have = self._watching
+        if want == have or self._lost:
+            return
+        loop, fd = self._loop, self._fd
+        if want & _READ and not have & _READ:
+            loop.add_reader(fd, self._on_readable)
+        elif have & _READ and not want & _READ:
+            loop.remove_reader(fd)
+        if want & _WRITE and not have & _WRITE:
+            loop.add_writer(fd, self._on_writable)
+        elif have & _WRITE and not want & _WRITE:
+            loop.remove_writer(fd)
+        self._watching = want
+
+    def _update_watch(self) -> None:
+        """After the handshake: watch for what the connection's state needs."""
+        reading = not (self._reading_paused or self._read_needs_write or self._closing)
+        self._watch((_READ if reading or self._write_needs_read else 0)
+                    | (_WRITE if self._out is not None or self._read_needs_write
+                       or self._shutdown == _SHUTDOWN_WANTED else 0))
+
+    def _on_readable(self) -> None:
+        try:
+            if self._handshaked:
+                if self._write_needs_read:
+                    self._write_needs_read = False
+                    self._flush_out()
+                if not (self._reading_paused or self._lost):
+                    self._read()
+            elif self._prepare is not None:
+                self._peek()
+            else:
+                self._handshake()
+        except Exception:
+            log.exception("TLS connection from %s failed", self.peer)
+            self.abort()
+
+    def _on_writable(self) -> None:
+        try:
+            if not self._handshaked:
+                self._handshake()
+                return
+            if self._read_needs_write:
+                self._read_needs_write = False
+                self._read()
+            self._flush_out()
+            self._update_watch()
+        except Exception:
+            log.exception("TLS connection from %s failed", self.peer)
+            self.abort()
+
+    # --- handshake ---
+    def _peek(self) -> None:
+        """Show the engine the first bytes (the ClientHello) without taking them from the
+        socket; it may return a future to wait for before OpenSSL reads them."""
+        try:
+            data = self._sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self._lose(e)
+            return
+        if not data:
+            self._lose("closed before the handshake")
+            return
+        prepare, self._prepare = self._prepare, None   # (from here on, readable: handshake)
+        fut = prepare(data)
+        if fut is None:
+            self._handshake()
+            return
+        self._watch(0)
+        fut.add_done_callback(self._after_prepare)
+
+    def _after_prepare(self, fut) -> None:
+        if not self._lost:
+            self._on_readable()
+
+    def _handshake(self) -> None:
+        ssl = self._ssl
+        r = _SSL_do_handshake(ssl)
+        if r == 1:
+            self._handshaked = True
+            if not self.ready.done():
+                self.ready.set_result(None)
+            self._watch(_READ)
+            self._read()   # the first request (or close_notify) often comes with the Finished
+            return
+        err = _SSL_get_error(ssl, r)
+        if err == _WANT_READ:
+            self._watch(_READ)
+        elif err == _WANT_WRITE:
+            self._watch(_WRITE)
+        else:
+            self._handshake_failed(err, r)
+
+    def _handshake_failed(self, err: int, r: int) -> None:
+        """Counted, unless the peer merely went away (EOF or reset, as before OpenSSL read a
+        byte); the alert OpenSSL wrote is already on the socket."""
+        gone = err == _SYSCALL or (_lib.ERR_GET_REASON(_lib.ERR_peek_error()) == _UNEXPECTED_EOF)
+        try:   # pyOpenSSL's own error handling: a callback's exception, the error queue
+            self.conn._raise_ssl_error(self._ssl, r)
+            raise SSL.Error("handshake failed")
+        except Exception as e:   # SSL.Error, or an exception raised inside a callback
+            reason = e
+        _ERR_clear_error()
+        if not gone:
+            log.debug("TLS handshake failed from %s: %s", self.peer, reason)
+            metrics.inc("autocert_proxy_tls_handshake_errors_total")
+            self._discard_input()   # unread bytes would make close() send a reset before the alert
+        self._lose(f"handshake failed: {reason}")
+
+    def _discard_input(self) -> None:
+        try:
+            for _ in range(4):
+                if not self._sock.recv(65536):
+                    return
+        except OSError:
+            pass
+
+    # --- reading ---
+    def _read(self) -> None:
+        """Decrypt what the socket has, up to one scratch buffer (epoll calls again while more
+        is there), and hand it up as one chunk."""
+        ssl = self._ssl
+        buf, room, got = _scratch, _SCRATCH_SIZE, 0
+        while True:
+            r = _SSL_read(ssl, buf + got, room - got)
+            if r > 0:
+                got += r
+                if got < room:
+                    continue
+                room = _SSL_pending(ssl)
+                if room <= 0:
+                    break
+                # full in the middle of a record: hand it up, then take the rest of that
+                # record only (OpenSSL holds it; the socket may not be readable again)
+                self._feed(_buffer(buf, got)[:])
+                got = 0
+                continue
+            err = _SSL_get_error(ssl, r)
+            if err == _WANT_READ:
+                break
+            if got:
+                self._feed(_buffer(buf, got)[:])
+                got = 0
+            self._read_stopped(err)
+            return
+        if got:
+            self._feed(_buffer(buf, got)[:])
+
+    def _read_stopped(self, err: int) -> None:
+        if err == _WANT_WRITE:   # OpenSSL must send something first (a KeyUpdate answer)
+            self._read_needs_write = True
+            self._update_watch()
+            return
+        self._feed_eof()
+        if err == _ZERO_RETURN:   # close_notify: the end of what the peer sends
+            self._reading_paused = True
+            self._update_watch()
+            return
+        # the peer closed or reset without close_notify, or a record failed: the connection
+        # ends (OpenSSL sent an alert if there was one to send)
+        if err != _SYSCALL:
+            log.debug("TLS connection from %s: %s", self.peer, _error_text())
+        _ERR_clear_error()
+        self._lose(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._buf.append(data)
+        self._size += len(data)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+        if self._size > READ_LIMIT and not self._reading_paused:
+            self._reading_paused = True
+            self._update_watch()
+
+    def _feed_eof(self) -> None:
+        self._eof = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def read(self, n: int = 65536, timeout: Optional[float] = None) -> bytes:
+        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
+        if not self._buf and not self._eof:
+            self._waiter = w = self._loop.create_future()
+            handle = None
+            if timeout is not None:
+                handle = self._loop.call_later(timeout, _time_out, w)
+            try:
+                await w
+            finally:
+                self._waiter = None
+                if handle is not None:
+                    handle.cancel()
+        buf = self._buf
+        if buf:
+            data = buf[0]   # one received chunk at a time, as it came, unless longer than n
+            if len(data) <= n:
+                del buf[0]
+            else:
+                buf[0] = data[n:]
+                data = data[:n]
+            self._size -= len(data)
+            if self._reading_paused and self._size < READ_LIMIT // 2 and not self._eof:
+                self._reading_paused = False
+                self._update_watch()
+            return data
+        return b""
+
+    def unread(self, data: bytes) -> None:
+        """Put bytes back in front of the buffer (left over after a protocol switch)."""
+        if data:
+            self._buf.insert(0, bytes(data))
+            self._size += len(data)
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Until the handshake is done; TimeoutError after ``timeout`` (no task needed)."""
+        ready = self.ready
+        if ready.done():
+            return ready.result()
+        handle = self._loop.call_later(timeout, _time_out, ready)
+        try:
+            await ready
+        finally:
+            handle.cancel()
+
+    # --- writing ---
+    @property
+    def is_closing(self) -> bool:
+        return self._lost or self._closing
+
+    def write(self, data: bytes) -> None:
+        if self._lost or self._closing or self._shutdown:
+            raise StreamClosed("write on a closed connection")
+        if self._out is not None:
+            self._keep(data, 0)
+        else:
+            self._send(data)
+
+    def _send(self, data, off: int = 0) -> bool:
+        """SSL_write until all is sent (True) or the socket is full (the rest is kept)."""
+        ssl, n = self._ssl, len(data)
+        p = _from_buffer(data)
+        while off < n:
+            r = _SSL_write(ssl, p + off, n - off)
+            if r > 0:
+                off += r
+                continue
+            err = _SSL_get_error(ssl, r)
+            if err == _WANT_WRITE or err == _WANT_READ:
+                # retried later from the same offset (what OpenSSL requires of a retry)
+                self._keep(data, off, first=True)
+                if err == _WANT_READ:
+                    self._write_needs_read = True
+                self._update_watch()
+                return False
+            log.debug("TLS write to %s failed: %s", self.peer, _error_text())
+            _ERR_clear_error()
+            self._lose(None)
+            return False
+        return True
+
+    def _keep(self, data, off: int, first: bool = False) -> None:
+        """Keep ``data[off:]`` to send later: a view of immutable bytes, else a copy (the
+        caller may reuse its buffer)."""
+        if type(data) is bytes or (type(data) is memoryview and data.readonly):
+            rest = memoryview(data)[off:] if off else data
+        else:
+            rest = bytes(data[off:])
+        if self._out is None:
+            self._out = [rest]
+        elif first:
+            self._out.insert(0, rest)
+        else:
+            self._out.append(rest)
+        self._out_size += len(rest)
+        if self._out_size > WRITE_HIGH:
+            self._write_paused = True
+
+    def _flush_out(self) -> None:
+        """The socket is writable: send what was kept, then close_notify / close if asked."""
+        if self._lost:
+            return
+        out = self._out
+        if out is not None:
+            self._out, self._out_size = None, 0
+            for i, data in enumerate(out):
+                if not self._send(data):
+                    if self._out is not None:   # not lost: keep the rest behind the first
+                        for rest in out[i + 1:]:
+                            self._keep(rest, 0)
+                        if self._write_paused and self._out_size <= WRITE_LOW:
+                            self._resume_writing()
+                    return
+            if self._write_paused:
+                self._resume_writing()
+        if self._shutdown == _SHUTDOWN_WANTED:
+            self._send_close_notify()
+        if self._closing and self._shutdown != _SHUTDOWN_WANTED and not self._lost:
+            self._lose(None)
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_result(None)
+
+    @property
+    def must_drain(self) -> bool:
+        """Whether ``drain`` has anything to do (wait or raise): callers skip the coroutine when not."""
+        return self._write_paused or self._lost
+
+    async def drain(self, timeout: Optional[float] = None) -> None:
+        """Waits while more than WRITE_HIGH is kept unsent. Raises TimeoutError when the peer
+        has not read for ``timeout`` seconds (a reader that stalls must not hold the other side)."""
+        if self._lost:
+            raise StreamClosed("connection lost")
+        if not self._write_paused:
+            return
+        w = self._loop.create_future()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+        self._drain_waiters.append(w)
+        if timeout is None:
+            await w
+            return
+        try:
+            async with asyncio.timeout(timeout):   # (not wait_for: CPython gh-86296)
+                await w
+        finally:
+            if self._drain_waiters and w in self._drain_waiters:
+                self._drain_waiters.remove(w)
+
+    # --- the end ---
+    def _send_close_notify(self) -> None:
+        r = _SSL_shutdown(self._ssl)
+        if r < 0 and _SSL_get_error(self._ssl, r) == _WANT_WRITE:
+            self._shutdown = _SHUTDOWN_WANTED   # retried when writable
+        else:
+            _ERR_clear_error()
+            self._shutdown = _SHUTDOWN_SENT
+        self._update_watch()
+
+    def shutdown_write(self) -> None:
+        """Send close_notify (the peer reads EOF) and keep the connection open for reading."""
+        if self._handshaked and not self.is_closing and not self._shutdown:
+            self._shutdown = _SHUTDOWN_WANTED
+            if self._out is None:
+                self._send_close_notify()
+
+    def close(self) -> None:
+        """Send what is kept, then close_notify, then close the socket."""
+        if self._lost or self._closing:
+            return
+        self._closing = True
+        if self._handshaked and not self._shutdown:
+            self._shutdown = _SHUTDOWN_WANTED
+        if self._out is None:
+            self._flush_out()
+        else:
+            self._update_watch()
+
+    def abort(self) -> None:
+        """Close the socket at once (nothing more is sent)."""
+        self._lose(None)
+
+    def _lose(self, exc) -> None:
+        """The connection is gone: stop watching, close the socket, wake every waiter."""
+        if self._lost:
+            return
+        self._watch(0)
+        self._lost = True
+        if self._sock is not None:
+            self._sock.close()
+        self._fd = -1
+        self._out = None
+        self._feed_eof()
+        if not self.ready.done():
+            self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
+            self.ready.exception()   # mark retrieved
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_exception(StreamClosed("connection lost"))
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+
+def _error_text() -> str:
+    code = _lib.ERR_peek_error()
+    if not code:
+        return "connection closed"
+    text = _lib.ERR_reason_error_string(code)
+    return _ffi.string(text).decode("ascii", "replace") if text != _ffi.NULL else f"error {code:#x}"
+
+
+class TLSListener:
+    """Listening sockets that accept on their own and attach each connection to a stream
+    from ``factory``. What the app's stop path needs: ``close`` (and ``wait_closed``)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, socks: list[socket.socket],
+                 factory: Callable[[], TLSServerStream]) -> None:
+        self._loop = loop
+        self.sockets = socks
+        self._factory = factory
+        self._serving = True
+        for s in socks:
+            loop.add_reader(s.fileno(), self._accept, s)
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self._accept_failed(lsock, e)
+                return
+            stream = None
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                stream = self._factory()
+                stream.attach(sock, addr)
+            except Exception:
+                log.exception("could not set up a connection from %s", addr[0] if addr else "-")
+                if stream is not None:
+                    stream.abort()   # its waiters learn it is gone
+                sock.close()
+
+    def _accept_failed(self, lsock: socket.socket, e: OSError) -> None:
+        if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+            # out of descriptors or memory: stop accepting for a second (as asyncio does)
+            log.error("accepting TLS connections failed (%s); pausing for 1 s", e)
+            self._loop.remove_reader(lsock.fileno())
+            self._loop.call_later(1.0, self._resume, lsock)
+        # anything else (ECONNABORTED: the client gave up in the backlog): next wake-up
+
+    def _resume(self, lsock: socket.socket) -> None:
+        if self._serving:
+            self._loop.add_reader(lsock.fileno(), self._accept, lsock)
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        """Stop accepting (open connections go on)."""
+        if not self._serving:
+            return
+        self._serving = False
+        for s in self.sockets:
+            self._loop.remove_reader(s.fileno())
+            s.close()
+
+    async def wait_closed(self) -> None:
+        return None
+
+
+def listening_sockets(host: Optional[str], port: int, *, reuse_address: bool = True,
+                      reuse_port: bool = False, backlog: int = 2048) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for ``host`` (every interface when None), as
+    loop.create_server makes them."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    socks: list[socket.socket] = []
+    seen = set()
+    try:
+        for family, kind, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            s = socket.socket(family, kind, proto)
+            socks.append(s)
+            if reuse_address:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                s.bind(addr)
+            except OSError as e:
+                raise OSError(e.errno, f"error while attempting to bind on address {addr!r}: "
+                                       f"{e.strerror.lower()}") from None
+            s.listen(backlog)
+            s.setblocking(False)
+    except BaseException:
+        for s in socks:
+            s.close()
+        raise
+    return socks
+
+
+async def start_tls_server(factory: Callable[[], TLSServerStream], host: Optional[str], port: int, *,
+                           reuse_address: bool = True, reuse_port: bool = False,
+                           backlog: int = 2048) -> TLSListener:
+    """A TLS listener on ``host``:``port`` whose connections are ``factory()`` streams."""
+    socks = listening_sockets(host, port, reuse_address=reuse_address, reuse_port=reuse_port,
+                              backlog=backlog)
+    return TLSListener(asyncio.get_running_loop(), socks, factory)
