@@ -556,7 +556,7 @@ async def test_corrupt_persisted_staple_is_ignored(ca, responder, tmp_path):
 async def test_openssl_s_client_sees_the_staple(ca, responder, run_stapler):
     """The stapler fills cert.ocsp_staple; the TLS engine staples it; s_client -status sees it."""
     engine_mod = pytest.importorskip("proxy.tls.engine")
-    transport = pytest.importorskip("proxy.tls.transport")
+    socketstream = pytest.importorskip("proxy.tls.socketstream")
     leaf = ca.issue(["s.test"], ocsp_url=responder.url, must_staple=True)
     responder.add(leaf)
     plain = ca.issue(["plain.test"])            # no OCSP URL: nothing stapled
@@ -567,8 +567,8 @@ async def test_openssl_s_client_sees_the_staple(ca, responder, run_stapler):
     cache.replace_manual([cert, plain_cert])
     run_stapler(stapler)
     engine = engine_mod.TLSEngine(cache)
-    server = await asyncio.get_running_loop().create_server(
-        lambda: transport.TLSStream(engine.new_connection), "127.0.0.1", 0)
+    server = await socketstream.start_tls_server(
+        lambda: socketstream.TLSServerStream(engine.new_connection), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
 
     async def s_client(name):

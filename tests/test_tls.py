@@ -295,26 +295,3 @@ def test_certificate_whose_key_fails_late_is_not_served_and_says_why(start_proxy
     line = next(ln for ln in log.splitlines() if "broken.test" in ln and "ERROR" in ln)
     assert str(broken.cert_path) in line and "replace the key" in line, line
     assert served_certificate(p.port, "good.test").serial_number == good.cert.serial_number
-
-
-def test_bio_renewal_stands_down_if_pyopenssl_internals_change(caplog, monkeypatch):
-    """Renewing memory BIOs uses pyOpenSSL's private attributes: a release without them must
-    leave connections working (buffers kept, one warning), not break every connection."""
-    import asyncio
-    import logging
-    from proxy.tls import transport
-    monkeypatch.setattr(transport, "_bio_swap", True)   # restored to what it was afterwards
-
-    class NoInternals:   # a pyOpenSSL Connection as a future release might shape it
-        pass
-
-    async def go():
-        stream = transport.TLSStream(lambda: NoInternals())
-        stream.conn = NoInternals()
-        stream._swap_bios = True
-        stream._going_idle()           # what a read does before it waits
-        stream._going_idle()
-    with caplog.at_level(logging.WARNING, logger="proxy.tls"):
-        asyncio.run(go())
-    assert transport._bio_swap is False
-    assert sum("memory-BIO" in r.getMessage() for r in caplog.records) == 1
