@@ -30,7 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import run  # noqa: E402
@@ -77,9 +77,9 @@ def get(sock: ssl.SSLSocket, path: str = "/small") -> None:
         left -= len(chunk)
 
 
-def connect(ctx: ssl.SSLContext, port: int) -> ssl.SSLSocket:
+def connect(ctx: ssl.SSLContext, port: int, session: Optional[ssl.SSLSession] = None) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-    return ctx.wrap_socket(raw, server_hostname="localhost")
+    return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
 
 
 def control(args: list[str], pid: int) -> None:
@@ -140,14 +140,26 @@ def report(dump: Path, a) -> None:
         print(callers(dump, sym))
 
 
-def handshake_only(ctx: ssl.SSLContext, port: int) -> None:
-    """tlsload's cycle: connect, full handshake, close_notify, read to the peer's, close."""
-    s = connect(ctx, port)
+def handshake_only(ctx: ssl.SSLContext, port: int, session: Optional[ssl.SSLSession] = None,
+                   want_session: bool = False) -> tuple[bool, Optional[ssl.SSLSession]]:
+    """tlsload's cycle: connect, handshake (resuming ``session`` if given), close_notify, read
+    to the peer's, close. Returns (whether the session was resumed, with ``want_session`` the
+    session to resume: the server's tickets are read first, briefly waiting for them)."""
+    s = connect(ctx, port, session)
+    reused, got = s.session_reused, None
+    if want_session:
+        s.settimeout(0.2)
+        try:
+            s.recv(1)
+        except (TimeoutError, ssl.SSLError, OSError):
+            pass
+        got = s.session
     try:
         s.unwrap()
     except (ssl.SSLError, OSError):
         pass
     s.close()
+    return reused, got
 
 
 def dump_ir(out: Path, pid: int) -> tuple[int, Path]:
@@ -206,6 +218,8 @@ def main() -> None:
     ap.add_argument("--floor-io", choices=("membio", "sockbio"),
                     help="measure benchmarks/floor_io.py with that TLS I/O design instead")
     ap.add_argument("--path", default="/small", help="/small (100 bytes), /1m (1 MiB) or /upload (1 MiB POST)")
+    ap.add_argument("--resumed", type=int, default=0,
+                    help="also count R connections that resume one TLS session (tlsload -r's cycle)")
     ap.add_argument("--handshakes", type=int, default=0,
                     help="also count H connections that only handshake and close (tlsload's cycle)")
     ap.add_argument("--by-object", action="store_true", help="also break the count down by shared object")
@@ -254,6 +268,16 @@ def main() -> None:
             ir_hs, dump = dump_ir(out, srv.pid)
             print(f"handshakes: {ir_hs / a.handshakes:,.0f} instructions per connection "
                   f"(full handshake + close_notify both ways, no request, {a.handshakes} connections)")
+            report(dump, a)
+        if a.resumed:
+            _, session = handshake_only(ctx, srv.port, want_session=True)
+            time.sleep(1.0)
+            dump_ir(out, srv.pid)   # (not counted: the full handshake that made the session)
+            resumed = sum(handshake_only(ctx, srv.port, session)[0] for _ in range(a.resumed))
+            time.sleep(1.0)
+            ir_rs, dump = dump_ir(out, srv.pid)
+            print(f"resumed handshakes: {ir_rs / a.resumed:,.0f} instructions per connection "
+                  f"({resumed} of {a.resumed} resumed; close_notify both ways, no request)")
             report(dump, a)
 
 if __name__ == "__main__":

@@ -663,55 +663,64 @@ class Bench:
                 for i in range(n)]
 
     def bench_many(self, name: str, certs: list[tuple[Path, Path, str]]) -> None:
-        log(f"== {name} with {len(certs)} certificates")
+        """Start-up with N certificates, and the handshake cost with N certificates against
+        one: both servers run side by side (one is loaded at a time) and the handshake runs
+        are interleaved rounds, as for the other metrics, so that the machine's drift does not
+        land on one of the two."""
+        log(f"== {name} with 1 and with {len(certs)} certificates")
         self.note_load(f"before {name} with many certificates")
         target = certs[len(certs) // 2][2]
+        one = many = None
         try:
-            srv = self.make_server(name, certs=certs, tag="-many")
-            srv.start(timeout=300, sni=target)
-        except NA as e:
-            for m in ("start_n", "hs_n", "hs_n_cpu"):
-                self.results.setdefault(m, {})[name] = NA(f"start failed: {e}")
-            log(f"  {name} did not start: {e}")
-            return
-        try:
-            self.record("start_n", name, lambda: srv.startup_s)
-            cn = served_cn(srv.port, target)
-            if target not in cn:
-                for m in ("hs_n", "hs_n_cpu"):
-                    self.results.setdefault(m, {})[name] = NA(f"wrong certificate for {target}: {cn}")
-                return
-            hs: dict = {}
-
-            def go():
-                hs.update(self.tls_load(srv, False, self.d_handshake, sni=target))
-                return hs["rate"]
-            self.record("hs_n", name, go)
-            self.record("hs_n_cpu", name, lambda: hs["cpu_us"] if hs else
-                        (_ for _ in ()).throw(NA("handshake run failed")))
-            self.extra.setdefault("many_rss", {})[name] = rss_kib(srv.pid)
+            try:
+                one = self.make_server(name, tag="-one")
+                one.start()
+            except NA as e:
+                for m in ("hs_1", "hs_1_cpu"):
+                    self.results.setdefault(m, {})[name] = NA(f"start failed: {e}")
+                one = None
+            try:
+                many = self.make_server(name, certs=certs, tag="-many")
+                many.start(timeout=300, sni=target)
+            except NA as e:
+                for m in ("start_n", "hs_n", "hs_n_cpu"):
+                    self.results.setdefault(m, {})[name] = NA(f"start failed: {e}")
+                log(f"  {name} did not start with {len(certs)} certificates: {e}")
+                many = None
+            runs = {}
+            if one is not None:
+                runs["1"] = (one, "bench.test")
+            if many is not None:
+                self.record("start_n", name, lambda: many.startup_s)
+                cn = served_cn(many.port, target)
+                if target in cn:
+                    runs["n"] = (many, target)
+                else:
+                    for m in ("hs_n", "hs_n_cpu"):
+                        self.results.setdefault(m, {})[name] = NA(f"wrong certificate for {target}: {cn}")
+            samples: dict[str, list[dict]] = {k: [] for k in runs}
+            errors: dict[str, NA] = {}
+            for _ in range(self.rounds):
+                for k, (srv, sni) in runs.items():
+                    try:
+                        samples[k].append(self.tls_load(srv, False, self.d_handshake, sni=sni))
+                    except NA as e:
+                        errors[k] = e
+                    except subprocess.TimeoutExpired as e:
+                        errors[k] = NA(f"timed out: {e.cmd}")
+            for k in runs:
+                for metric, field in ((f"hs_{k}", "rate"), (f"hs_{k}_cpu", "cpu_us")):
+                    vals = sorted(x[field] for x in samples[k])
+                    if vals:
+                        self.samples.setdefault(metric, {})[name] = vals
+                    self.record(metric, name, lambda vals=vals, k=k: vals[len(vals) // 2] if vals
+                                else (_ for _ in ()).throw(errors.get(k, NA("no sample"))))
+            if many is not None:
+                self.extra.setdefault("many_rss", {})[name] = rss_kib(many.pid)
         finally:
-            srv.stop()
-
-    def bench_one_cert_sni(self, name: str) -> None:
-        """Handshake cost with one certificate, SNI = its name: the baseline for the many-certs test."""
-        try:
-            srv = self.make_server(name, tag="-one")
-            srv.start()
-        except NA as e:
-            self.results.setdefault("hs_1_cpu", {})[name] = NA(f"start failed: {e}")
-            return
-        try:
-            hs: dict = {}
-
-            def go():
-                hs.update(self.tls_load(srv, False, self.d_handshake, sni="bench.test"))
-                return hs["rate"]
-            self.record("hs_1", name, go)
-            self.record("hs_1_cpu", name, lambda: hs["cpu_us"] if hs else
-                        (_ for _ in ()).throw(NA("handshake run failed")))
-        finally:
-            srv.stop()
+            for srv in (one, many):
+                if srv is not None:
+                    srv.stop()
 
     def bench_workers(self) -> None:
         """Keep-alive requests/s of our proxy with workers: 1 and workers: 2, both allowed on
@@ -754,7 +763,6 @@ class Bench:
             self.bench_workers()
             certs = self.many_certs()
             for name in self.only:
-                self.bench_one_cert_sni(name)
                 self.bench_many(name, certs)
         finally:
             if self.upstream is not None:
@@ -881,7 +889,7 @@ class Bench:
                            f"also run): {one:,.0f} -> {two:,.0f} req/s, {two / one:.2f}x (rounds: "
                            + ", ".join(f"{a:,.0f}/{b:,.0f}" for a, b in zip(rounds[1], rounds[2])) + ")")
         fmt_of = {k: f for k, _, _, f, _ in self.ROWS}
-        for metric in ("ka_rps", "ka_cpu", "hs_new_cpu", "hs_reuse_cpu", "dl", "ul"):
+        for metric in ("ka_rps", "ka_cpu", "hs_new_cpu", "hs_reuse_cpu", "dl", "ul", "hs_1_cpu", "hs_n_cpu"):
             for name, vals in self.samples.get(metric, {}).items():
                 details.append(f"- rounds of {metric} [{name}]: " + ", ".join(fmt_of[metric].format(v) for v in vals))
         if self.loads:
