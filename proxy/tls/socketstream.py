@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib
 
 from .. import metrics
-from .transport import READ_LIMIT, StreamClosed, _time_out
+from .transport import ByteStream, StreamClosed
 
 log = logging.getLogger("proxy.tls")
 
@@ -73,45 +73,33 @@ def check_pyopenssl(new_connection: Callable[[], SSL.Connection]) -> None:
                            "pyOpenSSL version pinned in pyproject.toml")
 
 
-class TLSServerStream:
+class TLSServerStream(ByteStream):
     """One accepted client connection: OpenSSL on the socket, a byte stream to the HTTP layer.
 
     Made by the listener's factory (``new_connection`` builds the SSL.Connection with the
     engine's callbacks; ``prepare`` sees the first bytes before OpenSSL does), then
     ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done."""
 
-    __slots__ = ("_new_connection", "_prepare", "_loop", "conn", "_ssl", "_sock", "_fd", "peer",
-                 "_buf", "_size", "_eof", "_lost", "_waiter", "ready", "_closed", "_handshaked",
-                 "_watching", "_reading_paused", "_read_needs_write", "_write_needs_read",
-                 "_out", "_out_size", "_write_paused", "_drain_waiters", "_closing", "_shutdown")
+    __slots__ = ("_new_connection", "_prepare", "conn", "_ssl", "_sock", "_fd", "_handshaked",
+                 "_watching", "_read_needs_write", "_write_needs_read", "_out", "_out_size",
+                 "_closing", "_shutdown")
 
     def __init__(self, new_connection: Callable[[], SSL.Connection],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        super().__init__(loop)
         self._new_connection = new_connection
         self._prepare = prepare
-        self._loop = loop or asyncio.get_event_loop()
         self.conn: Optional[SSL.Connection] = None
         self._ssl = None
         self._sock: Optional[socket.socket] = None
         self._fd = -1
-        self.peer = "-"
-        self._buf: list[bytes] = []   # received plaintext not yet read, as it came
-        self._size = 0
-        self._eof = False
-        self._lost = False            # the socket is closed
-        self._waiter: Optional[asyncio.Future] = None
-        self.ready: asyncio.Future = self._loop.create_future()   # the handshake is done
-        self._closed: Optional[asyncio.Future] = None   # made when asked for (rarely)
         self._handshaked = False
         self._watching = 0
-        self._reading_paused = False   # more than READ_LIMIT is waiting to be read
         self._read_needs_write = False   # SSL_read said WANT_WRITE (a KeyUpdate to answer)
         self._write_needs_read = False   # SSL_write said WANT_READ
         self._out: Optional[list] = None   # plaintext the socket did not take yet
         self._out_size = 0
-        self._write_paused = False
-        self._drain_waiters: Optional[list] = None
         self._closing = False
         self._shutdown = _NO_SHUTDOWN
 
@@ -131,15 +119,6 @@ class TLSServerStream:
     @property
     def tls_version(self) -> str:
         return self.conn.get_protocol_version_name() if self._handshaked else ""
-
-    @property
-    def closed(self) -> asyncio.Future:
-        """Resolves when the connection is gone."""
-        if self._closed is None:
-            self._closed = self._loop.create_future()
-            if self._lost:
-                self._closed.set_result(None)
-        return self._closed
 
     # --- the socket ---
     def attach(self, sock: socket.socket, addr) -> None:
@@ -329,70 +308,13 @@ class TLSServerStream:
         _ERR_clear_error()
         self._lose(None)
 
-    def _feed(self, data: bytes) -> None:
-        self._buf.append(data)
-        self._size += len(data)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-        if self._size > READ_LIMIT and not self._reading_paused:
-            self._reading_paused = True
+    def _pause_reading(self) -> None:
+        self._update_watch()
+
+    def _resume_reading(self) -> None:
+        if not self._eof:   # (after close_notify, reading stays stopped)
+            self._reading_paused = False
             self._update_watch()
-
-    def _feed_eof(self) -> None:
-        self._eof = True
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
-
-    async def read(self, n: int = 65536, timeout: Optional[float] = None) -> bytes:
-        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
-        if not self._buf and not self._eof:
-            self._waiter = w = self._loop.create_future()
-            handle = None
-            if timeout is not None:
-                handle = self._loop.call_later(timeout, _time_out, w)
-            try:
-                await w
-            finally:
-                self._waiter = None
-                if handle is not None:
-                    handle.cancel()
-        buf = self._buf
-        if buf:
-            data = buf[0]   # one received chunk at a time, as it came, unless longer than n
-            if len(data) <= n:
-                del buf[0]
-            else:
-                buf[0] = data[n:]
-                data = data[:n]
-            self._size -= len(data)
-            if self._reading_paused and self._size < READ_LIMIT // 2 and not self._eof:
-                self._reading_paused = False
-                self._update_watch()
-            return data
-        return b""
-
-    def unread(self, data: bytes) -> None:
-        """Put bytes back in front of the buffer (left over after a protocol switch)."""
-        if data:
-            self._buf.insert(0, bytes(data))
-            self._size += len(data)
-
-    @property
-    def at_eof(self) -> bool:
-        return self._eof and not self._buf
-
-    async def wait_ready(self, timeout: float) -> None:
-        """Until the handshake is done; TimeoutError after ``timeout`` (no task needed)."""
-        ready = self.ready
-        if ready.done():
-            return ready.result()
-        handle = self._loop.call_later(timeout, _time_out, ready)
-        try:
-            await ready
-        finally:
-            handle.cancel()
 
     # --- writing ---
     @property
@@ -469,39 +391,6 @@ class TLSServerStream:
         if self._closing and self._shutdown != _SHUTDOWN_WANTED and not self._lost:
             self._lose(None)
 
-    def _resume_writing(self) -> None:
-        self._write_paused = False
-        waiters, self._drain_waiters = self._drain_waiters, None
-        for w in waiters or ():
-            if not w.done():
-                w.set_result(None)
-
-    @property
-    def must_drain(self) -> bool:
-        """Whether ``drain`` has anything to do (wait or raise): callers skip the coroutine when not."""
-        return self._write_paused or self._lost
-
-    async def drain(self, timeout: Optional[float] = None) -> None:
-        """Waits while more than WRITE_HIGH is kept unsent. Raises TimeoutError when the peer
-        has not read for ``timeout`` seconds (a reader that stalls must not hold the other side)."""
-        if self._lost:
-            raise StreamClosed("connection lost")
-        if not self._write_paused:
-            return
-        w = self._loop.create_future()
-        if self._drain_waiters is None:
-            self._drain_waiters = []
-        self._drain_waiters.append(w)
-        if timeout is None:
-            await w
-            return
-        try:
-            async with asyncio.timeout(timeout):   # (not wait_for: CPython gh-86296)
-                await w
-        finally:
-            if self._drain_waiters and w in self._drain_waiters:
-                self._drain_waiters.remove(w)
-
     # --- the end ---
     def _send_close_notify(self) -> None:
         r = _SSL_shutdown(self._ssl)
@@ -545,16 +434,7 @@ class TLSServerStream:
             self._sock.close()
         self._fd = -1
         self._out = None
-        self._feed_eof()
-        if not self.ready.done():
-            self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
-            self.ready.exception()   # mark retrieved
-        waiters, self._drain_waiters = self._drain_waiters, None
-        for w in waiters or ():
-            if not w.done():
-                w.set_exception(StreamClosed("connection lost"))
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
+        self._gone(exc)
 
 
 def _error_text() -> str:

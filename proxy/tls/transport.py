@@ -1,7 +1,8 @@
-"""Byte streams over asyncio transports: plain TCP (upstreams, the :80 and metrics listeners).
+"""Byte streams: the plaintext side they share (``ByteStream``), and plain TCP on asyncio
+transports (``Stream``: upstreams, the :80 and metrics listeners).
 
-The proxy's TLS connections are ``socketstream.TLSServerStream`` (OpenSSL on the socket),
-with the same interface.
+The proxy's TLS connections are ``socketstream.TLSServerStream`` (OpenSSL on the socket), a
+``ByteStream`` too.
 
 Every stream offers the same small interface (``read``, ``write``, ``drain``, ``close``), so
 the HTTP code above never knows which one it has. Flow control both ways: reading pauses the
@@ -25,30 +26,31 @@ class StreamClosed(ConnectionError):
     """The peer went away or the stream was closed."""
 
 
-class Stream(asyncio.Protocol):
-    """A plain TCP byte stream."""
+class ByteStream:
+    """The plaintext side every stream shares: what was received and not yet read (read with a
+    timeout, unread), end of stream, readiness, the drain wait and the wake-ups when the
+    connection is lost. Subclasses feed it (``_feed``, ``_feed_eof``, ``_gone``) and say how
+    reading pauses and resumes under the read limit (``_pause_reading``, ``_resume_reading``)."""
 
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
-    __slots__ = ("transport", "_buf", "_size", "_eof", "_lost", "_exc", "_waiter", "_reading_paused",
-                 "_write_paused", "_drain_waiters", "_loop", "ready", "_closed", "peer")
+    __slots__ = ("_loop", "_buf", "_size", "_eof", "_lost", "_waiter", "_reading_paused",
+                 "_write_paused", "_drain_waiters", "ready", "_closed", "peer")
 
     def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         # ``loop``: the running loop, when the caller has it (asyncio.get_event_loop() costs a
         # getpid system call per connection)
-        self.transport: Optional[asyncio.Transport] = None
+        self._loop = loop or asyncio.get_event_loop()
         # Received, not yet read: chunks as they came. A list, not a deque: it rarely holds more
         # than one or two chunks, and an empty deque costs 600 bytes per idle connection.
         self._buf: list[bytes] = []
         self._size = 0
         self._eof = False
-        self._lost = False
-        self._exc: Optional[BaseException] = None
+        self._lost = False             # the connection is gone
         self._waiter: Optional[asyncio.Future] = None
-        self._reading_paused = False
-        self._write_paused = False
-        self._drain_waiters: list[asyncio.Future] = []
-        self._loop = loop or asyncio.get_event_loop()
-        self.ready: asyncio.Future = self._loop.create_future()   # connected (and TLS handshake done)
+        self._reading_paused = False   # more than READ_LIMIT waits to be read
+        self._write_paused = False     # drain waits
+        self._drain_waiters: Optional[list[asyncio.Future]] = None   # made when needed
+        self.ready: asyncio.Future = self._loop.create_future()   # connected (TLS: handshake done)
         self._closed: Optional[asyncio.Future] = None   # made when asked for (rarely)
         self.peer: str = "-"
 
@@ -61,50 +63,7 @@ class Stream(asyncio.Protocol):
                 self._closed.set_result(None)
         return self._closed
 
-    # --- asyncio.Protocol ---
-    def connection_made(self, transport) -> None:
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
-        if peer:
-            self.peer = peer[0]
-        self._on_connected()
-
-    def _on_connected(self) -> None:
-        if not self.ready.done():
-            self.ready.set_result(None)
-
-    def data_received(self, data: bytes) -> None:
-        self._feed(data)
-
-    def eof_received(self):
-        self._feed_eof()
-        return False
-
-    def connection_lost(self, exc) -> None:
-        self._lost = True
-        self._exc = self._exc or exc
-        self._feed_eof()
-        if not self.ready.done():
-            self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
-            self.ready.exception()  # mark retrieved
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_exception(StreamClosed("connection lost"))
-        self._drain_waiters.clear()
-        if self._closed is not None and not self._closed.done():
-            self._closed.set_result(None)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        for w in self._drain_waiters:
-            if not w.done():
-                w.set_result(None)
-        self._drain_waiters.clear()
-
-    # --- plaintext side ---
+    # --- fed by the subclass ---
     def _feed(self, data: bytes) -> None:
         if not data:
             return
@@ -113,9 +72,9 @@ class Stream(asyncio.Protocol):
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
-        if self._size > READ_LIMIT and not self._reading_paused and self.transport:
+        if self._size > READ_LIMIT and not self._reading_paused:
             self._reading_paused = True
-            self.transport.pause_reading()
+            self._pause_reading()
 
     def _feed_eof(self) -> None:
         self._eof = True
@@ -123,10 +82,39 @@ class Stream(asyncio.Protocol):
         if w is not None and not w.done():
             w.set_result(None)
 
+    def _pause_reading(self) -> None:
+        """Stop taking bytes from the peer (``_reading_paused`` is set)."""
+        raise NotImplementedError
+
+    def _resume_reading(self) -> None:
+        """Take bytes from the peer again, if the stream can (then clear ``_reading_paused``)."""
+        raise NotImplementedError
+
+    def _gone(self, exc) -> None:
+        """The connection is lost: end of stream, and every waiter learns it."""
+        self._lost = True
+        self._feed_eof()
+        if not self.ready.done():
+            self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
+            self.ready.exception()  # mark retrieved
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_exception(StreamClosed("connection lost"))
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    def _resume_writing(self) -> None:
+        self._write_paused = False
+        waiters, self._drain_waiters = self._drain_waiters, None
+        for w in waiters or ():
+            if not w.done():
+                w.set_result(None)
+
+    # --- read by the HTTP layer ---
     async def read(self, n: int = 65536, timeout: Optional[float] = None) -> bytes:
         """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
         if not self._buf and not self._eof:
-            self._going_idle()
             self._waiter = w = self._loop.create_future()
             handle = None
             if timeout is not None:
@@ -148,14 +136,10 @@ class Stream(asyncio.Protocol):
                 buf[0] = data[n:]
                 data = data[:n]
             self._size -= len(data)
-            if self._reading_paused and self._size < READ_LIMIT // 2 and self.transport:
-                self._reading_paused = False
-                self.transport.resume_reading()
+            if self._reading_paused and self._size < READ_LIMIT // 2:
+                self._resume_reading()
             return data
         return b""
-
-    def _going_idle(self) -> None:
-        """Called when a read is about to wait for the peer (a TLS stream trims its buffers)."""
 
     async def wait_ready(self, timeout: float) -> None:
         """Until connected (TLS: handshake done); TimeoutError after ``timeout`` (no task needed)."""
@@ -181,15 +165,6 @@ class Stream(asyncio.Protocol):
         return self._eof and not self._buf
 
     @property
-    def is_closing(self) -> bool:
-        return self._lost or self.transport is None or self.transport.is_closing()
-
-    def write(self, data: bytes) -> None:
-        if self.is_closing:
-            raise StreamClosed("write on a closed connection")
-        self.transport.write(data)
-
-    @property
     def must_drain(self) -> bool:
         """Whether ``drain`` has anything to do (wait or raise): callers skip the coroutine when not."""
         return self._write_paused or self._lost
@@ -199,18 +174,75 @@ class Stream(asyncio.Protocol):
         read for ``timeout`` seconds (a reader that stalls must not hold the other side)."""
         if self._lost:
             raise StreamClosed("connection lost")
-        if self._write_paused:
-            w = self._loop.create_future()
-            self._drain_waiters.append(w)
-            if timeout is None:
+        if not self._write_paused:
+            return
+        w = self._loop.create_future()
+        if self._drain_waiters is None:
+            self._drain_waiters = []
+        self._drain_waiters.append(w)
+        if timeout is None:
+            await w
+            return
+        try:
+            async with asyncio.timeout(timeout):   # (not wait_for: CPython gh-86296)
                 await w
-                return
-            try:
-                async with asyncio.timeout(timeout):   # (not wait_for: CPython gh-86296)
-                    await w
-            finally:
-                if w in self._drain_waiters:
-                    self._drain_waiters.remove(w)
+        finally:
+            if self._drain_waiters and w in self._drain_waiters:
+                self._drain_waiters.remove(w)
+
+
+class Stream(ByteStream, asyncio.Protocol):
+    """A plain TCP byte stream on an asyncio transport."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+        super().__init__(loop)
+        self.transport: Optional[asyncio.Transport] = None
+
+    # --- asyncio.Protocol ---
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = peer[0]
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._feed(data)
+
+    def eof_received(self):
+        self._feed_eof()
+        return False
+
+    def connection_lost(self, exc) -> None:
+        self._gone(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._resume_writing()
+
+    def _pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    # --- writing, the end ---
+    @property
+    def is_closing(self) -> bool:
+        return self._lost or self.transport is None or self.transport.is_closing()
+
+    def write(self, data: bytes) -> None:
+        if self.is_closing:
+            raise StreamClosed("write on a closed connection")
+        self.transport.write(data)
 
     def shutdown_write(self) -> None:
         """Signal the end of what we send (the peer reads EOF); reading goes on."""
