@@ -134,24 +134,11 @@ def main() -> None:
         names = [n for n in names if n]
         servers = {}
         for name in names:
-            if name == "floor":
-                srv = b.make_server("ours", tag="-floor")
-                srv.name = "floor"
-                b.as_floor(srv, "floor.py")
-            elif name in ("membio", "sockbio"):
-                srv = b.make_server("ours", tag="-" + name)
-                srv.name = name
-                b.as_floor(srv, "floor_io.py", name)
-            elif name == "base":
-                srv = b.make_server("ours", tag="-base")
-                srv.name = "base"
-                b.from_checkout(srv, a.baseline)
+            if name == "base":
+                srv = b.make_variant("base", a.baseline)
                 srv.env.update(kv.split("=", 1) for kv in a.base_env or ())
-            elif name == "ours" and a.ours:
-                srv = b.make_server("ours")
-                b.from_checkout(srv, a.ours)
             else:
-                srv = b.make_server(name)
+                srv = b.make_variant(name, a.ours if name == "ours" else None)
             servers[name] = srv
         if a.idle:   # memory per idle TLS connection on each fresh server (run.py's method)
             b.n_idle = a.idle

@@ -154,13 +154,7 @@ def held(b: run.Bench, srv: run.Server, n: int, conc: int):
         time.sleep(2.0)
         yield
     finally:
-        with contextlib.suppress(Exception):
-            client.stdin.write("\n")
-            client.stdin.flush()
-        try:
-            client.wait(60)
-        except subprocess.TimeoutExpired:
-            client.kill()
+        run.release_idle_client(client)
 
 
 def served_pid(srv: run.Server) -> int:
@@ -193,22 +187,10 @@ def heap_kib(pid: int) -> tuple[int, int]:
 
 
 def make(b: run.Bench, name: str, src: str | None, env: list[str]) -> run.Server:
-    if name in ("membio", "sockbio"):
-        srv = b.make_server("ours", tag="-" + name)
-        srv.name = name
-        b.as_floor(srv, "floor_io.py", name)
-    elif name == "floor":
-        srv = b.make_server("ours", tag="-floor")
-        srv.name = "floor"
-        b.as_floor(srv, "floor.py")
-    elif name == "ours":
-        srv = b.make_server("ours")
-        b.from_checkout(srv, src or str(run.REPO))
-    else:
-        srv = b.make_server(name)
-        if name == "nginx":   # one process, so that heaptrack sees the connections
-            conf = Path(srv.argv[srv.argv.index("-c") + 1])
-            conf.write_text(conf.read_text().replace("master_process on;", "master_process off;"))
+    srv = b.make_variant(name, (src or str(run.REPO)) if name == "ours" else None)
+    if name == "nginx":   # one process, so that heaptrack sees the connections
+        conf = Path(srv.argv[srv.argv.index("-c") + 1])
+        conf.write_text(conf.read_text().replace("master_process on;", "master_process off;"))
     srv.env.update(kv.split("=", 1) for kv in env)
     return srv
 

@@ -117,6 +117,17 @@ def cpu_seconds(root: int) -> float:
     return total / CLK_TCK
 
 
+def release_idle_client(client: subprocess.Popen) -> None:
+    """Tells idleconns.py (or a client like it) to close its connections, and waits for it."""
+    with contextlib.suppress(Exception):
+        client.stdin.write("\n")
+        client.stdin.flush()
+    try:
+        client.wait(60)
+    except subprocess.TimeoutExpired:
+        client.kill()
+
+
 def rss_kib(root: int) -> int:
     """Sum of VmRSS over a process tree, KiB."""
     total = 0
@@ -332,6 +343,25 @@ class Bench:
         srv.argv = [self.venv_python, "-m", "proxy"] + srv.argv[1:]
         srv.env["PYTHONPATH"] = src
 
+    def make_variant(self, name: str, src: Optional[str] = None) -> Server:
+        """A server for the measuring tools (conncost.py, memory_sites.py): "floor" (floor.py),
+        "membio" / "sockbio" (floor_io.py), ours from the checkout ``src`` under ``name``
+        (e.g. "base", a git worktree), or one of ours / nginx / caddy as run.py makes them."""
+        if name in ("membio", "sockbio", "floor"):
+            srv = self.make_server("ours", tag="-" + name)
+            srv.name = name
+            if name == "floor":
+                self.as_floor(srv, "floor.py")
+            else:
+                self.as_floor(srv, "floor_io.py", name)
+        elif src is not None:
+            srv = self.make_server("ours", tag="" if name == "ours" else "-" + name)
+            srv.name = name
+            self.from_checkout(srv, src)
+        else:
+            srv = self.make_server(name)
+        return srv
+
     def make_server(self, name: str, certs: Optional[list[tuple[Path, Path, str]]] = None,
                     tag: str = "", workers: int = 1) -> Server:
         """certs: extra (cert, key, name) beyond the main leaf (for the many-certificates test)."""
@@ -519,13 +549,7 @@ class Bench:
             after = rss_kib(srv.pid)
             still = srv.alive()
         finally:
-            with contextlib.suppress(Exception):
-                client.stdin.write("\n")
-                client.stdin.flush()
-            try:
-                client.wait(60)
-            except subprocess.TimeoutExpired:
-                client.kill()
+            release_idle_client(client)
         if not still:
             raise NA("server died holding the connections")
         return {"before_kib": before, "after_kib": after, "opened": opened, "seconds": secs,
