@@ -69,8 +69,8 @@ def check_pyopenssl(new_connection: Callable[[], SSL.Connection]) -> None:
                if not hasattr(conn, a)] + [f for f in _NEEDED if not hasattr(_lib, f)]
     if missing:
         raise RuntimeError(f"pyOpenSSL {OpenSSL.__version__} lacks {', '.join(missing)}, which the TLS "
-                           "listener uses to let OpenSSL read and write the socket; install the "
-                           "pyOpenSSL version pinned in pyproject.toml")
+                           "listener uses to let OpenSSL read and write the socket; install a "
+                           "pyOpenSSL release that has them (this proxy is tested with 26.4)")
 
 
 class TLSServerStream(ByteStream):
