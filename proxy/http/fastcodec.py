@@ -156,6 +156,14 @@ def _has_token(value: bytes, token: bytes) -> bool:
     return token in value.lower() and token in [t.strip() for t in value.lower().split(b",")]
 
 
+def _check_te(seen: bool, value: bytes) -> None:
+    """h11's rule for a Transfer-Encoding header, sent or received: one only, and chunked."""
+    if seen:
+        raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
+    if value.lower() != b"chunked":
+        raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+
+
 def _scan(items):
     """What the state machine needs from a head, in one pass over (raw, lower, value) items:
     (Connection: close, an Upgrade value, Expect: 100-continue, Transfer-Encoding, Content-Length)."""
@@ -210,7 +218,7 @@ class _HeadSink:
     def __init__(self):
         self.url = b""
         self.status = b""
-        self.special = []   # normalised pairs that state or framing depends on (with Host)
+        self.special = []   # (line, name, value) of the headers state or framing depends on, and Host
 
     def normalise(self, line: bytes):
         """One header line of a head llhttp accepted (so ``name: value``, CRLF-free)."""
@@ -221,7 +229,7 @@ class _HeadSink:
             if lname == b"transfer-encoding":
                 value = value.lower()   # as h11 stores it
             pair = (lname, value)
-            self.special.append(pair)
+            self.special.append((line, lname, value))
             return pair
         pair = (lname, value)
         if len(line) <= _CACHEABLE:
@@ -639,28 +647,16 @@ class Connection:
         del lines[0], lines[-2:]
         headers = [get(line) or sink.normalise(line) for line in lines]
         hosts = 0
-        close = upgrade = expect = te = False
-        cl = None
-        for lname, value in sink.special:
+        te = False
+        for _, lname, value in sink.special:   # h11's checks of what it receives
             if lname == b"host":
                 hosts += 1
-            elif lname == b"connection":
-                close = close or _has_token(value, b"close")
-            elif lname == b"upgrade":
-                upgrade = upgrade or bool(value.strip(b" \t,"))
-            elif lname == b"expect":
-                expect = expect or _has_token(value, b"100-continue")
             elif lname == b"transfer-encoding":
-                if te:
-                    raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
-                if value.lower() != b"chunked":
-                    raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+                _check_te(te, value)
                 te = True
-            elif lname == b"content-length":
-                if len(value) > 20:
-                    raise LocalProtocolError("bad Content-Length")
-                cl = value
-        return headers, (close, upgrade, expect, te, cl), hosts
+            elif lname == b"content-length" and len(value) > 20:
+                raise LocalProtocolError("bad Content-Length")
+        return headers, _scan(sink.special), hosts
 
     def _read_body(self, buf: bytearray):
         kind = self._rkind
@@ -1050,10 +1046,7 @@ def _check_framing_headers(items):
                 out = out if out is not None else list(items[:i])
                 continue
         elif n == b"transfer-encoding":
-            if te:
-                raise LocalProtocolError("multiple Transfer-Encoding headers", error_status_hint=501)
-            if v.lower() != b"chunked":
-                raise LocalProtocolError("Only Transfer-Encoding: chunked is supported", error_status_hint=501)
+            _check_te(te, v)
             te = True
             if v != b"chunked":
                 out = out if out is not None else list(items[:i])
