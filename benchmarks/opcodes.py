@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import collections
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -98,7 +99,10 @@ def main() -> None:
                 break
             time.sleep(0.1)
         time.sleep(0.3)
-    rows = [(int(v), k) for v, k in (line.split(" ", 1) for line in out.read_text().splitlines())]
+    try:
+        rows = [(int(v), k) for v, k in (line.split(" ", 1) for line in out.read_text().splitlines())]
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
     total = sum(v for v, _ in rows)
     what = f"in {a.lines}()" if a.lines else "in all"
     per = a.handshakes or a.requests
