@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import gc
 import os
 import pstats
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -89,16 +91,14 @@ def main() -> None:
             await client(5, "-", 0)                       # warm-up
             if a.path != "-":
                 await client(1, a.path, 5)
-            import gc
             gc_before = [g["collections"] for g in gc.get_stats()]
             gc_time = [0.0, 0]
 
             def on_gc(phase, info, _t=[0.0]):
-                import time as _time
                 if phase == "start":
-                    _t[0] = _time.perf_counter()
+                    _t[0] = time.perf_counter()
                 else:
-                    gc_time[0] += _time.perf_counter() - _t[0]
+                    gc_time[0] += time.perf_counter() - _t[0]
                     gc_time[1] += info["collected"]
             gc.callbacks.append(on_gc)
             prof.enable()

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -571,12 +571,14 @@ class Bench:
                 log(f"  {name} did not start: {e}")
         return servers
 
-    def measure(self, servers: dict[str, Server], metrics: dict[str, Callable[[dict], float]],
-                fn: Callable[[Server], dict], rounds: int) -> None:
-        """Run fn(server) rounds x interleaved; each metric is the median over the rounds."""
+    @staticmethod
+    def rounds_of(servers: dict[str, Server], fn: Callable[[Server], dict],
+                  rounds: int) -> tuple[dict[str, list[dict]], dict[str, NA]]:
+        """fn(server) ``rounds`` x, the servers interleaved in each round: the samples per
+        server, and the last failure of each server that failed."""
         samples: dict[str, list[dict]] = {n: [] for n in servers}
         errors: dict[str, NA] = {}
-        for r in range(rounds):
+        for _ in range(rounds):
             for name, srv in servers.items():
                 try:
                     samples[name].append(fn(srv))
@@ -587,6 +589,12 @@ class Bench:
                 except Exception as e:
                     traceback.print_exc()
                     errors[name] = NA(f"{type(e).__name__}: {e}")
+        return samples, errors
+
+    def measure(self, servers: dict[str, Server], metrics: dict[str, Callable[[dict], float]],
+                fn: Callable[[Server], dict], rounds: int) -> None:
+        """Run fn(server) rounds x interleaved; each metric is the median over the rounds."""
+        samples, errors = self.rounds_of(servers, fn, rounds)
         for name in self.only:
             for metric, f in metrics.items():
                 if name in self.failed_start:
@@ -713,25 +721,18 @@ class Bench:
                 many = None
             runs = {}
             if one is not None:
-                runs["1"] = (one, "bench.test")
+                runs["1"] = one
             if many is not None:
                 self.record("start_n", name, lambda: many.startup_s)
                 cn = served_cn(many.port, target)
                 if target in cn:
-                    runs["n"] = (many, target)
+                    runs["n"] = many
                 else:
                     for m in ("hs_n", "hs_n_cpu"):
                         self.results.setdefault(m, {})[name] = NA(f"wrong certificate for {target}: {cn}")
-            samples: dict[str, list[dict]] = {k: [] for k in runs}
-            errors: dict[str, NA] = {}
-            for _ in range(self.rounds):
-                for k, (srv, sni) in runs.items():
-                    try:
-                        samples[k].append(self.tls_load(srv, False, self.d_handshake, sni=sni))
-                    except NA as e:
-                        errors[k] = e
-                    except subprocess.TimeoutExpired as e:
-                        errors[k] = NA(f"timed out: {e.cmd}")
+            samples, errors = self.rounds_of(
+                runs, lambda srv: self.tls_load(srv, False, self.d_handshake,
+                                                sni=target if srv is many else "bench.test"), self.rounds)
             for k in runs:
                 for metric, field in ((f"hs_{k}", "rate"), (f"hs_{k}_cpu", "cpu_us")):
                     vals = sorted(x[field] for x in samples[k])
@@ -789,8 +790,7 @@ class Bench:
             for name in self.only:
                 self.bench_many(name, certs)
         finally:
-            if self.upstream is not None:
-                self.upstream.stop()
+            self.close()
 
     # --- report ---------------------------------------------------------------------------
     ROWS = [
@@ -962,8 +962,6 @@ def main() -> None:
             (out / f"{stamp}.md").write_text(text)
             (out / "latest.md").write_text(text)
             log(f"written {out / (stamp + '.md')} and {out / 'latest.md'}")
-        if not args.keep:
-            shutil.rmtree(b.workdir, ignore_errors=True)   # (run_all stopped the upstream)
 
 
 if __name__ == "__main__":

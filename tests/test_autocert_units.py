@@ -258,10 +258,11 @@ def test_parse_client_hello_never_raises_on_mutations():
             assert isinstance(facts.server_name, str)
 
 
-async def test_bounded_waits_keep_a_cancellation_that_arrives_with_the_answer():
-    """The manager bounds its storage reads with _within, not asyncio.wait_for: on Python 3.11
-    wait_for returns the answer and drops a cancellation that arrives in the same loop step
-    (CPython gh-86296), so a task cancelled at shutdown could carry on."""
+async def test_within_keeps_a_cancellation_that_arrives_with_the_answer():
+    """_within (what the manager bounds its storage look-ups with, instead of asyncio.wait_for:
+    on Python 3.11 wait_for returns the answer and drops a cancellation that arrives in the
+    same loop step, CPython gh-86296) raises that cancellation, and times out like wait_for.
+    This checks _within itself, not which helper the manager calls."""
     import asyncio
     from proxy.autocert.manager import _within
 

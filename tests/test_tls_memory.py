@@ -90,18 +90,13 @@ def test_contexts_release_buffers_and_keep_tickets():
     assert not ctx.set_options(0) & SSL.OP_NO_TICKET     # stateless tickets, no server-side cache
 
 
-# --- the engine's callbacks, on pyOpenSSL's binding directly (and the fallback) ------------
+# --- the engine's callbacks, on pyOpenSSL's binding directly ---------------------------------
 
-@pytest.fixture(params=["direct", "pyopenssl"])
-def path(request, monkeypatch):
-    """Each test below runs with the engine's direct callbacks and with pyOpenSSL's wrappers
-    (the fallback when the binding lacks what the direct ones use)."""
+def test_a_pyopenssl_without_the_callbacks_internals_is_refused(monkeypatch):
     import proxy.tls.engine as engine_mod
-    if request.param == "pyopenssl":
-        monkeypatch.setattr(engine_mod, "_DIRECT", False)
-    else:
-        assert engine_mod._DIRECT, "this pyOpenSSL lacks what the direct callbacks use"
-    return request.param
+    monkeypatch.setattr(engine_mod, "REQUIRED", engine_mod.REQUIRED + ("SSL_no_such_function",))
+    with pytest.raises(RuntimeError, match="lacks SSL_no_such_function"):
+        _engine()
 
 
 def _engine(certs=()) -> TLSEngine:
@@ -163,7 +158,7 @@ def _alpn(engine: TLSEngine, offered) -> tuple[bytes, SSL.Connection]:
     return server.get_alpn_proto_negotiated(), server
 
 
-def test_servername_selects_the_certificate_and_records_the_context(path, ca):
+def test_servername_selects_the_certificate_and_records_the_context(ca):
     a, b = _certificate(ca, ["a.example.com"]), _certificate(ca, ["b.example.com"])
     engine = _engine([a, b])
     for sni, want in ((b"b.example.com", b), (b"a.example.com", a), (None, a), (b"nope.example", a)):
@@ -173,7 +168,7 @@ def test_servername_selects_the_certificate_and_records_the_context(path, ca):
 
 
 @pytest.mark.parametrize("staple", [b"\x30\x03\x0a\x01\x00", None])
-def test_status_callback_sends_the_staple(path, ca, staple):
+def test_status_callback_sends_the_staple(ca, staple):
     cert = _certificate(ca, ["localhost"])
     cert.ocsp_staple = staple
     engine = _engine([cert])
@@ -191,39 +186,37 @@ def test_status_callback_sends_the_staple(path, ca, staple):
     ([b"h2"], b""),                                                  # no overlap: no ALPN
     ([b"h2", b"h3", b"foo\x08http/1.1"], b""),   # "http/1.1" inside another name is not an offer
 ])
-def test_alpn_selection(path, offered, chosen):
+def test_alpn_selection(offered, chosen):
     got, _ = _alpn(_engine(), offered)
     assert got == chosen
 
 
-def test_alpn_keeps_nothing_per_connection(path):
+def test_alpn_keeps_nothing_per_connection():
     # pyOpenSSL's own wrapper keeps two cffi buffers (the answer) on every connection until
     # it closes; OpenSSL copies the answer at once, so the engine points it at constants.
     engine = _engine()
     got, server = _alpn(engine, [b"h2", b"http/1.1"])
     assert got == b"http/1.1"
-    if path == "direct":
-        assert getattr(server, "_alpn_select_callback_args", None) is None
+    assert getattr(server, "_alpn_select_callback_args", None) is None
 
 
-def test_alpn_acme_tls1_without_challenge_is_not_acknowledged(path):
+def test_alpn_acme_tls1_without_challenge_is_not_acknowledged():
     got, _ = _alpn(_engine(), [b"acme-tls/1"])
     assert got == b""
 
 
-def test_alpn_callback_failure_fails_the_handshake(path, caplog):
+def test_alpn_callback_failure_fails_the_handshake(caplog):
     engine = _engine()
 
     def broken(name):
         raise RuntimeError("storage exploded")
     engine.challenge_lookup = broken
-    with pytest.raises((SSL.Error, RuntimeError)):   # pyOpenSSL's wrapper re-raises it
+    with pytest.raises(SSL.Error):
         _alpn(engine, [b"acme-tls/1"])
-    if path == "direct":
-        assert "ALPN selection failed" in caplog.text
+    assert "ALPN selection failed" in caplog.text
 
 
-def test_acme_tls1_with_challenge_serves_the_challenge_certificate_without_staple(path, ca):
+def test_acme_tls1_with_challenge_serves_the_challenge_certificate_without_staple(ca):
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     cert = _certificate(ca, ["localhost"])
     cert.ocsp_staple = b"\x30\x03\x0a\x01\x00"

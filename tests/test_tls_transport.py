@@ -251,7 +251,6 @@ def test_a_server_that_does_not_read_stops_reading_the_socket(leaf):
     payload = os.urandom(16 * 1024 * 1024)
 
     async def go():
-        loop = asyncio.get_running_loop()
         streams = []
         server, port = await serve_tls(server_context(leaf), streams.append)
 
@@ -291,7 +290,6 @@ def test_key_update_while_the_socket_is_full(leaf, tmp_path):
     big = os.urandom(8 * 1024 * 1024)
 
     async def go():
-        loop = asyncio.get_running_loop()
         streams = []
         server, port = await serve_tls(server_context(leaf), streams.append)
         proc = await asyncio.create_subprocess_exec(
@@ -348,11 +346,12 @@ def test_key_update_while_the_socket_is_full(leaf, tmp_path):
     assert any(ln.startswith("<<<") for ln in updates), log   # the server's answer
 
 
-def test_a_read_that_must_write_first_waits_for_writability(leaf):
-    """SSL_read saying WANT_WRITE (OpenSSL must send something before it reads on): reading
-    stops, the socket is watched for writability, then reading goes on."""
+def test_a_read_stopped_by_want_write_waits_for_writability(leaf):
+    """The state SSL_read's WANT_WRITE leads to (OpenSSL must send something before it reads
+    on), forced through _read_stopped: reading stops, the socket is watched for writability,
+    then reading goes on. (SSL_read returning it is not produced here: OpenSSL 3.0 clients
+    answer a KeyUpdate from the next write, see the KeyUpdate test.)"""
     async def go():
-        loop = asyncio.get_running_loop()
         streams = []
         server, port = await serve_tls(server_context(leaf), streams.append)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),

@@ -110,13 +110,29 @@ def header_value(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> Optiona
     return None
 
 
+class BoundedCache(dict):
+    """A dict that empties itself when it is full: what the codecs keep of heads they have
+    seen (a flood of heads never seen costs the cache its contents, never memory). Look-ups
+    are plain dict look-ups."""
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def keep(self, key, value):
+        if len(self) >= self.limit:
+            self.clear()
+        self[key] = value
+        return value
+
+
 # end_to_end's answers for the headers it saw last: an upstream sends the same response
 # headers for the same resource, a client the same request headers (the fast codec hands the
-# same pairs again for a block it has seen). Bounded in entries and bytes per entry; emptied
-# when full.
-_FORWARDED: dict = {}
+# same pairs again for a block it has seen). Bounded in entries and bytes per entry.
 _FORWARDED_MAX = 1024
 _FORWARDED_BYTES = 2048
+_FORWARDED = BoundedCache(_FORWARDED_MAX)
 
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,
@@ -136,9 +152,7 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = F
             headers = key[0]
     out = _end_to_end(headers, keep_upgrade, drop, tokens)
     if key is not None and sum(map(len, chain.from_iterable(key[0]))) <= _FORWARDED_BYTES:
-        if len(_FORWARDED) >= _FORWARDED_MAX:
-            _FORWARDED.clear()
-        _FORWARDED[key] = tuple(out)
+        _FORWARDED.keep(key, tuple(out))
     return out
 
 

@@ -43,6 +43,8 @@ from h11 import (CLIENT, CLOSED, DONE, ERROR, IDLE, MIGHT_SWITCH_PROTOCOL, MUST_
                  PAUSED, SEND_BODY, SEND_RESPONSE, SERVER, SWITCHED_PROTOCOL,
                  LocalProtocolError, RemoteProtocolError)
 
+from .codec import BoundedCache
+
 __all__ = ["Connection", "Request", "Response", "InformationalResponse", "Data", "EndOfMessage",
            "ConnectionClosed", "engine", "PARSER_ENV"]
 
@@ -191,8 +193,8 @@ _STATE_HEADERS = frozenset((b"connection", b"upgrade", b"expect", b"transfer-enc
 # no framing or state rule looks at: a proxy receives the same User-Agent, Accept, Server...
 # lines over and over. Bounded in entries and in line length (a client must not be able to
 # make it hold large names or values); emptied when full.
-_NORMALISED: dict = {}
 _NORMALISED_MAX = 4096
+_NORMALISED = BoundedCache(_NORMALISED_MAX)
 _CACHEABLE = 256   # longest header line (name and value) either cache keeps
 
 # Whole header blocks, one level above the line caches: the same client sends the same block
@@ -204,9 +206,9 @@ _CACHEABLE = 256   # longest header line (name and value) either cache keeps
 # of the pairs) -> (block bytes, what _scan would say, number of Host headers). Bounded in
 # entries and in block length; emptied when full. A block not seen before costs one dict
 # look-up more than the line caches alone.
-_BLOCKS_IN: dict = {}
-_BLOCKS_OUT: dict = {}
 _BLOCKS_MAX = 1024
+_BLOCKS_IN = BoundedCache(_BLOCKS_MAX)
+_BLOCKS_OUT = BoundedCache(_BLOCKS_MAX)
 _BLOCK_BYTES = 2048   # longest block either keeps
 
 
@@ -233,9 +235,7 @@ class _HeadSink:
             return pair
         pair = (lname, value)
         if len(line) <= _CACHEABLE:
-            if len(_NORMALISED) >= _NORMALISED_MAX:
-                _NORMALISED.clear()
-            _NORMALISED[line] = pair
+            _NORMALISED.keep(line, pair)
         return pair
 
     def on_url(self, url: bytes) -> None:
@@ -594,9 +594,7 @@ class Connection:
         else:
             headers, info, hosts = self._read_block(lines, sink)
             if len(block) <= _BLOCK_BYTES:
-                if len(_BLOCKS_IN) >= _BLOCKS_MAX:
-                    _BLOCKS_IN.clear()
-                _BLOCKS_IN[block] = (tuple(headers), info, hosts)
+                _BLOCKS_IN.keep(block, (tuple(headers), info, hosts))
         if type(buf) is bytes:
             if end < len(buf):
                 self._pending = buf[end:]
@@ -1014,9 +1012,7 @@ def _cached_head(headers):
     block = b"".join(lines)
     seen = block, (close, upgrade, expect, te, cl), hosts
     if len(block) <= _BLOCK_BYTES:
-        if len(_BLOCKS_OUT) >= _BLOCKS_MAX:
-            _BLOCKS_OUT.clear()
-        _BLOCKS_OUT[key] = seen
+        _BLOCKS_OUT.keep(key, seen)
     return seen
 
 

@@ -38,9 +38,10 @@ def _status(e: ClientError) -> int:
     return int(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
 
 
-def _load_botocore_data(session: AioSession) -> None:
+def _load_botocore_data(session: AioSession) -> str | None:
     """Fill the session loader's cache with what create_client("s3") parses (best effort:
-    anything missing here is simply loaded by create_client itself)."""
+    anything missing here is simply loaded by create_client itself), and return the region
+    the environment or ~/.aws/config names (a file read, too)."""
     try:
         loader = session.get_component("data_loader")
         for type_name in ("service-2", "endpoint-rule-set-1"):
@@ -49,6 +50,7 @@ def _load_botocore_data(session: AioSession) -> None:
             loader.load_data(name)
     except Exception as e:                              # noqa: BLE001 (an optimisation only)
         log.debug("preloading botocore data failed: %s", e)
+    return session.get_config_variable("region")
 
 
 class S3Storage(LeaseLocks, Storage):
@@ -79,8 +81,8 @@ class S3Storage(LeaseLocks, Storage):
                 # 0.25-0.5 s on an idle 2-core machine, up to 0.9 s loaded, with the event loop
                 # stalled (no proxy traffic, no lease renewals of other locks). Parse them in a
                 # thread first; the session's loader caches them for create_client.
-                await asyncio.to_thread(_load_botocore_data, session)
-                region = self.region or session.get_config_variable("region") or "us-east-1"
+                configured = await asyncio.to_thread(_load_botocore_data, session)
+                region = self.region or configured or "us-east-1"
                 config = AioConfig(connect_timeout=self.timeout, read_timeout=self.timeout,
                                    retries={"max_attempts": 2, "mode": "standard"})
                 stack = contextlib.AsyncExitStack()

@@ -20,6 +20,17 @@ def _u16(b: bytes, i: int) -> int:
     return (b[i] << 8) | b[i + 1]
 
 
+def alpn_names(wire) -> list[bytes]:
+    """The protocol names of a wire-format ALPN list (each a length byte, then the name)."""
+    out = []
+    i = 0
+    while i < len(wire):
+        n = wire[i]
+        out.append(bytes(wire[i + 1:i + 1 + n]))
+        i += 1 + n
+    return out
+
+
 def parse_client_hello(data: bytes) -> Optional[HelloFacts]:
     """Parse a ClientHello contained in the first TLS record of ``data``."""
     try:
@@ -56,11 +67,7 @@ def parse_client_hello(data: bytes) -> Optional[HelloFacts]:
                         break
                     j += 3 + n
             elif ext_type == 16 and len(ext) >= 2:    # ALPN
-                j = 2
-                while j < len(ext):
-                    n = ext[j]
-                    alpn.append(bytes(ext[j + 1:j + 1 + n]))
-                    j += 1 + n
+                alpn += alpn_names(ext[2:])
         return HelloFacts(name, tuple(alpn))
     except (IndexError, UnicodeDecodeError):
         return None

@@ -17,10 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+import OpenSSL
 from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib   # pyOpenSSL's cffi binding (the callbacks, below)
 
 from .certcache import SELF_SIGNED, Certificate, CertificateCache
+from .clienthello import alpn_names
 
 log = logging.getLogger("proxy.tls")
 
@@ -31,45 +33,29 @@ HTTP_1_1 = b"http/1.1"
 # pyOpenSSL's wrappers, which per handshake look the Connection up in a weak dictionary,
 # go through two more Python calls (get_servername, set_context), split the ALPN offer into
 # a list, and keep two new cffi buffers with the ALPN answer on every connection until it
-# closes (OpenSSL copies the answer at once). Here: the Connection is looked up only where
-# it is needed (acme-tls/1, a staple to send, recording the switched context), usual ALPN
-# offers are recognised whole, and OpenSSL is pointed at constant buffers. Measured
+# closes (OpenSSL copies the answer at once). Here: usual ALPN offers are recognised whole,
+# OpenSSL is pointed at constant buffers, and the Connection is looked up only where it is
+# needed (switching the context, acme-tls/1, a staple to send). Measured
 # (benchmarks/tls-io-notes.md): -6.6k instructions per handshake (servername), -38k for a
 # client that also sends ALPN and status_request as browsers do, -225 B per idle connection
-# with ALPN. pyOpenSSL's public API is used instead if its binding lacks what this needs.
-_DIRECT = all(hasattr(_lib, a) for a in (
-    "SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_tlsext_servername_callback", "SSL_get_servername",
-    "SSL_set_SSL_CTX", "SSL_CTX_set_tlsext_status_cb", "SSL_CTX_set_tlsext_status_arg",
-    "SSL_set_tlsext_status_ocsp_resp", "OPENSSL_malloc", "TLSEXT_NAMETYPE_host_name",
-    "SSL_TLSEXT_ERR_OK", "SSL_TLSEXT_ERR_NOACK", "SSL_TLSEXT_ERR_ALERT_FATAL")) \
-    and hasattr(SSL.Connection, "_reverse_mapping")
+# with ALPN. The listener relies on pyOpenSSL's internals anyway (socketstream.py): a
+# pyOpenSSL without what these use is refused at start, with what it lacks.
+REQUIRED = ("SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_tlsext_servername_callback", "SSL_get_servername",
+            "SSL_CTX_set_tlsext_status_cb", "SSL_CTX_set_tlsext_status_arg",
+            "SSL_set_tlsext_status_ocsp_resp", "OPENSSL_malloc", "TLSEXT_NAMETYPE_host_name",
+            "SSL_TLSEXT_ERR_OK", "SSL_TLSEXT_ERR_NOACK", "SSL_TLSEXT_ERR_ALERT_FATAL")
 _SERVERNAME_CB = "int (*)(SSL *, int *, void *)"
 _ALPN_CB = "int (*)(SSL *, unsigned char **, unsigned char *, const unsigned char *, unsigned int, void *)"
 _STATUS_CB = "int (*)(SSL *, void *)"
-if _DIRECT:
-    _OK, _NOACK, _FATAL = _lib.SSL_TLSEXT_ERR_OK, _lib.SSL_TLSEXT_ERR_NOACK, _lib.SSL_TLSEXT_ERR_ALERT_FATAL
-    _HOST_NAME = _lib.TLSEXT_NAMETYPE_host_name
-    _get_servername = _lib.SSL_get_servername
-    _set_ssl_ctx = _lib.SSL_set_SSL_CTX
-    _by_ssl = SSL.Connection._reverse_mapping   # SSL * -> Connection (pyOpenSSL's, weak values)
+_OK = getattr(_lib, "SSL_TLSEXT_ERR_OK", 0)
+_NOACK = getattr(_lib, "SSL_TLSEXT_ERR_NOACK", 3)
+_FATAL = getattr(_lib, "SSL_TLSEXT_ERR_ALERT_FATAL", 2)
+_by_ssl = getattr(SSL.Connection, "_reverse_mapping", {})   # SSL * -> Connection (weak values)
 _NULL = _ffi.NULL
 _PROTO = {p: _ffi.new("unsigned char[]", p) for p in (HTTP_1_1, ACME_TLS_1)}   # kept for the process
 # Wire-format ALPN offers (length-prefixed names) answered with http/1.1 without parsing
 # them: browsers, curl, Go and most other clients send one of these.
 _USUAL_OFFERS = frozenset((b"\x08http/1.1", b"\x02h2\x08http/1.1", b"\x08http/1.1\x02h2"))
-
-
-def _alpn_offers(wire: bytes) -> Optional[list[bytes]]:
-    """The protocol names of a wire-format ALPN list; None if it is malformed."""
-    out = []
-    i, n = 0, len(wire)
-    while i < n:
-        k = wire[i]
-        if k == 0 or i + 1 + k > n:
-            return None
-        out.append(wire[i + 1:i + 1 + k])
-        i += 1 + k
-    return out
 
 
 # Mozilla "intermediate" (v5.7) TLS 1.2 suites; TLS 1.3 suites are OpenSSL's defaults.
@@ -111,20 +97,22 @@ def self_signed_certificate(name: str = "autocert-proxy.invalid") -> Certificate
 
 class TLSEngine:
     def __init__(self, cache: CertificateCache, challenge_lookup: Optional[ChallengeLookup] = None):
+        missing = [f for f in REQUIRED if not hasattr(_lib, f)] \
+            + ([] if hasattr(SSL.Connection, "_reverse_mapping") else ["Connection._reverse_mapping"])
+        if missing:
+            raise RuntimeError(f"pyOpenSSL {OpenSSL.__version__} lacks {', '.join(missing)}, which the TLS "
+                               "engine's callbacks use; install a pyOpenSSL release that has them "
+                               "(this proxy is tested with 26.4)")
         self.cache = cache
         self.challenge_lookup: ChallengeLookup = challenge_lookup or (lambda name: None)
-        self._direct = _DIRECT
-        if self._direct:   # kept alive by every context that uses them, too (pyOpenSSL's slots)
-            self._servername_cb = _ffi.callback(_SERVERNAME_CB, self._on_servername_direct, error=_FATAL)
-            self._alpn_cb = _ffi.callback(_ALPN_CB, self._on_alpn_direct, error=_FATAL)
-            self._status_cb = _ffi.callback(_STATUS_CB, self._on_status_direct, error=_FATAL)
+        # kept alive by every context that uses them, too (pyOpenSSL's slots)
+        self._servername_cb = _ffi.callback(_SERVERNAME_CB, self._on_servername, error=_FATAL)
+        self._alpn_cb = _ffi.callback(_ALPN_CB, self._on_alpn, error=_FATAL)
+        self._status_cb = _ffi.callback(_STATUS_CB, self._on_status, error=_FATAL)
         # The context a connection starts with: it only runs the servername callback.
         self._initial = self._base_context()
-        if self._direct:
-            _lib.SSL_CTX_set_tlsext_servername_callback(self._initial._context, self._servername_cb)
-            self._initial._tlsext_servername_callback = self._servername_cb
-        else:
-            self._initial.set_tlsext_servername_callback(self._on_servername)
+        _lib.SSL_CTX_set_tlsext_servername_callback(self._initial._context, self._servername_cb)
+        self._initial._tlsext_servername_callback = self._servername_cb
         self._challenge_contexts: dict[bytes, SSL.Context] = {}
         # Runs on a connection's first bytes before OpenSSL sees them (the autocert manager's
         # storage look-up for challenges and names obtained elsewhere); None: nothing to do.
@@ -137,11 +125,8 @@ class TLSEngine:
         ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode())
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
-        if self._direct:
-            _lib.SSL_CTX_set_alpn_select_cb(ctx._context, self._alpn_cb, _NULL)
-            ctx._alpn_select_callback = self._alpn_cb
-        else:
-            ctx.set_alpn_select_callback(self._on_alpn)
+        _lib.SSL_CTX_set_alpn_select_cb(ctx._context, self._alpn_cb, _NULL)
+        ctx._alpn_select_callback = self._alpn_cb
         return ctx
 
     def context_for(self, cert: Certificate) -> SSL.Context:
@@ -155,13 +140,10 @@ class TLSEngine:
             for extra in cert.chain[1:]:
                 ctx.add_extra_chain_cert(extra)
             ctx.use_privatekey(serialization.load_pem_private_key(cert.key_pem, password=None))
-            if self._direct:
-                ctx._ocsp_callback = self._status_cb
-                ctx._ocsp_data = handle = _ffi.new_handle(cert)
-                _lib.SSL_CTX_set_tlsext_status_cb(ctx._context, self._status_cb)
-                _lib.SSL_CTX_set_tlsext_status_arg(ctx._context, handle)
-            else:
-                ctx.set_ocsp_server_callback(self._on_status, data=cert)
+            ctx._ocsp_callback = self._status_cb
+            ctx._ocsp_data = handle = _ffi.new_handle(cert)
+            _lib.SSL_CTX_set_tlsext_status_cb(ctx._context, self._status_cb)
+            _lib.SSL_CTX_set_tlsext_status_arg(ctx._context, handle)
             cert.tls_context = ctx
         return ctx
 
@@ -171,24 +153,17 @@ class TLSEngine:
         return SSL.Connection(self._initial, None)
 
     # --- callbacks (handshake path: memory reads only) ---
-    def _on_servername_direct(self, ssl, alert, arg) -> int:
-        """OpenSSL's servername callback: _on_servername without pyOpenSSL's wrappers."""
+    def _on_servername(self, ssl, alert, arg) -> int:
+        """OpenSSL's servername callback: the certificate's context for the name sent."""
         try:
-            p = _get_servername(ssl, _HOST_NAME)
+            p = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
             ctx = self._choose_context(_ffi.string(p) if p != _NULL else None)
             if ctx is not None:
-                _set_ssl_ctx(ssl, ctx._context)
-                _by_ssl[ssl]._context = ctx   # what Connection.set_context records
-                ctx._used = True
+                _by_ssl[ssl].set_context(ctx)
             return _OK
         except Exception:   # as pyOpenSSL's wrapper: the handshake fails
             log.exception("choosing the certificate failed")
             return _FATAL
-
-    def _on_servername(self, conn: SSL.Connection) -> None:
-        ctx = self._choose_context(conn.get_servername())
-        if ctx is not None:
-            conn.set_context(ctx)
 
     def _choose_context(self, raw: Optional[bytes]) -> Optional[SSL.Context]:
         """The context for the server name ``raw`` (None: no SNI); None if there is no
@@ -220,21 +195,20 @@ class TLSEngine:
         log.error("%s certificate for %s (%s) is not served: its private key cannot be used (%s); "
                   "replace the key", cert.source, ", ".join(cert.names), cert.origin or "-", cert.key_error)
 
-    def _on_alpn_direct(self, ssl, out, outlen, in_, inlen, arg) -> int:
-        """OpenSSL's ALPN select callback: _on_alpn without pyOpenSSL's wrapper."""
+    def _on_alpn(self, ssl, out, outlen, in_, inlen, arg) -> int:
+        """OpenSSL's ALPN select callback: http/1.1, or acme-tls/1 with a challenge's
+        certificate for that one connection."""
         try:
             wire = _ffi.buffer(in_, inlen)[:]
             if wire in _USUAL_OFFERS:
                 chosen = HTTP_1_1
             else:
-                offered = _alpn_offers(wire)
-                if offered is None:   # (OpenSSL checked the list already)
-                    return _FATAL
+                offered = alpn_names(wire)   # (OpenSSL checked the list's form already)
                 if ACME_TLS_1 in offered:
-                    chosen = self._on_alpn(_by_ssl[ssl], offered)
+                    chosen = self._acme_tls_1(_by_ssl[ssl])
                 else:
                     chosen = HTTP_1_1 if HTTP_1_1 in offered else None
-            if chosen is None or chosen is SSL.NO_OVERLAPPING_PROTOCOLS:
+            if chosen is None:
                 return _NOACK
             out[0] = _PROTO[chosen]   # OpenSSL copies it before the callback's caller returns
             outlen[0] = len(chosen)
@@ -243,25 +217,23 @@ class TLSEngine:
             log.exception("ALPN selection failed")
             return _FATAL
 
-    def _on_alpn(self, conn: SSL.Connection, offered: list[bytes]):
-        if ACME_TLS_1 in offered:
-            raw = conn.get_servername()
-            material = self.challenge_lookup(raw.decode("ascii", "replace").lower()) if raw else None
-            if material is None:
-                log.warning("acme-tls/1 handshake for %r with no pending challenge", raw)
-                return SSL.NO_OVERLAPPING_PROTOCOLS
-            cert, key = material
-            conn.use_certificate(cert)
-            conn.use_privatekey(key)
-            conn.set_app_data("acme-tls/1")
-            return ACME_TLS_1
-        if HTTP_1_1 in offered:
-            return HTTP_1_1
-        return SSL.NO_OVERLAPPING_PROTOCOLS
+    def _acme_tls_1(self, conn: SSL.Connection) -> Optional[bytes]:
+        """A client offered acme-tls/1 (RFC 8737): the challenge certificate for its name on
+        this connection, or None (not acknowledged) without a pending challenge."""
+        raw = conn.get_servername()
+        material = self.challenge_lookup(raw.decode("ascii", "replace").lower()) if raw else None
+        if material is None:
+            log.warning("acme-tls/1 handshake for %r with no pending challenge", raw)
+            return None
+        cert, key = material
+        conn.use_certificate(cert)
+        conn.use_privatekey(key)
+        conn.set_app_data("acme-tls/1")
+        return ACME_TLS_1
 
-    def _on_status_direct(self, ssl, arg) -> int:
-        """OpenSSL's status (OCSP) callback, for clients that ask: _on_status without
-        pyOpenSSL's wrapper; the Connection is looked up only when there is a staple."""
+    def _on_status(self, ssl, arg) -> int:
+        """OpenSSL's status (OCSP) callback, for clients that ask: the certificate's staple,
+        never on an acme-tls/1 connection; the Connection is looked up only when there is one."""
         try:
             staple = _ffi.from_handle(arg).ocsp_staple
             if not staple or _by_ssl[ssl].get_app_data() == "acme-tls/1":
@@ -277,7 +249,3 @@ class TLSEngine:
             log.exception("OCSP status callback failed")
             return _FATAL
 
-    def _on_status(self, conn: SSL.Connection, cert: Certificate) -> bytes:
-        if conn.get_app_data() == "acme-tls/1":
-            return b""
-        return cert.ocsp_staple or b""

@@ -57,8 +57,8 @@ _MODES = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_
 _UNEXPECTED_EOF = getattr(_lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", -1)
 _READ, _WRITE = 1, 2   # what the loop watches the socket for
 _NO_SHUTDOWN, _SHUTDOWN_WANTED, _SHUTDOWN_SENT = 0, 1, 2
-_NEEDED = ("SSL_set_fd", "SSL_set_mode", "SSL_read", "SSL_write", "SSL_pending", "SSL_shutdown",
-           "SSL_get_error", "SSL_do_handshake", "ERR_clear_error", "ERR_peek_error", "ERR_GET_REASON")
+# (the functions read into module globals above are checked by the import itself)
+_NEEDED = ("SSL_set_fd", "SSL_set_mode", "ERR_peek_error", "ERR_GET_REASON", "ERR_reason_error_string")
 
 
 def check_pyopenssl(new_connection: Callable[[], SSL.Connection]) -> None:
@@ -341,7 +341,7 @@ class TLSServerStream(ByteStream):
             err = _SSL_get_error(ssl, r)
             if err == _WANT_WRITE or err == _WANT_READ:
                 # retried later from the same offset (what OpenSSL requires of a retry)
-                self._keep(data, off, first=True)
+                self._keep(data, off)
                 if err == _WANT_READ:
                     self._write_needs_read = True
                 self._update_watch()
@@ -352,7 +352,7 @@ class TLSServerStream(ByteStream):
             return False
         return True
 
-    def _keep(self, data, off: int, first: bool = False) -> None:
+    def _keep(self, data, off: int) -> None:
         """Keep ``data[off:]`` to send later: a view of immutable bytes, else a copy (the
         caller may reuse its buffer)."""
         if type(data) is bytes or (type(data) is memoryview and data.readonly):
@@ -361,8 +361,6 @@ class TLSServerStream(ByteStream):
             rest = bytes(data[off:])
         if self._out is None:
             self._out = [rest]
-        elif first:
-            self._out.insert(0, rest)
         else:
             self._out.append(rest)
         self._out_size += len(rest)
@@ -491,9 +489,6 @@ class TLSListener:
         if self._serving:
             self._loop.add_reader(lsock.fileno(), self._accept, lsock)
 
-    def is_serving(self) -> bool:
-        return self._serving
-
     def close(self) -> None:
         """Stop accepting (open connections go on)."""
         if not self._serving:
@@ -507,11 +502,10 @@ class TLSListener:
         return None
 
 
-def listening_sockets(host: Optional[str], port: int, *, reuse_address: bool = True,
-                      reuse_port: bool = False, backlog: int = 2048) -> list[socket.socket]:
-    """Bound, listening, non-blocking sockets for ``host`` (every interface when None), as
-    loop.create_server makes them."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+def listening_sockets(infos, *, reuse_address: bool = True, reuse_port: bool = False,
+                      backlog: int = 2048) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for the addresses ``infos`` (getaddrinfo's
+    answer), as loop.create_server makes them (same options and error text: keep in step)."""
     socks: list[socket.socket] = []
     seen = set()
     try:
@@ -545,6 +539,9 @@ async def start_tls_server(factory: Callable[[], TLSServerStream], host: Optiona
                            reuse_address: bool = True, reuse_port: bool = False,
                            backlog: int = 2048) -> TLSListener:
     """A TLS listener on ``host``:``port`` whose connections are ``factory()`` streams."""
-    socks = listening_sockets(host, port, reuse_address=reuse_address, reuse_port=reuse_port,
+    # resolved in the loop's executor, as loop.create_server does (a name may need DNS)
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)
+    socks = listening_sockets(infos, reuse_address=reuse_address, reuse_port=reuse_port,
                               backlog=backlog)
     return TLSListener(asyncio.get_running_loop(), socks, factory)
