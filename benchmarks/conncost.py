@@ -112,7 +112,7 @@ def main() -> None:
     ap.add_argument("--no-strace", action="store_true")
     ap.add_argument("--floor", action="store_true", help="also measure benchmarks/floor.py (as 'floor')")
     ap.add_argument("--floor-io", action="store_true",
-                    help="also measure benchmarks/floor_io.py membio and sockbio (as 'membio', 'sockbio')")
+                    help="also measure benchmarks/floor_io.py membio, sockbio and syslib (as 'membio', 'sockbio', 'syslib')")
     ap.add_argument("--wrk", metavar="PATH", help="bulk load instead: wrk -c4 on /1m or /upload; "
                     "figures per 1 MiB request")
     ap.add_argument("--baseline", metavar="DIR",
@@ -130,7 +130,7 @@ def main() -> None:
         global WRK_PATH
         WRK_PATH = a.wrk
         names = a.only.split(",") + (["floor"] if a.floor else []) + (["base"] if a.baseline else []) \
-            + (["membio", "sockbio"] if a.floor_io else [])
+            + (["membio", "sockbio", "syslib"] if a.floor_io else [])
         names = [n for n in names if n]
         servers = {}
         for name in names:

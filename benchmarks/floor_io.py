@@ -13,6 +13,10 @@ streamed chunk by chunk as the proxy does, and the client side's TLS I/O is one 
 - sockbio: OpenSSL reads and writes the socket itself (SSL_set_fd; pyOpenSSL's binding has
   no read-ahead switch, so each record is read in two system calls: header, then body),
   the socket watched with loop.add_reader/add_writer, accepted by our own accept loop.
+- syslib: sockbio on the system's libssl.so.3 (Debian 12: OpenSSL 3.0, the library nginx links)
+  through a minimal cffi binding in ABI mode, with read-ahead on: what the same design would
+  cost on the OpenSSL nginx uses instead of the OpenSSL 4.0 that cryptography's wheels bundle.
+  Certificate and key only (no SNI, OCSP or ALPN callbacks).
 """
 import asyncio
 import socket
@@ -24,15 +28,50 @@ from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib
 
 cert, key, port, up_port, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+if mode == "syslib":
+    import cffi
+    _ffi = cffi.FFI()
+    _ffi.cdef("""
+        typedef struct ssl_st SSL; typedef struct ssl_ctx_st SSL_CTX; typedef struct ssl_method_st SSL_METHOD;
+        const SSL_METHOD *TLS_server_method(void);
+        SSL_CTX *SSL_CTX_new(const SSL_METHOD *);
+        int SSL_CTX_use_certificate_chain_file(SSL_CTX *, const char *);
+        int SSL_CTX_use_PrivateKey_file(SSL_CTX *, const char *, int);
+        long SSL_CTX_ctrl(SSL_CTX *, int, long, void *);
+        SSL *SSL_new(SSL_CTX *);
+        void SSL_free(SSL *);
+        int SSL_set_fd(SSL *, int);
+        void SSL_set_accept_state(SSL *);
+        int SSL_do_handshake(SSL *);
+        int SSL_read(SSL *, void *, int);
+        int SSL_write(SSL *, const void *, int);
+        int SSL_get_error(const SSL *, int);
+        int SSL_shutdown(SSL *);
+        const char *OpenSSL_version(int);
+    """)
+    _lib = _ffi.dlopen("libssl.so.3")
+    _ffi.cdef("void ERR_clear_error(void);")
+    _crypto = _ffi.dlopen("libcrypto.so.3")
+    sysctx = _ffi.gc(_lib.SSL_CTX_new(_lib.TLS_server_method()), lambda c: None)
+    assert _lib.SSL_CTX_use_certificate_chain_file(sysctx, cert.encode()) == 1
+    assert _lib.SSL_CTX_use_PrivateKey_file(sysctx, key.encode(), 1) == 1
+    # SSL_CTRL_MODE (33): RELEASE_BUFFERS | ENABLE_PARTIAL_WRITE | ACCEPT_MOVING_WRITE_BUFFER
+    _lib.SSL_CTX_ctrl(sysctx, 33, 0x10 | 0x1 | 0x2, _ffi.NULL)
+    _lib.SSL_CTX_ctrl(sysctx, 41, 1, _ffi.NULL)   # SSL_CTRL_SET_READ_AHEAD
+    print("floor_io syslib:", _ffi.string(_lib.OpenSSL_version(0)).decode(), flush=True)
+    WANT_READ, WANT_WRITE, ZERO = 2, 3, 6
+    _lib_err = _crypto
+else:
+    _lib_err = _lib
 ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
 ctx.use_certificate_chain_file(cert)
 ctx.use_privatekey_file(key)
-ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
-             | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER)
+ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | 0x1 | 0x2)   # + ENABLE_PARTIAL_WRITE, ACCEPT_MOVING_WRITE_BUFFER
 ctx.set_alpn_select_callback(lambda c, p: b"http/1.1")
 alloc = _ffi.new_allocator(should_clear_after_alloc=False)
 NULL = _ffi.NULL
-WANT_READ, WANT_WRITE, ZERO = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_WANT_WRITE, _lib.SSL_ERROR_ZERO_RETURN
+if mode != "syslib":
+    WANT_READ, WANT_WRITE, ZERO = _lib.SSL_ERROR_WANT_READ, _lib.SSL_ERROR_WANT_WRITE, _lib.SSL_ERROR_ZERO_RETURN
 PIECE = 64 * 1024
 idle = []
 loop = None
@@ -183,9 +222,14 @@ class SockBIO(Base):
     def __init__(self, sock):
         self.sock = sock
         self.fd = sock.fileno()
-        self.c = SSL.Connection(ctx, sock)   # SSL_set_fd: OpenSSL reads and writes the socket
-        self.c.set_accept_state()
-        self.ssl = self.c._ssl
+        if mode == "syslib":
+            self.ssl = _ffi.gc(_lib.SSL_new(sysctx), _lib.SSL_free)
+            _lib.SSL_set_fd(self.ssl, self.fd)
+            _lib.SSL_set_accept_state(self.ssl)
+        else:
+            self.c = SSL.Connection(ctx, sock)   # SSL_set_fd: OpenSSL reads and writes the socket
+            self.c.set_accept_state()
+            self.ssl = self.c._ssl
         self.hs = False
         self.out = []            # plaintext not yet taken by SSL_write (socket full)
         self.writing = False
@@ -261,7 +305,7 @@ class SockBIO(Base):
                 self.p.feed_data(_ffi.buffer(buf, got)[:])
             if err == ZERO:
                 _lib.SSL_shutdown(ssl)
-            _lib.ERR_clear_error()
+            _lib_err.ERR_clear_error()
             self.close()
             return
         if got:

@@ -131,6 +131,13 @@ def callers(f: Path, symbol: str) -> str:
     return "\n".join(out)
 
 
+def inclusive(f: Path, symbol: str) -> str:
+    """Instructions spent in functions whose name contains ``symbol``, callees included."""
+    r = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(f)],
+                       capture_output=True, text=True, timeout=300)
+    return "\n".join(ln[:150] for ln in r.stdout.splitlines() if symbol in ln and "%)" in ln)
+
+
 def report(dump: Path, a) -> None:
     if a.by_object:
         print(by_object(dump))
@@ -138,6 +145,8 @@ def report(dump: Path, a) -> None:
         print(functions(dump, a.functions))
     for sym in a.callers or ():
         print(callers(dump, sym))
+    for sym in a.inclusive or ():
+        print(inclusive(dump, sym))
 
 
 def handshake_only(ctx: ssl.SSLContext, port: int, session: Optional[ssl.SSLSession] = None,
@@ -215,7 +224,7 @@ def main() -> None:
                     help="measure benchmarks/floor.py (a minimal callback-only TLS proxy) instead")
     ap.add_argument("--src", metavar="DIR",
                     help="run the proxy from this checkout (e.g. a git worktree: A/B without the working tree's edits)")
-    ap.add_argument("--floor-io", choices=("membio", "sockbio"),
+    ap.add_argument("--floor-io", choices=("membio", "sockbio", "syslib"),
                     help="measure benchmarks/floor_io.py with that TLS I/O design instead")
     ap.add_argument("--path", default="/small", help="/small (100 bytes), /1m (1 MiB) or /upload (1 MiB POST)")
     ap.add_argument("--resumed", type=int, default=0,
@@ -227,6 +236,8 @@ def main() -> None:
                     help="also list the K functions with the most instructions (exclusive)")
     ap.add_argument("--callers", action="append", metavar="SYMBOL",
                     help="also show who calls SYMBOL (e.g. memcpy), from the caller tree; repeatable")
+    ap.add_argument("--inclusive", action="append", metavar="SYMBOL",
+                    help="also show the instructions in functions named like SYMBOL, callees included; repeatable")
     a = ap.parse_args()
 
     def adjust(b: run.Bench, srv: run.Server) -> None:

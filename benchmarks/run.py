@@ -345,9 +345,9 @@ class Bench:
 
     def make_variant(self, name: str, src: Optional[str] = None) -> Server:
         """A server for the measuring tools (conncost.py, memory_sites.py): "floor" (floor.py),
-        "membio" / "sockbio" (floor_io.py), ours from the checkout ``src`` under ``name``
+        "membio" / "sockbio" / "syslib" (floor_io.py), ours from the checkout ``src`` under ``name``
         (e.g. "base", a git worktree), or one of ours / nginx / caddy as run.py makes them."""
-        if name in ("membio", "sockbio", "floor"):
+        if name in ("membio", "sockbio", "syslib", "floor"):
             srv = self.make_server("ours", tag="-" + name)
             srv.name = name
             if name == "floor":
