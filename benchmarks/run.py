@@ -639,7 +639,8 @@ class Bench:
             self.note_load("after keep-alive")
             log("== new TLS connections")
             for reuse, key in ((False, "hs_new"), (True, "hs_reuse")):
-                samples = self.measure(servers, {key: lambda r: r["rate"], key + "_cpu": lambda r: r["cpu_us"]},
+                samples = self.measure(servers, {key: lambda r: r["rate"], key + "_cpu": lambda r: r["cpu_us"],
+                                                 key + "_busy": lambda r: r["rate"] * r["cpu_us"] / 1e4},
                                        lambda srv, reuse=reuse: self.tls_load(srv, reuse, self.d_handshake),
                                        self.rounds)
                 for name, ss in samples.items():
@@ -901,6 +902,13 @@ class Bench:
                            "during the keep-alive run")
         for key, (reused, conns) in self.extra.get("resumed", {}).items():
             details.append(f"- {key}: {reused:,} of {conns:,} client connections were resumed")
+        for key in ("hs_new_busy", "hs_reuse_busy"):
+            busy = {name: v[len(v) // 2] for name, v in self.samples.get(key, {}).items() if v}
+            if busy:
+                details.append(f"- {key[:-5]}: each server's core busy " + ", ".join(
+                    f"{name} {b:.0f} %" for name, b in busy.items())
+                    + " (below ~95 % the rate is set by the load generator, which needs about as much CPU "
+                    "per handshake on the other core: then compare CPU per handshake, not conn/s)")
         for name, m in self.extra.get("idle", {}).items():
             details.append(f"- {name}: RSS {m['before_kib']:,} KiB -> {m['after_kib']:,} KiB with "
                            f"{m['opened']:,} idle TLS connections (opened in {m['seconds']:.1f} s)")
