@@ -490,7 +490,8 @@ def test_received_header_cache_changes_nothing():
     and state depend on are never taken from it; the cache is bounded in entries and in
     line length."""
     fastcodec._NORMALISED.clear()
-    fastcodec._BLOCKS_IN.clear()   # (a block seen before would not reach the line cache)
+    fastcodec._BLOCKS_REQUESTS.clear()
+    fastcodec._BLOCKS_RESPONSES.clear()   # (a block seen before would not reach the line cache)
     for _ in range(2):   # cold, then warm
         for name in VALID_REQUESTS:
             test_requests_parse_like_h11(name, 0)
@@ -513,7 +514,8 @@ def test_received_header_cache_changes_nothing():
     # the same raw pair warm: same normalised pair; Transfer-Encoding's value lower-cased as h11 does
     ev = parse(b"POST / HTTP/1.1\r\nHost: a\r\nX-Trailing: v \t\r\nTransfer-Encoding: Chunked\r\n\r\n")
     assert ev.headers == [(b"host", b"a"), (b"x-trailing", b"v"), (b"transfer-encoding", b"chunked")]
-    fastcodec._BLOCKS_IN.clear()
+    fastcodec._BLOCKS_REQUESTS.clear()
+    fastcodec._BLOCKS_RESPONSES.clear()
     for i in range(fastcodec._NORMALISED_MAX + 10):
         parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n\r\n" % i)
     assert len(fastcodec._NORMALISED) <= fastcodec._NORMALISED_MAX
@@ -531,7 +533,8 @@ def test_header_block_caches_change_nothing():
     what it gives cold and what h11 gives; what depends on the start line is still checked on
     a warm block; a refused block is never kept; the caches are bounded; an event's headers
     are its own list."""
-    fastcodec._BLOCKS_IN.clear()
+    fastcodec._BLOCKS_REQUESTS.clear()
+    fastcodec._BLOCKS_RESPONSES.clear()
     fastcodec._BLOCKS_OUT.clear()
     for _ in range(2):   # cold, then warm
         for name in VALID_REQUESTS:
@@ -541,7 +544,7 @@ def test_header_block_caches_change_nothing():
         for case in SEND_CASES:
             test_response_bytes_and_states_equal_h11(case, False)
         test_request_bytes_and_framing_equal_h11()
-    assert fastcodec._BLOCKS_IN and fastcodec._BLOCKS_OUT   # both caches ran
+    assert fastcodec._BLOCKS_REQUESTS and fastcodec._BLOCKS_RESPONSES and fastcodec._BLOCKS_OUT   # both caches ran
 
     def parse(head, role=h11.SERVER):
         conn = FAST.Connection(role)
@@ -554,7 +557,7 @@ def test_header_block_caches_change_nothing():
     block = b"Host: a\r\nX: 1\r\n\r\n"
     assert parse(b"GET / HTTP/1.1\r\n" + block).headers == [(b"host", b"a"), (b"x", b"1")]
     assert parse(b"HTTP/1.1 200 OK\r\n" + block, h11.CLIENT).status_code == 200
-    assert block in fastcodec._BLOCKS_IN
+    assert block in fastcodec._BLOCKS_REQUESTS and block in fastcodec._BLOCKS_RESPONSES
     # a bare LF in the start line, before a block seen before: refused as cold (llhttp would
     # refuse it too, with another message)
     for head, role in ((b"GET / HTTP/1.1\nX-A: b\r\n" + block, h11.SERVER),
@@ -570,7 +573,7 @@ def test_header_block_caches_change_nothing():
     for _ in range(2):
         with pytest.raises(h11.RemoteProtocolError):
             parse(b"POST / HTTP/1.1\r\n" + bad)
-    assert bad not in fastcodec._BLOCKS_IN
+    assert bad not in fastcodec._BLOCKS_REQUESTS
     # each event has its own list of headers
     ev = parse(b"GET / HTTP/1.1\r\n" + block)
     ev.headers.append((b"y", b"2"))
@@ -578,10 +581,10 @@ def test_header_block_caches_change_nothing():
     # bounded in entries and in block length
     for i in range(fastcodec._BLOCKS_MAX + 10):
         parse(b"GET / HTTP/1.1\r\nHost: a\r\nX-N: %d\r\n\r\n" % i)
-    assert len(fastcodec._BLOCKS_IN) <= fastcodec._BLOCKS_MAX
+    assert len(fastcodec._BLOCKS_REQUESTS) <= fastcodec._BLOCKS_MAX
     long_block = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 100) for i in range(30)) + b"Host: a\r\n\r\n"
     assert len(parse(b"GET / HTTP/1.1\r\n" + long_block).headers) == 31
-    assert long_block not in fastcodec._BLOCKS_IN
+    assert long_block not in fastcodec._BLOCKS_REQUESTS
 
     # sending: refused heads are refused again, warm
     def respond(headers):
@@ -598,6 +601,171 @@ def test_header_block_caches_change_nothing():
     for i in range(fastcodec._BLOCKS_MAX + 10):
         respond([(b"x-n", b"%d" % i), (b"content-length", b"0")])
     assert len(fastcodec._BLOCKS_OUT) <= fastcodec._BLOCKS_MAX
+
+
+# --- start lines split without llhttp (a block seen before) against llhttp itself ----------------
+
+_NEVER = __import__("re").compile(rb"(?!)")
+
+
+def _outcome(role, data, method=b"GET", chunks=None):
+    """Everything observable from parsing ``data`` (events, states, errors with message and
+    hint, the flags and the trailing bytes), for the fast codec as it is configured now."""
+    conn = FAST.Connection(role, max_incomplete_event_size=MAX)
+    if role is h11.CLIENT:
+        conn.send(FAST.Request(method=method, target=b"/", headers=[(b"host", b"up")]))
+        conn.send(h11.EndOfMessage())
+    out = []
+    for piece in (chunks if chunks is not None else [x for x in (data, b"") if x] + [b""]):
+        conn.receive_data(piece)
+        for _ in range(8):
+            try:
+                ev = conn.next_event()
+            except h11.ProtocolError as e:
+                out.append(("error", type(e).__name__, str(e), e.error_status_hint))
+                break
+            out.append(norm(ev))
+            out.append((conn.our_state, conn.their_state, conn.their_http_version,
+                        conn.client_is_waiting_for_100_continue))
+            if (conn.our_state, conn.their_state) == (h11.IDLE, h11.IDLE):
+                # what the usual path takes for granted of two IDLE states (see _read_head)
+                assert conn._keep_alive and not conn._switch_upgrade and not conn._switch_connect
+            if ev in STOP or type(ev) is h11.ConnectionClosed:
+                break
+        else:
+            out.append("more")
+        if out and out[-1][0] == "error":
+            break
+    return out, conn.trailing_data
+
+
+def _llhttp_outcome(monkeypatch, role, data, **kw):
+    with monkeypatch.context() as m:
+        m.setattr(fastcodec, "_REQUEST_LINE", _NEVER)
+        m.setattr(fastcodec, "_STATUS_LINE", _NEVER)
+        return _outcome(role, data, **kw)
+
+
+_REQUEST_BLOCKS = [
+    b"Host: a\r\n\r\n",
+    b"Host: a\r\nUser-Agent: t\r\nAccept: */*\r\n\r\n",
+    b"Host: a\r\nContent-Length: 3\r\n\r\nabc",
+    b"Host: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    b"Host: a\r\nConnection: close\r\n\r\n",
+    b"Host: a\r\nConnection: keep-alive\r\n\r\n",
+    b"Host: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nFRAMES",
+    b"Host: a\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+    b"User-Agent: no host\r\n\r\n",
+    b"Host: a\r\nHost: b\r\n\r\n",
+    b"\r\n",
+    b"Host: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+]
+
+_METHODS = [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
+            b"PRI", b"SOURCE", b"PROPFIND", b"M-SEARCH", b"QUERY", b"DESCRIBE", b"SETUP", b"FLUSH",
+            b"get", b"Get", b"GETS", b"GE", b"POSTX", b"X-GET", b"BREW", b"G\xc9T", b""]
+_TARGETS = [b"/", b"/a/b?c=d&e#frag", b"/?", b"/#", b"/a?b?c#d#e", b"//x", b"/%20/%zz", b"*",
+            b"http://h/p", b"h:80", b"a", b"", b"/" + b"x" * 3000, b"/\"<>\\^`{|}~[]@!$&'()*+,;=:"]
+_TARGETS += [b"/a" + bytes([c]) + b"b" for c in range(256)]
+_VERSIONS = [b"HTTP/1.1", b"HTTP/1.0", b"HTTP/0.9", b"HTTP/2.0", b"HTTP/1.2", b"HTTP/3.0", b"HTTP/11.1",
+             b"HTTP/1.10", b"HTTP/1", b"HTTP/", b"http/1.1", b"HTTP/1.1 ", b"HTTP/1.1\t", b"RTSP/1.0",
+             b"ICE/1.0", b"HTTP/1.x", b"HTTP/\xb9.1"]
+
+
+def _request_lines():
+    for m in _METHODS:
+        yield m + b" / HTTP/1.1"
+    for t in _TARGETS:
+        yield b"GET " + t + b" HTTP/1.1"
+        yield b"OPTIONS " + t + b" HTTP/1.0"
+    for v in _VERSIONS:
+        yield b"GET / " + v
+        yield b"POST /p " + v
+    for line in (b"GET  / HTTP/1.1", b"GET /  HTTP/1.1", b"GET\t/ HTTP/1.1", b"GET /\tHTTP/1.1",
+                 b" GET / HTTP/1.1", b"GET / HTTP/1.1 ", b"GET /", b"GET / HTTP/1.1\r", b"GET /\rx HTTP/1.1",
+                 b"GET / HTTP/1.1\x00", b"GET\x00/ HTTP/1.1", b"GET /\x7f HTTP/1.1", b"", b"GET",
+                 b"GET / HTTP/1.1\nX: y", b"PRI * HTTP/2.0", b"CONNECT h:443 HTTP/1.1", b"CONNECT / HTTP/1.1"):
+        yield line
+
+
+@pytest.mark.parametrize("block", _REQUEST_BLOCKS, ids=range(len(_REQUEST_BLOCKS)))
+def test_request_lines_split_without_llhttp_as_with_it(monkeypatch, block):
+    """Every request line, before a header block seen before: what the codec gives with its
+    own start-line check (_REQUEST_LINE) is exactly what it gives when llhttp parses the whole
+    head, events, states, errors (type, message, hint) and bytes left over alike."""
+    warm = b"GET / HTTP/1.1\r\n" + block
+    _outcome(h11.SERVER, warm)   # the block is now seen (when llhttp and h11's rules take it)
+    fast_ran = 0
+    for line in _request_lines():
+        data = line + b"\r\n" + block
+        got = _outcome(h11.SERVER, data)
+        want = _llhttp_outcome(monkeypatch, h11.SERVER, data)
+        assert got == want, data
+        # and the same bytes arriving in pieces (the head found in the buffer, not in one read)
+        pieces = [x for x in (data[:len(line) // 2], data[len(line) // 2:]) if x] + [b""]
+        assert _outcome(h11.SERVER, data, chunks=pieces) == \
+            _llhttp_outcome(monkeypatch, h11.SERVER, data, chunks=pieces), data
+        fast_ran += fastcodec._REQUEST_LINE.match(data) is not None
+    assert fast_ran > 100
+
+
+_RESPONSE_BLOCKS = [
+    b"Content-Length: 5\r\nServer: x\r\n\r\nhello",
+    b"Transfer-Encoding: chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+    b"\r\nuntil the end",
+    b"Content-Length: 1\r\nConnection: close\r\n\r\nx",
+    b"Connection: upgrade\r\nUpgrade: websocket\r\n\r\nFRAMES",
+    b"Content-Length: 0\r\n\r\nHTTP/1.1 200 OK\r\n\r\n",
+    b"Transfer-Encoding: chunked\t\r\n\r\nclose-delimited in llhttp",
+]
+
+_STATUSES = [b"200", b"204", b"304", b"100", b"101", b"199", b"099", b"000", b"001", b"600", b"999",
+             b"1000", b"20", b"2000", b"2x0", b" 200", b"+20", b"\xb2\xb0\xb0", b""]
+_REASONS = [b" OK", b"", b" ", b"  OK", b" Not Found", b"\tOK", b" OK\t", b" Tr\xe8s bien",
+            b" a/b (c) [d] {e} \"f\" ~!@#$%^&*", b"OK", b" OK\r", b" O\rK"]
+_REASONS += [b" a" + bytes([c]) + b"b" for c in range(256)]
+
+
+def _status_lines():
+    for v in _VERSIONS:
+        yield v + b" 200 OK"
+    for s in _STATUSES:
+        yield b"HTTP/1.1 " + s + b" OK"
+        yield b"HTTP/1.0 " + s
+    for r in _REASONS:
+        yield b"HTTP/1.1 200" + r
+    for line in (b"HTTP/1.1  200 OK", b"HTTP/1.1\t200 OK", b" HTTP/1.1 200 OK", b"HTTP/1.1 200OK",
+                 b"HTTP/1.1 200 OK\nX: y", b"", b"SSH-2.0-OpenSSH_9.2", b"RTSP/1.0 200 OK", b"ICE/1.0 200 OK"):
+        yield line
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"])
+@pytest.mark.parametrize("block", _RESPONSE_BLOCKS, ids=range(len(_RESPONSE_BLOCKS)))
+def test_status_lines_split_without_llhttp_as_with_it(monkeypatch, block, method):
+    """The same for every status line (the reason phrase byte by byte), to GET and to HEAD."""
+    warm = b"HTTP/1.1 200 OK\r\n" + block
+    _outcome(h11.CLIENT, warm)
+    fast_ran = 0
+    for line in _status_lines():
+        data = line + b"\r\n" + block
+        assert _outcome(h11.CLIENT, data, method=method) == \
+            _llhttp_outcome(monkeypatch, h11.CLIENT, data, method=method), data
+        fast_ran += fastcodec._STATUS_LINE.match(data) is not None
+    assert fast_ran > 100
+
+
+def test_received_blocks_are_kept_per_role():
+    """A block llhttp takes in a response but refuses in a request (a Transfer-Encoding it
+    does not read as chunked, that h11's rules do): seen in a response, it is still refused
+    in a request, as when never seen."""
+    block = b"Transfer-Encoding: chunked\t\r\n\r\n"
+    trace, _ = _outcome(h11.CLIENT, b"HTTP/1.1 200 OK\r\n" + block)
+    assert trace[0][0] == "Response"
+    assert block in fastcodec._BLOCKS_RESPONSES
+    trace, _ = _outcome(h11.SERVER, b"POST / HTTP/1.1\r\nHost: a\r\n" + block)
+    assert trace[0][:2] == ("error", "RemoteProtocolError") and "Transfer-Encoding" in trace[0][2]
+    trace, _ = _outcome(h11.SERVER, b"POST / HTTP/1.1\r\n" + block)
+    assert trace[0][:2] == ("error", "RemoteProtocolError") and "Transfer-Encoding" in trace[0][2]
 
 
 @pytest.mark.parametrize("bad", [

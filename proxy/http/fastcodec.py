@@ -202,14 +202,43 @@ _CACHEABLE = 256   # longest header line (name and value) either cache keeps
 # the same block with every response to the same resource (until its Date ticks). A block's
 # parse is a pure function of its bytes, so a block seen before and accepted gives its parse
 # again: received block (the lines after the start line, with the blank line) ->
-# (normalised pairs, what _scan would say, number of Host headers); headers to send (a tuple
-# of the pairs) -> (block bytes, what _scan would say, number of Host headers). Bounded in
-# entries and in block length; emptied when full. A block not seen before costs one dict
-# look-up more than the line caches alone.
+# (normalised pairs, what _scan would say, number of Host headers, _plain_framing's answer);
+# headers to send (a tuple of the pairs) -> (block bytes, what _scan would say, number of Host
+# headers). Received blocks are kept per role, because llhttp's rules for a block differ for
+# requests and responses (e.g. "Transfer-Encoding: chunked<TAB>": an error in a request, a
+# close-delimited body in a response) and a block seen before under the usual start line is
+# not given to llhttp again (_read_head). Bounded in entries and in block length; emptied when
+# full. A block not seen before costs one dict look-up more than the line caches alone.
 _BLOCKS_MAX = 1024
-_BLOCKS_IN = BoundedCache(_BLOCKS_MAX)
+_BLOCKS_REQUESTS = BoundedCache(_BLOCKS_MAX)
+_BLOCKS_RESPONSES = BoundedCache(_BLOCKS_MAX)
 _BLOCKS_OUT = BoundedCache(_BLOCKS_MAX)
 _BLOCK_BYTES = 2048   # longest block either keeps
+
+# The start lines _read_head checks and splits itself, for a block seen before: the shapes
+# nearly every request and response has, each a line llhttp accepts (and splits the same
+# way) before any block it accepted before under the same role. Its rules for a block do not
+# depend on these start lines: of the method only CONNECT matters, of the status only 1xx (101
+# pauses the parser: an error without Upgrade headers), of the version nothing. Any other
+# line (another method, absolute-form or "*", a tab or a byte >= 0x80 in the target, a version
+# other than 1.0 and 1.1, a status outside 200-999, a control byte in the reason) goes to
+# llhttp. tests/test_fastcodec.py checks this against llhttp, byte by byte.
+_REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[\x21-\x7e]*) HTTP/(1\.[01])\r\n")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([2-9][0-9][0-9])(?: |(?=\r))([\t\x20-\x7e\x80-\xff]*)\r\n")
+
+
+def _plain_framing(role, info, hosts):
+    """For a received block: the body framing when a head with it takes the usual path
+    (requests: one Host, no Connection: close, Upgrade or Expect: 100-continue; responses:
+    no Connection: close), else None."""
+    close, upgrade, expect, te, cl = info
+    if role is CLIENT:
+        if close or upgrade or expect or hosts != 1:
+            return None
+        return (_CHUNKED, 0) if te else (_CL, 0 if cl is None else int(cl))
+    if close:
+        return None
+    return (_CHUNKED, 0) if te else (_CL, int(cl)) if cl is not None else (_HTTP10, 0)
 
 
 class _HeadSink:
@@ -548,64 +577,148 @@ class Connection:
         empty one (then what follows the head becomes ``_pending``)."""
         if not buf:
             return None
-        if buf[0] == 10 or buf[:2] == b"\r\n":
-            raise LocalProtocolError("no request line received" if self.their_role is CLIENT
-                                     else "no response line received")
-        end = buf.find(b"\r\n\r\n", self._search_from)
-        if end < 0:
-            self._search_from = max(0, len(buf) - 3)
-            if buf[0] < 0x21:
-                raise LocalProtocolError("illegal request line")
-            if buf.count(b"\n") != buf.count(b"\r\n"):
-                raise LocalProtocolError("bare LF in message head")
-            if len(buf) > self._max:
+        end = buf.find(b"\r\n\r\n", self._search_from) + 4
+        line = None
+        if 4 < end <= self._max:
+            # A start line of the usual shape (see _REQUEST_LINE) before a header block seen
+            # before under the same role: the head is llhttp's to accept as it was, not parsed
+            # again.
+            if self.their_role is CLIENT:
+                line = _REQUEST_LINE.match(buf)
+                if line is not None:
+                    seen = _BLOCKS_REQUESTS.get(bytes(buf[line.end():end]))
+                    if seen is None:
+                        line = None
+                    else:
+                        method, target, version = line.groups()
+                        plain = seen[3]
+                        # Both IDLE: kept alive, no protocol switch pending (_settle keeps
+                        # neither DONE otherwise, and only DONE, DONE starts a new cycle).
+                        if plain is not None and version == b"1.1" and self._cstate is IDLE \
+                                and self._sstate is IDLE:
+                            # the usual request: what the code below and _process_head do for it
+                            self._search_from = 0
+                            if type(buf) is bytes:
+                                if end < len(buf):
+                                    self._pending = buf[end:]
+                            else:
+                                del buf[:end]
+                            ev = _new(_Request)
+                            _set(ev, "method", method)
+                            _set(ev, "target", target)
+                            _set(ev, "headers", list(seen[0]))
+                            _set(ev, "http_version", version)
+                            self._cstate = SEND_BODY
+                            self._sstate = SEND_RESPONSE
+                            self._request_method = method
+                            self.their_http_version = version
+                            self._rkind, self._rleft = plain
+                            self._rchunk_phase = 0
+                            return ev
+            else:
+                line = _STATUS_LINE.match(buf)
+                if line is not None:
+                    seen = _BLOCKS_RESPONSES.get(bytes(buf[line.end():end]))
+                    if seen is None:
+                        line = None
+                    else:
+                        version, status, reason = line.groups()
+                        status = int(status)
+                        plain = seen[3]
+                        if plain is not None and version == b"1.1" \
+                                and self._sstate is SEND_RESPONSE \
+                                and (self._cstate is DONE or self._cstate is SEND_BODY) \
+                                and self._keep_alive and not self._switch_upgrade and not self._switch_connect:
+                            # the usual response: what the code below and _process_head do for it
+                            self._search_from = 0
+                            if type(buf) is bytes:
+                                if end < len(buf):
+                                    self._pending = buf[end:]
+                            else:
+                                del buf[:end]
+                            ev = _new(_Response)
+                            _set(ev, "status_code", status)
+                            _set(ev, "headers", list(seen[0]))
+                            _set(ev, "reason", reason)
+                            _set(ev, "http_version", version)
+                            self._sstate = SEND_BODY
+                            self.their_http_version = version
+                            self.client_is_waiting_for_100_continue = False
+                            # (no CONNECT: it left _switch_connect set)
+                            if status == 204 or status == 304 or self._request_method == b"HEAD":
+                                self._rkind, self._rleft = _CL, 0
+                            else:
+                                self._rkind, self._rleft = plain
+                            self._rchunk_phase = 0
+                            return ev
+        if line is not None:
+            self._search_from = 0
+            headers = list(seen[0])
+            info, hosts = seen[1], seen[2]
+        else:
+            if buf[0] == 10 or buf[:2] == b"\r\n":
+                raise LocalProtocolError("no request line received" if self.their_role is CLIENT
+                                         else "no response line received")
+            if end < 4:
+                self._search_from = max(0, len(buf) - 3)
+                if buf[0] < 0x21:
+                    raise LocalProtocolError("illegal request line")
+                if buf.count(b"\n") != buf.count(b"\r\n"):
+                    raise LocalProtocolError("bare LF in message head")
+                if len(buf) > self._max:
+                    raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
+                return None
+            self._search_from = 0
+            if end > self._max:
                 raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
-            return None
-        self._search_from = 0
-        end += 4
-        if end > self._max:
-            raise RemoteProtocolError(f"message head exceeds {self._max} bytes", error_status_hint=431)
-        head = bytes(buf[:end])
-        first = head.find(b"\r\n")
-        block = head[first + 2:]
-        seen = _BLOCKS_IN.get(block)
-        if seen is None:
-            lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
-            if head.count(b"\n") != len(lines) - 1:   # an LF that ends no CRLF
+            head = bytes(buf[:end])
+            first = head.find(b"\r\n")
+            block = head[first + 2:]
+            blocks = _BLOCKS_REQUESTS if self.their_role is CLIENT else _BLOCKS_RESPONSES
+            seen = blocks.get(block)
+            if seen is None:
+                lines = head.split(b"\r\n")   # the start line, the header lines, b"", b""
+                if head.count(b"\n") != len(lines) - 1:   # an LF that ends no CRLF
+                    raise LocalProtocolError("bare LF in message head")
+            elif head.find(b"\n") != first + 1:   # the block has none: one in the start line
                 raise LocalProtocolError("bare LF in message head")
-        elif head.find(b"\n") != first + 1:   # the block has none: one in the start line
-            raise LocalProtocolError("bare LF in message head")
-        sink = _HeadSink()
-        if self.their_role is CLIENT:
-            parser = httptools.HttpRequestParser(sink)
-        else:
-            parser = httptools.HttpResponseParser(sink)
-        try:
-            parser.feed_data(head)
-        except HttpParserUpgrade:
-            pass
-        except HttpParserError as e:
-            hint = 501 if "Transfer-Encoding` header" in str(e) or "invalid `Transfer-Encoding`" in str(e) else 400
-            raise LocalProtocolError(f"illegal message head: {e}", error_status_hint=hint) from None
-        version = parser.get_http_version().encode()
-        if seen is not None:
-            pairs, info, hosts = seen
-            headers = list(pairs)
-        else:
-            headers, info, hosts = self._read_block(lines, sink)
-            if len(block) <= _BLOCK_BYTES:
-                _BLOCKS_IN.keep(block, (tuple(headers), info, hosts))
+            sink = _HeadSink()
+            if self.their_role is CLIENT:
+                parser = httptools.HttpRequestParser(sink)
+            else:
+                parser = httptools.HttpResponseParser(sink)
+            try:
+                parser.feed_data(head)
+            except HttpParserUpgrade:
+                pass
+            except HttpParserError as e:
+                hint = 501 if "Transfer-Encoding` header" in str(e) or "invalid `Transfer-Encoding`" in str(e) else 400
+                raise LocalProtocolError(f"illegal message head: {e}", error_status_hint=hint) from None
+            version = parser.get_http_version().encode()
+            if seen is not None:
+                headers = list(seen[0])
+                info, hosts = seen[1], seen[2]
+            else:
+                headers, info, hosts = self._read_block(lines, sink)
+                if len(block) <= _BLOCK_BYTES:
+                    blocks.keep(block, (tuple(headers), info, hosts, _plain_framing(self.their_role, info, hosts)))
+            if self.their_role is CLIENT:
+                method = parser.get_method()
+                target = sink.url
+            else:
+                status = parser.get_status_code()
+                reason = sink.status
         if type(buf) is bytes:
             if end < len(buf):
                 self._pending = buf[end:]
         else:
             del buf[:end]
         if self.their_role is CLIENT:
-            method = parser.get_method()
-            target = sink.url
             # llhttp tolerates extra spaces in the request line; h11 does not.
-            # The line is exactly "METHOD SP target SP HTTP/x.y" when its length leaves no room.
-            if first != len(method) + len(target) + len(version) + 7 or not head.startswith(method):
+            # The line is exactly "METHOD SP target SP HTTP/x.y" when its length leaves no room
+            # (as _REQUEST_LINE's are).
+            if line is None and (first != len(method) + len(target) + len(version) + 7
+                                 or not head.startswith(method)):
                 raise LocalProtocolError("illegal request line")
             if version == b"1.1" and hosts == 0:
                 raise LocalProtocolError("Missing mandatory Host: header")
@@ -619,12 +732,11 @@ class Connection:
             etype, status = _Request, 0
         else:
             method = None
-            status = parser.get_status_code()
             etype = _Info if status < 200 else _Response
             ev = _new(etype)
             _set(ev, "status_code", status)
             _set(ev, "headers", headers)
-            _set(ev, "reason", sink.status)
+            _set(ev, "reason", reason)
             _set(ev, "http_version", version)
         framing = self._process_head(self.their_role, etype, method, status, version, info)
         if framing is not None:
