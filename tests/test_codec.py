@@ -198,3 +198,20 @@ def test_request_facts_one_pass_agrees_with_the_single_lookups():
                 [(b"content-length", b"5"), (b"content-length", b"6")]):
         with pytest.raises(codec.BadRequest):
             codec.request_facts(bad)
+
+
+def test_request_facts_answers_the_same_headers_with_the_same_object():
+    headers = [(b"host", b"example.com:443"), (b"connection", b"keep-alive, x-a"), (b"x-a", b"1")]
+    first = codec.request_facts(headers)
+    again = codec.request_facts(list(headers))
+    assert again is first and first.shared
+    assert first.host_name == "example.com" and first.tokens == {b"keep-alive", b"x-a"}
+    other = codec.request_facts(headers + [(b"x-forwarded-for", b"203.0.113.9")])
+    assert other is not first and other.forwarded_for == [b"203.0.113.9"]
+    big = [(b"host", b"example.com"), (b"cookie", b"c" * 4096)]
+    assert not codec.request_facts(big).shared                        # too large to keep
+    assert codec.request_facts(big) is not codec.request_facts(big)
+    with pytest.raises(codec.BadRequest):                              # errors are never kept
+        codec.request_facts([(b"content-length", b"1"), (b"content-length", b"2")])
+    with pytest.raises(codec.BadRequest):
+        codec.request_facts([(b"content-length", b"1"), (b"content-length", b"2")])

@@ -377,6 +377,30 @@ def test_load_balancing_over_to_list(start_proxy):
             u.stop()
 
 
+def test_identical_requests_are_forwarded_for_each_client_and_upstream(start_proxy):
+    """A client repeats the same headers with every request, and the proxy reuses what it
+    derived from them the last time: what reaches each upstream must still carry that
+    upstream's Host and that client's address."""
+    ups = [UpstreamServer() for _ in range(2)]
+    try:
+        p = start_proxy({"routes": [route([u.url for u in ups])]})
+        authorities = {f"127.0.0.1:{u.port}" for u in ups}
+        for source in ("127.0.0.1", "127.0.0.2"):
+            conn = http.client.HTTPSConnection(HOST, p.port, timeout=10, context=tls_client_context())
+            conn._create_connection = lambda addr, timeout=None, source_address=None, source=source: \
+                socket.create_connection(("127.0.0.1", p.port), timeout, source_address=(source, 0))
+            hosts = []
+            for _ in range(4):
+                seen = get_json(conn, "GET", "/echo", headers={"X-Forwarded-For": "203.0.113.9"})["headers"]
+                assert seen["x-forwarded-for"] == f"203.0.113.9, {source}"
+                hosts.append(seen["host"])
+            conn.close()
+            assert set(hosts) == authorities and hosts[0] != hosts[1], hosts   # round-robin, each its own Host
+    finally:
+        for u in ups:
+            u.stop()
+
+
 def test_upstream_keepalive_reuse(proxy, upstream):
     for _ in range(8):   # eight separate client connections
         r = proxy.curl(HOST, "/echo")

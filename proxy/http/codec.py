@@ -45,15 +45,20 @@ def check_head_bytes(buf: bytes, max_size: Optional[int] = None) -> None:
 
 
 class RequestFacts:
-    """What the proxy reads from a request's headers to route and forward it."""
-    __slots__ = ("host", "tokens", "upgrade", "forwarded_for", "chunked")
+    """What the proxy reads from a request's headers to route and forward it. Read-only for
+    its users: ``request_facts`` hands the same object again for the same headers."""
+    __slots__ = ("host", "host_name", "tokens", "upgrade", "forwarded_for", "chunked", "shared")
 
     def __init__(self, host, tokens, upgrade, forwarded_for, chunked):
         self.host: Optional[bytes] = host                 # the first Host value
+        self.host_name: str = split_host(host) if host else ""   # it as routing sees it
         self.tokens: set[bytes] = tokens                  # Connection tokens, lower case
         self.upgrade: Optional[bytes] = upgrade           # the Upgrade value, if Connection names it
         self.forwarded_for: list[bytes] = forwarded_for   # X-Forwarded-For values, in order
         self.chunked: bool = chunked                      # the body is chunked
+        # kept by request_facts: this object stands for these headers (while it is kept), so
+        # it can key what callers derive from them
+        self.shared = False
 
 
 _FACT_NAMES = frozenset((b"host", b"connection", b"upgrade", b"x-forwarded-for",
@@ -63,7 +68,23 @@ _FACT_NAMES = frozenset((b"host", b"connection", b"upgrade", b"x-forwarded-for",
 def request_facts(headers: Iterable[tuple[bytes, bytes]]) -> RequestFacts:
     """One pass over a request's (lower-case name, value) pairs. Raises BadRequest when the
     body length could be read two ways: Content-Length with Transfer-Encoding, or Content-Length
-    values that disagree."""
+    values that disagree. A client sends the same headers with every request: the answer for
+    headers seen before is the object made for them then (``shared``)."""
+    try:
+        key = tuple(headers)
+        seen = _FACTS.get(key)
+    except TypeError:   # unhashable pairs
+        return _request_facts(headers)
+    if seen is not None:
+        return seen
+    facts = _request_facts(key)
+    if sum(map(len, chain.from_iterable(key))) <= _FORWARDED_BYTES:
+        facts.shared = True
+        _FACTS.keep(key, facts)
+    return facts
+
+
+def _request_facts(headers) -> RequestFacts:
     host = upgrade = None
     connection = []
     xff = []
@@ -133,6 +154,8 @@ class BoundedCache(dict):
 _FORWARDED_MAX = 1024
 _FORWARDED_BYTES = 2048
 _FORWARDED = BoundedCache(_FORWARDED_MAX)
+# request_facts' answers, bounded the same way
+_FACTS = BoundedCache(_FORWARDED_MAX)
 
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,

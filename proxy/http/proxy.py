@@ -45,6 +45,9 @@ END = getattr(HTTP, "END", None) or h11.EndOfMessage()
 
 # Request headers the proxy replaces rather than forwards (besides the hop-by-hop ones).
 _NOT_FORWARDED = frozenset((b"host", b"expect", b"x-forwarded-proto", b"x-forwarded-host", b"x-forwarded-for"))
+# The headers sent upstream for (client headers as request_facts keeps them, upstream authority,
+# client address, scheme): a kept-alive client sends the same headers with every request.
+_UPSTREAM_HEADERS = codec.BoundedCache(1024)
 
 
 class ClientTimeout(Exception):
@@ -261,7 +264,7 @@ class ClientConnection:
             state.access_log.write(entry, started)
             return False
         host_header = facts.host or b""
-        host = codec.split_host(host_header)
+        host = facts.host_name
         entry.host = host
         path = ev.target.split(b"?", 1)[0].decode("latin-1")
         route = state.routes.match(host, path) if host else None
@@ -372,7 +375,14 @@ class ClientConnection:
     # --- proxying ---
     def _upstream_request(self, req: h11.Request, facts: codec.RequestFacts, route: Route,
                           host_header: bytes, up) -> h11.Request:
-        headers = [(b"host", host_header if route.preserve_host_header else up.authority_bytes)]
+        authority = host_header if route.preserve_host_header else up.authority_bytes
+        key = None
+        if facts.shared:   # the same client headers as before: the same headers to send
+            key = (facts, authority, self.stream.peer, self.scheme)
+            seen = _UPSTREAM_HEADERS.get(key)
+            if seen is not None:
+                return HTTP.Request(method=req.method, target=req.target, headers=list(seen))
+        headers = [(b"host", authority)]
         headers += codec.end_to_end(req.headers, keep_upgrade=facts.upgrade is not None,
                                     drop=_NOT_FORWARDED, tokens=facts.tokens)
         xffs = facts.forwarded_for
@@ -384,6 +394,8 @@ class ClientConnection:
         headers.append((b"x-forwarded-host", host_header))
         if facts.chunked:
             headers.append((b"transfer-encoding", b"chunked"))
+        if key is not None:
+            _UPSTREAM_HEADERS.keep(key, tuple(headers))
         return HTTP.Request(method=req.method, target=req.target, headers=headers)
 
     async def _proxy(self, req: h11.Request, facts: codec.RequestFacts, route: Route, host_header: bytes,
