@@ -57,7 +57,20 @@ _Data = h11.Data
 _EOM = h11.EndOfMessage
 _Closed = h11.ConnectionClosed
 _new = object.__new__
-_set = object.__setattr__
+# The events' slots, set through their descriptors: object.__setattr__ on these frozen
+# dataclasses costs about three times as much (h11's own __init__ goes through it too).
+_set_method = _Request.method.__set__
+_set_target = _Request.target.__set__
+_set_request_headers = _Request.headers.__set__
+_set_request_version = _Request.http_version.__set__
+_set_status = _Response.status_code.__set__       # (_ResponseBase's: InformationalResponse's too)
+_set_response_headers = _Response.headers.__set__
+_set_reason = _Response.reason.__set__
+_set_response_version = _Response.http_version.__set__
+_set_data = _Data.data.__set__
+_set_chunk_start = _Data.chunk_start.__set__
+_set_chunk_end = _Data.chunk_end.__set__
+_set_trailers = _EOM.headers.__set__
 
 # Framing kinds for a body (h11's _body_framing results).
 _CL, _CHUNKED, _HTTP10 = 0, 1, 2
@@ -76,10 +89,10 @@ _CHUNK_HEADER = re.compile(rb"([0-9A-Fa-f]{1,16})(?:[ \t]*;[^\r\n\x00]*)?\r\n")
 
 def Request(*, method: bytes, target: bytes, headers, http_version: bytes = b"1.1") -> h11.Request:
     ev = _new(_Request)
-    _set(ev, "method", method)
-    _set(ev, "target", target)
-    _set(ev, "headers", headers)
-    _set(ev, "http_version", http_version)
+    _set_method(ev, method)
+    _set_target(ev, target)
+    _set_request_headers(ev, headers)
+    _set_request_version(ev, http_version)
     return ev
 
 
@@ -87,10 +100,10 @@ def Response(*, status_code: int, headers, reason: bytes = b"", http_version: by
     if not 200 <= status_code <= 999:
         raise LocalProtocolError("Response status_code should be in range [200, 1000)")
     ev = _new(_Response)
-    _set(ev, "status_code", status_code)
-    _set(ev, "headers", headers)
-    _set(ev, "reason", reason)
-    _set(ev, "http_version", http_version)
+    _set_status(ev, status_code)
+    _set_response_headers(ev, headers)
+    _set_reason(ev, reason)
+    _set_response_version(ev, http_version)
     return ev
 
 
@@ -99,10 +112,10 @@ def InformationalResponse(*, status_code: int, headers, reason: bytes = b"",
     if not 100 <= status_code < 200:
         raise LocalProtocolError("InformationalResponse status_code should be in range [100, 200)")
     ev = _new(_Info)
-    _set(ev, "status_code", status_code)
-    _set(ev, "headers", headers)
-    _set(ev, "reason", reason)
-    _set(ev, "http_version", http_version)
+    _set_status(ev, status_code)
+    _set_response_headers(ev, headers)
+    _set_reason(ev, reason)
+    _set_response_version(ev, http_version)
     return ev
 
 
@@ -113,9 +126,9 @@ ConnectionClosed = h11.ConnectionClosed
 
 def _data(data: bytes, chunk_start: bool = False, chunk_end: bool = False) -> h11.Data:
     ev = _new(_Data)
-    _set(ev, "data", data)
-    _set(ev, "chunk_start", chunk_start)
-    _set(ev, "chunk_end", chunk_end)
+    _set_data(ev, data)
+    _set_chunk_start(ev, chunk_start)
+    _set_chunk_end(ev, chunk_end)
     return ev
 
 
@@ -123,12 +136,12 @@ def _eom(trailers) -> h11.EndOfMessage:
     if not trailers:
         return _END
     ev = _new(_EOM)
-    _set(ev, "headers", trailers)
+    _set_trailers(ev, trailers)
     return ev
 
 
 _END = _new(_EOM)     # events are immutable: one end-of-message without trailers serves all
-_set(_END, "headers", ())
+_set_trailers(_END, ())
 
 
 _CLOSED_EVENT = _Closed()
@@ -604,10 +617,10 @@ class Connection:
                             else:
                                 del buf[:end]
                             ev = _new(_Request)
-                            _set(ev, "method", method)
-                            _set(ev, "target", target)
-                            _set(ev, "headers", list(seen[0]))
-                            _set(ev, "http_version", version)
+                            _set_method(ev, method)
+                            _set_target(ev, target)
+                            _set_request_headers(ev, list(seen[0]))
+                            _set_request_version(ev, version)
                             self._cstate = SEND_BODY
                             self._sstate = SEND_RESPONSE
                             self._request_method = method
@@ -637,10 +650,10 @@ class Connection:
                             else:
                                 del buf[:end]
                             ev = _new(_Response)
-                            _set(ev, "status_code", status)
-                            _set(ev, "headers", list(seen[0]))
-                            _set(ev, "reason", reason)
-                            _set(ev, "http_version", version)
+                            _set_status(ev, status)
+                            _set_response_headers(ev, list(seen[0]))
+                            _set_reason(ev, reason)
+                            _set_response_version(ev, version)
                             self._sstate = SEND_BODY
                             self.their_http_version = version
                             self.client_is_waiting_for_100_continue = False
@@ -725,19 +738,19 @@ class Connection:
             if hosts > 1:
                 raise LocalProtocolError("Found multiple Host: headers")
             ev = _new(_Request)
-            _set(ev, "method", method)
-            _set(ev, "target", target)
-            _set(ev, "headers", headers)
-            _set(ev, "http_version", version)
+            _set_method(ev, method)
+            _set_target(ev, target)
+            _set_request_headers(ev, headers)
+            _set_request_version(ev, version)
             etype, status = _Request, 0
         else:
             method = None
             etype = _Info if status < 200 else _Response
             ev = _new(etype)
-            _set(ev, "status_code", status)
-            _set(ev, "headers", headers)
-            _set(ev, "reason", reason)
-            _set(ev, "http_version", version)
+            _set_status(ev, status)
+            _set_response_headers(ev, headers)
+            _set_reason(ev, reason)
+            _set_response_version(ev, version)
         framing = self._process_head(self.their_role, etype, method, status, version, info)
         if framing is not None:
             self._rkind, self._rleft = framing
