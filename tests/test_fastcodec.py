@@ -627,6 +627,7 @@ def _outcome(role, data, method=b"GET", chunks=None):
             out.append(norm(ev))
             out.append((conn.our_state, conn.their_state, conn.their_http_version,
                         conn.client_is_waiting_for_100_continue))
+            assert conn._plain == (conn._keep_alive and not conn._switch_upgrade and not conn._switch_connect)
             if (conn.our_state, conn.their_state) == (h11.IDLE, h11.IDLE):
                 # what the usual path takes for granted of two IDLE states (see _read_head)
                 assert conn._keep_alive and not conn._switch_upgrade and not conn._switch_connect

@@ -303,7 +303,7 @@ class Connection:
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
     __slots__ = ("our_role", "their_role", "_max", "_receive_buffer", "_pending", "_receive_buffer_closed",
                  "_search_from", "their_http_version", "_request_method", "client_is_waiting_for_100_continue",
-                 "_cstate", "_sstate", "_keep_alive", "_switch_upgrade", "_switch_connect", "_rkind", "_rleft",
+                 "_cstate", "_sstate", "_keep_alive", "_switch_upgrade", "_switch_connect", "_plain", "_rkind", "_rleft",
                  "_rchunk_phase", "_wkind", "_wleft")
 
     def __init__(self, our_role, max_incomplete_event_size: int = 16 * 1024):
@@ -325,6 +325,7 @@ class Connection:
         self._keep_alive = True
         self._switch_upgrade = False
         self._switch_connect = False
+        self._plain = True             # _keep_alive and neither _switch_*: what the usual paths check
         # body reader for their SEND_BODY: (kind, remaining) / chunked sub-state
         self._rkind = _CL
         self._rleft = 0
@@ -358,8 +359,7 @@ class Connection:
     def _settle(self) -> None:
         """h11's _fire_state_triggered_transitions."""
         c, s = self._cstate, self._sstate
-        if self._keep_alive and c not in _SETTLING and s not in _SETTLING \
-                and not self._switch_upgrade and not self._switch_connect:
+        if self._plain and c not in _SETTLING and s not in _SETTLING:
             return   # none of the rules below can fire (the usual case)
         while True:
             c0, s0 = c, s
@@ -428,8 +428,7 @@ class Connection:
     def _process_head(self, role, etype, method, status, version, info) -> tuple:
         """State changes for a Request / Response / InformationalResponse from ``role``.
         Returns the body framing (kind, length) when the sender enters SEND_BODY."""
-        if (version == b"1.1" and self._keep_alive and not info[0]
-                and not self._switch_upgrade and not self._switch_connect):
+        if version == b"1.1" and self._plain and not info[0]:
             # The usual heads, h11's transitions written out (what the general path below
             # does for them): a request on an idle kept-alive connection that asks for no
             # switch, and a final response that keeps the connection alive.
@@ -454,8 +453,10 @@ class Connection:
         if etype is _Request:
             if method == b"CONNECT":
                 self._switch_connect = True
+                self._plain = False
             if info[1]:
                 self._switch_upgrade = True
+                self._plain = False
         else:
             if etype is _Info and status == 101:
                 switch = "upgrade"
@@ -465,6 +466,7 @@ class Connection:
                 switch = "connect"
             if switch is None and etype is _Response:
                 self._switch_upgrade = self._switch_connect = False
+                self._plain = self._keep_alive
         self._transition(role, etype, switch)
         self._settle()
         if etype is _Request:
@@ -473,7 +475,7 @@ class Connection:
             self.their_http_version = version
         if etype is not _Info:
             if info[0] or version < b"1.1":
-                self._keep_alive = False
+                self._keep_alive = self._plain = False
                 self._settle()
         if etype is _Request:
             if info[2] and version >= b"1.1":
@@ -531,36 +533,54 @@ class Connection:
         their = self._cstate if self.our_role is SERVER else self._sstate
         if their is ERROR:
             raise RemoteProtocolError("Can't receive data when peer state is ERROR")
-        p = self._pending
-        head_src = None
-        if p is not None:
-            # Bytes that arrived on an empty buffer: inside a body they are the next Data
-            # event as they are (a 1 MiB response crosses here in 256 KiB pieces: copying
-            # each into the buffer and out again would double the proxy's memory traffic).
-            # A head is parsed where it is, and what follows it (the start of a body) stays
-            # pending, copied once.
-            self._pending = None
-            if their is SEND_BODY and (self._rkind is _HTTP10 or (self._rkind is _CL and len(p) <= self._rleft)):
-                if self._rkind is _CL:
-                    self._rleft -= len(p)
-                return self._their_data(_data(p if type(p) is bytes else bytes(p)))
-            if (their is IDLE or their is SEND_RESPONSE) and type(p) is bytes and not self._receive_buffer:
-                head_src = p
-            else:
-                self._receive_buffer += p
         try:
+            p = self._pending
             buf = self._receive_buffer
             if their is SEND_BODY:
+                kind = self._rkind
+                if p is not None:
+                    # Bytes that arrived on an empty buffer: inside a body they are the next
+                    # Data event as they are (a 1 MiB response crosses here in 256 KiB pieces:
+                    # copying each into the buffer and out again would double the proxy's
+                    # memory traffic).
+                    self._pending = None
+                    if kind is _HTTP10 or (kind is _CL and len(p) <= self._rleft):
+                        if kind is _CL:
+                            self._rleft -= len(p)
+                        ev = _new(_Data)
+                        _set_data(ev, p if type(p) is bytes else bytes(p))
+                        _set_chunk_start(ev, False)
+                        _set_chunk_end(ev, False)
+                        if self.our_role is SERVER:   # (_their_data)
+                            self.client_is_waiting_for_100_continue = False
+                        return ev
+                    buf += p
+                if kind is _CL and self._rleft == 0:
+                    return self._their_eom(())   # (what _read_body does first)
                 ev = self._read_body(buf)
-            elif head_src is not None:
-                ev = self._read_head(head_src)
-                if ev is None:   # not a whole head yet: keep the bytes
-                    buf += head_src
             elif their is IDLE or their is SEND_RESPONSE:
-                ev = self._read_head(buf)
-            elif (their is DONE and buf) or their is MIGHT_SWITCH_PROTOCOL or their is SWITCHED_PROTOCOL:
-                return PAUSED
-            else:   # DONE, MUST_CLOSE, CLOSED
+                if p is not None:
+                    # A head is parsed where it is, and what follows it (the start of a
+                    # body) stays pending, copied once.
+                    self._pending = None
+                    if type(p) is bytes and not buf:
+                        ev = self._read_head(p)
+                        if ev is not None:
+                            return ev
+                        buf += p   # not a whole head yet: keep the bytes
+                    else:
+                        buf += p
+                        ev = self._read_head(buf)
+                elif buf:
+                    ev = self._read_head(buf)
+                else:
+                    ev = None
+            else:   # DONE, MUST_CLOSE, CLOSED, MIGHT_SWITCH_PROTOCOL, SWITCHED_PROTOCOL
+                if p is not None:
+                    self._pending = None
+                    buf += p
+                if (their is DONE and buf) or their is MIGHT_SWITCH_PROTOCOL or their is SWITCHED_PROTOCOL:
+                    return PAUSED
                 if buf:
                     raise LocalProtocolError("Got data when expecting EOF")
                 ev = None
@@ -641,7 +661,7 @@ class Connection:
                         if plain is not None and version == b"1.1" \
                                 and self._sstate is SEND_RESPONSE \
                                 and (self._cstate is DONE or self._cstate is SEND_BODY) \
-                                and self._keep_alive and not self._switch_upgrade and not self._switch_connect:
+                                and self._plain:
                             # the usual response: what the code below and _process_head do for it
                             self._search_from = 0
                             if type(buf) is bytes:
@@ -891,15 +911,20 @@ class Connection:
         return ev
 
     def _their_eom(self, trailers):
-        ev = _eom(trailers)
+        ev = _eom(trailers) if trailers else _END
         if self.our_role is SERVER:   # they are the client
             if self._cstate is SEND_BODY:
                 self._cstate = DONE
+                self.client_is_waiting_for_100_continue = False
+                if self._plain and self._sstate not in _SETTLING:
+                    return ev   # (_settle would change nothing)
             else:
                 self._transition(CLIENT, _EOM)
-            self.client_is_waiting_for_100_continue = False
+                self.client_is_waiting_for_100_continue = False
         elif self._sstate is SEND_BODY:
             self._sstate = DONE
+            if self._plain and self._cstate not in _SETTLING:
+                return ev
         else:
             self._transition(SERVER, _EOM)
         self._settle()
@@ -907,33 +932,46 @@ class Connection:
 
     # --- sending ---
     def send(self, event):
-        if (self._sstate if self.our_role is SERVER else self._cstate) is ERROR:
+        role = self.our_role
+        ours = self._sstate if role is SERVER else self._cstate
+        if ours is ERROR:
             raise LocalProtocolError("Can't send data when our state is ERROR")
         try:
             etype = type(event)
-            role = self.our_role
             if etype is _Data:
+                if ours is not SEND_BODY:
+                    self._transition(role, _Data)   # raises
                 if role is CLIENT:
-                    if self._cstate is not SEND_BODY:
-                        self._transition(role, _Data)   # raises
                     self.client_is_waiting_for_100_continue = False
-                elif self._sstate is not SEND_BODY:
-                    self._transition(role, _Data)
-                return self._write_data(event.data)
+                data = event.data
+                if self._wkind is _CL:   # (_write_data's first case)
+                    left = self._wleft - len(data)
+                    if left < 0:
+                        raise LocalProtocolError("Too much data for declared Content-Length")
+                    self._wleft = left
+                    return data
+                return self._write_data(data)
             if etype is _EOM:
-                # SEND_BODY -> DONE (anything else: _transition raises h11's error)
+                if ours is not SEND_BODY:
+                    self._transition(role, _EOM)   # raises
+                # SEND_BODY -> DONE
                 if role is CLIENT:
-                    if self._cstate is SEND_BODY:
-                        self._cstate = DONE
-                    else:
-                        self._transition(role, _EOM)
+                    self._cstate = DONE
                     self.client_is_waiting_for_100_continue = False
-                elif self._sstate is SEND_BODY:
-                    self._sstate = DONE
+                    if not self._plain or self._sstate in _SETTLING:
+                        self._settle()
                 else:
-                    self._transition(role, _EOM)
-                self._settle()
-                return self._write_eom(event.headers)
+                    self._sstate = DONE
+                    if not self._plain or self._cstate in _SETTLING:
+                        self._settle()
+                trailers = event.headers
+                if self._wkind is _CL:   # (_write_eom's first case)
+                    if self._wleft != 0:
+                        raise LocalProtocolError("Too little data for declared Content-Length")
+                    if trailers:
+                        raise LocalProtocolError("Content-Length and trailers don't mix")
+                    return b""
+                return self._write_eom(trailers)
             if etype is _Response or etype is _Info:
                 return self._send_response(event, etype)
             if etype is _Request:
