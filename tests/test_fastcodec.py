@@ -769,6 +769,111 @@ def test_received_blocks_are_kept_per_role():
     assert trace[0][:2] == ("error", "RemoteProtocolError") and "Transfer-Encoding" in trace[0][2]
 
 
+# Heads in sequence on one connection, both roles, several cycles: what the usual paths write
+# out (_read_head, _send_request, _send_response) must leave the states, framing and flags
+# exactly where h11 leaves them, cold and warm, also when the previous cycle was unusual.
+CYCLE_REQUESTS = [
+    (b"GET", [(b"host", b"a"), (b"user-agent", b"t")], b""),
+    (b"HEAD", [(b"host", b"a")], b""),
+    (b"POST", [(b"host", b"a"), (b"content-length", b"3")], b"abc"),
+    (b"PUT", [(b"host", b"a"), (b"content-length", b"3"), (b"connection", b"close")], b"abc"),
+    (b"POST", [(b"host", b"a"), (b"transfer-encoding", b"chunked")], b"abcd"),
+    (b"POST", [(b"host", b"a"), (b"expect", b"100-continue"), (b"content-length", b"2")], b"xy"),
+    (b"GET", [(b"host", b"a"), (b"connection", b"upgrade"), (b"upgrade", b"h2c")], b""),
+    (b"DELETE", [(b"host", b"a"), (b"connection", b"close")], b""),
+    (b"CONNECT", [(b"host", b"a")], b""),
+    (b"GET", [(b"host", b"a"), (b"host", b"b")], b""),
+]
+CYCLE_RESPONSES = [
+    (200, [(b"content-length", b"5"), (b"server", b"s")], b"hello"),
+    (204, [(b"content-length", b"0")], b""),
+    (304, [(b"content-length", b"7"), (b"etag", b'"e"')], b""),
+    (200, [(b"transfer-encoding", b"chunked")], b"chunk"),
+    (200, [(b"x", b"close-delimited or chunked")], b"body"),
+    (404, [(b"content-length", b"2"), (b"connection", b"close")], b"no"),
+]
+
+
+def _cycle_trace(eng, role, request, response, cycles, early=False):
+    """Our side of ``cycles`` request/response exchanges; ``early``: the server answers after
+    the request head, before its body."""
+    method, req_headers, req_body = request
+    status, resp_headers, resp_body = response
+    conn = eng.Connection(role)
+    trace = []
+
+    def step(label, fn):
+        try:
+            out = fn()
+        except h11.ProtocolError as e:
+            trace.append((label, "error", type(e).__name__))   # (the messages are not h11's)
+            return False
+        trace.append((label, out,
+                      conn.our_state, conn.their_state, conn.client_is_waiting_for_100_continue,
+                      conn.their_http_version))
+        if eng is FAST:
+            assert conn._plain == (conn._keep_alive and not conn._switch_upgrade and not conn._switch_connect)
+        return True
+
+    def events():
+        out = []
+        while True:
+            ev = conn.next_event()
+            out.append(norm(ev))
+            if ev in STOP or type(ev) in (h11.EndOfMessage, h11.ConnectionClosed):
+                return out
+
+    for _ in range(cycles):
+        if role is h11.CLIENT:
+            body = [h11.Data(data=req_body)] if req_body else []
+            if not step("request", lambda: b"".join(conn.send(e) or b"" for e in [
+                    eng.Request(method=method, target=b"/t", headers=list(req_headers))] + body + [h11.EndOfMessage()])):
+                return trace
+            raw = b"HTTP/1.1 %d R\r\n" % status + b"".join(b"%s: %s\r\n" % h for h in resp_headers) + b"\r\n"
+            if status in (204, 304) or method == b"HEAD":
+                pass
+            elif (b"transfer-encoding", b"chunked") in resp_headers:
+                raw += b"%x\r\n%s\r\n0\r\n\r\n" % (len(resp_body), resp_body)
+            else:
+                raw += resp_body
+            conn.receive_data(raw)
+            if not step("response", lambda: events()):
+                return trace
+        else:
+            raw = b"%s /t HTTP/1.1\r\n" % method + b"".join(b"%s: %s\r\n" % h for h in req_headers) + b"\r\n"
+            if (b"transfer-encoding", b"chunked") in req_headers:
+                raw += b"%x\r\n%s\r\n0\r\n\r\n" % (len(req_body), req_body)
+            else:
+                raw += req_body
+            conn.receive_data(raw)
+            if not step("request", (lambda: norm(conn.next_event())) if early else events):
+                return trace
+            body = [h11.Data(data=resp_body)] if resp_body and method != b"HEAD" and status not in (204, 304) else []
+            if not step("response", lambda: b"".join(conn.send(e) or b"" for e in [
+                    eng.Response(status_code=status, headers=list(resp_headers), reason=b"R")] + body + [h11.EndOfMessage()])):
+                return trace
+            if conn.their_state is h11.SEND_BODY:   # the body was not read (early, 100-continue)
+                step("rest", events)
+        if not step("next cycle", conn.start_next_cycle):
+            return trace
+    return trace
+
+
+def test_usual_paths_keep_h11s_states_over_cycles():
+    for warm in (False, True):
+        if not warm:
+            fastcodec._BLOCKS_REQUESTS.clear()
+            fastcodec._BLOCKS_RESPONSES.clear()
+            fastcodec._BLOCKS_OUT.clear()
+        for role in (h11.CLIENT, h11.SERVER):
+            for request in CYCLE_REQUESTS:
+                for response in CYCLE_RESPONSES:
+                    for early in ((False, True) if role is h11.SERVER else (False,)):
+                        want = _cycle_trace(H11, role, request, response, 3, early)
+                        got = _cycle_trace(FAST, role, request, response, 3, early)
+                        assert got == want, (role, request, response, warm, early)
+
+
 @pytest.mark.parametrize("bad", [
     dict(status=200, headers=[(b"content-length", b"2")], body=[b"abc"]),       # too much
     dict(status=200, headers=[(b"content-length", b"5")], body=[b"abc"]),       # too little

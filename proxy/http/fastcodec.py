@@ -994,8 +994,18 @@ class Connection:
         if _TARGET.fullmatch(target) is None:
             raise LocalProtocolError("Illegal target characters")
         fast = _cached_head(ev.headers)
+        if fast is not None:
+            framing = fast[3]
+            # (both IDLE: kept alive, no protocol switch pending; see _read_head)
+            if framing is not None and method != b"CONNECT" and self._cstate is IDLE and self._sstate is IDLE:
+                # the usual request: _process_head's transitions written out
+                self._cstate = SEND_BODY
+                self._sstate = SEND_RESPONSE
+                self._request_method = method
+                self._wkind, self._wleft = framing
+                return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, fast[0])
         if fast is not None and fast[2] == 1:
-            block, info, _ = fast
+            block, info = fast[0], fast[1]
             self._wkind, self._wleft = self._process_head(self.our_role, _Request, method, 0, b"1.1", info)
             return b"%s %s HTTP/1.1\r\n%s\r\n" % (method, target, block)
         items = _items(ev.headers)
@@ -1018,8 +1028,20 @@ class Connection:
         if _REASON.fullmatch(reason) is None:
             raise LocalProtocolError("Illegal reason phrase")
         fast = _cached_head(ev.headers)
+        if fast is not None:
+            length = fast[4]
+            if length is not None and etype is _Response and self._plain and self._sstate is SEND_RESPONSE \
+                    and (self._cstate is DONE or self._cstate is SEND_BODY):
+                # the usual response (framed by its length: nothing for _clean_up_response_headers
+                # to change): _process_head's transitions written out (no CONNECT: it
+                # leaves _plain false)
+                self._sstate = SEND_BODY
+                self.client_is_waiting_for_100_continue = False
+                self._wkind = _CL
+                self._wleft = 0 if status == 204 or status == 304 or self._request_method == b"HEAD" else length
+                return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, fast[0])
         if fast is not None and fast[2] == 0:
-            block, info, _ = fast
+            block, info = fast[0], fast[1]
             if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
                 # nothing for _clean_up_response_headers to change
                 framing = self._process_head(self.our_role, etype, None, status, b"1.1", info)
@@ -1173,7 +1195,12 @@ def _cached_head(headers):
     if hosts and _CACHED_SPECIAL.get(lines[0], (0, 0))[1] != b"host":
         return None   # h11 writes Host first
     block = b"".join(lines)
-    seen = block, (close, upgrade, expect, te, cl), hosts
+    # and for the usual heads, what sending them sets (see _send_request, _send_response): a
+    # request's body framing, a response's Content-Length
+    usual_request = None if hosts != 1 or close or upgrade or expect \
+        else (_CHUNKED, 0) if te else (_CL, 0 if cl is None else int(cl))
+    usual_response = None if hosts or close or te or cl is None else int(cl)
+    seen = block, (close, upgrade, expect, te, cl), hosts, usual_request, usual_response
     if len(block) <= _BLOCK_BYTES:
         _BLOCKS_OUT.keep(key, seen)
     return seen
