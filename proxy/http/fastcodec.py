@@ -353,7 +353,10 @@ class Connection:
 
     @property
     def trailing_data(self):
-        self._fold()
+        p = self._pending
+        if p is not None:   # (_fold)
+            self._pending = None
+            self._receive_buffer += p
         return bytes(self._receive_buffer), self._receive_buffer_closed
 
     def _settle(self) -> None:
@@ -556,7 +559,17 @@ class Connection:
                         return ev
                     buf += p
                 if kind is _CL and self._rleft == 0:
-                    return self._their_eom(())   # (what _read_body does first)
+                    # the end of the body (what _read_body then _their_eom(()) do, for their SEND_BODY)
+                    if self.our_role is SERVER:   # they are the client
+                        self._cstate = DONE
+                        self.client_is_waiting_for_100_continue = False
+                        if not self._plain or self._sstate in _SETTLING:
+                            self._settle()
+                    else:
+                        self._sstate = DONE
+                        if not self._plain or self._cstate in _SETTLING:
+                            self._settle()
+                    return _END
                 ev = self._read_body(buf)
             elif their is IDLE or their is SEND_RESPONSE:
                 if p is not None:
@@ -993,7 +1006,13 @@ class Connection:
             raise LocalProtocolError("Illegal method characters")
         if _TARGET.fullmatch(target) is None:
             raise LocalProtocolError("Illegal target characters")
-        fast = _cached_head(ev.headers)
+        headers = ev.headers
+        try:   # (_cached_head's first look, for a block sent before)
+            fast = _BLOCKS_OUT.get(tuple(headers)) if type(headers) is list else None
+        except TypeError:
+            fast = None
+        if fast is None:
+            fast = _cached_head(headers)
         if fast is not None:
             framing = fast[3]
             # (both IDLE: kept alive, no protocol switch pending; see _read_head)
@@ -1027,7 +1046,13 @@ class Connection:
         reason = ev.reason
         if _REASON.fullmatch(reason) is None:
             raise LocalProtocolError("Illegal reason phrase")
-        fast = _cached_head(ev.headers)
+        headers = ev.headers
+        try:   # (_cached_head's first look, for a block sent before)
+            fast = _BLOCKS_OUT.get(tuple(headers)) if type(headers) is list else None
+        except TypeError:
+            fast = None
+        if fast is None:
+            fast = _cached_head(headers)
         if fast is not None:
             length = fast[4]
             if length is not None and etype is _Response and self._plain and self._sstate is SEND_RESPONSE \
