@@ -593,3 +593,36 @@ def test_a_pyopenssl_without_the_internals_is_refused_at_start():
 
     with pytest.raises(RuntimeError, match="lacks _ssl"):
         socketstream.check_pyopenssl(NoInternals)
+
+
+def test_reads_share_one_timer_and_each_keeps_its_own_deadline():
+    """One timer per stream serves its reads: a read that ends in time leaves it armed, a read
+    with a later deadline does not re-arm it (it fires early and re-arms itself), one with an
+    earlier deadline does; every read still times out at its own deadline, not another's."""
+    from proxy.tls.transport import Stream
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        s = Stream(loop)
+        loop.call_later(0.05, s._feed, b"a")
+        assert await s.read(10, timeout=0.3) == b"a"            # in time: timer left armed
+        first = s._timer
+        assert first is not None and not first.cancelled()
+        loop.call_later(0.4, s._feed, b"b")                      # after the first deadline
+        t0 = loop.time()
+        assert await s.read(10, timeout=1.0) == b"b"             # the early timer re-armed
+        assert loop.time() - t0 >= 0.35 and s._timer is not first
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):                         # an earlier deadline re-arms
+            await s.read(10, timeout=0.1)
+        assert 0.09 <= loop.time() - t0 < 0.5
+        t0 = loop.time()
+        with pytest.raises(TimeoutError):                         # a later one times out at its own
+            await s.read(10, timeout=0.3)
+        assert 0.29 <= loop.time() - t0 < 0.8
+        loop.call_later(0.2, s._feed, b"c")                       # no timeout: the timer lapses
+        assert await s.read(10) == b"c"
+        s._gone(None)                                             # a lost stream keeps no timer
+        assert s._timer is None
+
+    uvloop.run(main())

@@ -22,6 +22,11 @@ def _time_out(waiter: asyncio.Future) -> None:
         waiter.set_exception(TimeoutError())
 
 
+# A read's deadline that is this close counts as reached (uvloop's timers have millisecond
+# resolution: a timer can fire just before its time).
+_SLACK = 0.001
+
+
 class StreamClosed(ConnectionError):
     """The peer went away or the stream was closed."""
 
@@ -33,7 +38,7 @@ class ByteStream:
     reading pauses and resumes under the read limit (``_pause_reading``, ``_resume_reading``)."""
 
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
-    __slots__ = ("_loop", "_buf", "_size", "_eof", "_lost", "_waiter", "_reading_paused",
+    __slots__ = ("_loop", "_buf", "_size", "_eof", "_lost", "_waiter", "_deadline", "_timer", "_reading_paused",
                  "_write_paused", "_drain_waiters", "ready", "_closed", "peer")
 
     def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
@@ -47,6 +52,8 @@ class ByteStream:
         self._eof = False
         self._lost = False             # the connection is gone
         self._waiter: Optional[asyncio.Future] = None
+        self._deadline: Optional[float] = None   # the waiting read's, on the loop's clock
+        self._timer: Optional[asyncio.TimerHandle] = None   # armed at or before it
         self._reading_paused = False   # more than READ_LIMIT waits to be read
         self._write_paused = False     # drain waits
         self._drain_waiters: Optional[list[asyncio.Future]] = None   # made when needed
@@ -94,6 +101,9 @@ class ByteStream:
         """The connection is lost: end of stream, and every waiter learns it."""
         self._lost = True
         self._feed_eof()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if not self.ready.done():
             self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
             self.ready.exception()  # mark retrieved
@@ -113,18 +123,28 @@ class ByteStream:
 
     # --- read by the HTTP layer ---
     async def read(self, n: int = 65536, timeout: Optional[float] = None) -> bytes:
-        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
+        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``.
+
+        The deadline is kept on the stream and one timer serves all its reads: a read that
+        ends in time leaves the timer armed, and the next read re-arms it only when its
+        deadline comes earlier (a timer that fires before the deadline of the read then
+        waiting arms itself again for it). Keep-alive reads with the same timeout thus arm
+        a timer about once per timeout, not once per read."""
         if not self._buf and not self._eof:
             self._waiter = w = self._loop.create_future()
-            handle = None
-            if timeout is not None:
-                handle = self._loop.call_later(timeout, _time_out, w)
+            if timeout is None:
+                self._deadline = None
+            else:
+                self._deadline = deadline = self._loop.time() + timeout
+                t = self._timer
+                if t is None or t.when() > deadline:
+                    if t is not None:
+                        t.cancel()
+                    self._timer = self._loop.call_at(deadline, self._on_timer)
             try:
                 await w
             finally:
                 self._waiter = None
-                if handle is not None:
-                    handle.cancel()
         buf = self._buf
         if buf:
             # One received chunk at a time, handed over as it is (no copy) unless it is
@@ -140,6 +160,16 @@ class ByteStream:
                 self._resume_reading()
             return data
         return b""
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        w, deadline = self._waiter, self._deadline
+        if w is None or w.done() or deadline is None:
+            return   # no read waiting, or one without a timeout: the timer lapses
+        if self._loop.time() >= deadline - _SLACK:
+            w.set_exception(TimeoutError())
+        else:   # armed for an earlier read
+            self._timer = self._loop.call_at(deadline, self._on_timer)
 
     async def wait_ready(self, timeout: float) -> None:
         """Until connected (TLS: handshake done); TimeoutError after ``timeout`` (no task needed)."""
