@@ -660,6 +660,8 @@ _REQUEST_BLOCKS = [
     b"Host: a\r\nHost: b\r\n\r\n",
     b"\r\n",
     b"Host: a\r\n\r\nGET /next HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"Host: a\r\nTransfer-Encoding: chunked\t\r\n\r\n0\r\n\r\n",
+    b"Host: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\t\r\n\r\n",
 ]
 
 _METHODS = [b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"CONNECT", b"TRACE",
@@ -689,13 +691,15 @@ def _request_lines():
         yield line
 
 
+@pytest.mark.parametrize("warm", [b"GET / HTTP/1.1", b"CONNECT h:443 HTTP/1.1", b"GET / HTTP/1.0", b"GET /"])
 @pytest.mark.parametrize("block", _REQUEST_BLOCKS, ids=range(len(_REQUEST_BLOCKS)))
-def test_request_lines_split_without_llhttp_as_with_it(monkeypatch, block):
-    """Every request line, before a header block seen before: what the codec gives with its
-    own start-line check (_REQUEST_LINE) is exactly what it gives when llhttp parses the whole
-    head, events, states, errors (type, message, hint) and bytes left over alike."""
-    warm = b"GET / HTTP/1.1\r\n" + block
-    _outcome(h11.SERVER, warm)   # the block is now seen (when llhttp and h11's rules take it)
+def test_request_lines_split_without_llhttp_as_with_it(monkeypatch, block, warm):
+    """Every request line, before a header block seen before (first seen after ``warm``):
+    what the codec gives with its own start-line check (_REQUEST_LINE) is exactly what it
+    gives when llhttp parses the whole head, events, states, errors (type, message, hint) and
+    bytes left over alike."""
+    fastcodec._BLOCKS_REQUESTS.clear()
+    _outcome(h11.SERVER, warm + b"\r\n" + block)   # the block is now seen (when llhttp and h11's rules take it)
     fast_ran = 0
     for line in _request_lines():
         data = line + b"\r\n" + block
@@ -756,15 +760,21 @@ def test_status_lines_split_without_llhttp_as_with_it(monkeypatch, block, method
 
 
 def test_received_blocks_are_kept_per_role():
-    """A block llhttp takes in a response but refuses in a request (a Transfer-Encoding it
-    does not read as chunked, that h11's rules do): seen in a response, it is still refused
-    in a request, as when never seen."""
+    """A block llhttp takes in a response (or a CONNECT request) but refuses in a request (a
+    Transfer-Encoding it does not read as chunked, that h11's rules do): seen there, it is
+    still refused in a request, as when never seen."""
     block = b"Transfer-Encoding: chunked\t\r\n\r\n"
     trace, _ = _outcome(h11.CLIENT, b"HTTP/1.1 200 OK\r\n" + block)
     assert trace[0][0] == "Response"
     assert block in fastcodec._BLOCKS_RESPONSES
     trace, _ = _outcome(h11.SERVER, b"POST / HTTP/1.1\r\nHost: a\r\n" + block)
     assert trace[0][:2] == ("error", "RemoteProtocolError") and "Transfer-Encoding" in trace[0][2]
+    trace, _ = _outcome(h11.SERVER, b"POST / HTTP/1.1\r\n" + block)
+    assert trace[0][:2] == ("error", "RemoteProtocolError") and "Transfer-Encoding" in trace[0][2]
+    # nor is one taken in a CONNECT request (llhttp does not check its Transfer-Encoding there)
+    block = b"Host: a\r\nTransfer-Encoding: chunked\t\r\n\r\n"
+    trace, _ = _outcome(h11.SERVER, b"CONNECT h:443 HTTP/1.1\r\n" + block)
+    assert trace[0][0] == "Request"
     trace, _ = _outcome(h11.SERVER, b"POST / HTTP/1.1\r\n" + block)
     assert trace[0][:2] == ("error", "RemoteProtocolError") and "Transfer-Encoding" in trace[0][2]
 

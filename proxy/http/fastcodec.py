@@ -231,8 +231,10 @@ _BLOCK_BYTES = 2048   # longest block either keeps
 # The start lines _read_head checks and splits itself, for a block seen before: the shapes
 # nearly every request and response has, each a line llhttp accepts (and splits the same
 # way) before any block it accepted before under the same role. Its rules for a block do not
-# depend on these start lines: of the method only CONNECT matters, of the status only 1xx (101
-# pauses the parser: an error without Upgrade headers), of the version nothing. Any other
+# depend on these start lines: of the method only CONNECT matters (it skips the check of a
+# request's Transfer-Encoding: blocks first seen in a CONNECT request are not kept), of the
+# status only 1xx (101 pauses the parser: an error without Upgrade headers), of the version
+# nothing. Any other
 # line (another method, absolute-form or "*", a tab or a byte >= 0x80 in the target, a version
 # other than 1.0 and 1.1, a status outside 200-999, a control byte in the reason) goes to
 # llhttp. tests/test_fastcodec.py checks this against llhttp, byte by byte.
@@ -746,7 +748,9 @@ class Connection:
                 info, hosts = seen[1], seen[2]
             else:
                 headers, info, hosts = self._read_block(lines, sink)
-                if len(block) <= _BLOCK_BYTES:
+                # (not a block first seen in a CONNECT request: llhttp skips its Transfer-Encoding
+                # check there, and the same block after another method is llhttp's to refuse)
+                if len(block) <= _BLOCK_BYTES and (blocks is _BLOCKS_RESPONSES or parser.get_method() != b"CONNECT"):
                     blocks.keep(block, (tuple(headers), info, hosts, _plain_framing(self.their_role, info, hosts)))
             if self.their_role is CLIENT:
                 method = parser.get_method()
