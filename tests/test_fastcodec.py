@@ -974,3 +974,39 @@ def test_engine_selection(monkeypatch):
     monkeypatch.setattr(fastcodec, "httptools", None)
     monkeypatch.delenv(fastcodec.PARSER_ENV)
     assert fastcodec.engine() is h11
+
+
+def test_sent_status_line_and_method_caches_change_nothing():
+    """Sent status lines and methods are checked once, then kept: warm, the same bytes as h11
+    (also for an int subclass status and a bytearray reason, which are not kept), and what was
+    refused is refused again."""
+    fastcodec._STATUS_LINES_OUT.clear()
+    fastcodec._METHODS_OUT.clear()
+    for _ in range(2):
+        for case in SEND_CASES:
+            test_response_bytes_and_states_equal_h11(case, False)
+        test_request_bytes_and_framing_equal_h11()
+    assert (200, b"R") in fastcodec._STATUS_LINES_OUT and b"POST" in fastcodec._METHODS_OUT
+
+    def respond(status, reason):
+        conn = FAST.Connection(h11.SERVER)
+        conn.receive_data(REQ_11)
+        conn.next_event(), conn.next_event()
+        ev = FAST.Response(status_code=status, headers=[(b"content-length", b"0")], reason=reason)
+        return conn.send(ev)
+
+    import enum
+    OK = enum.IntEnum("S", {"OK": 200}).OK
+    for _ in range(2):
+        assert respond(200, b"OK") == respond(OK, b"OK") == respond(200, bytearray(b"OK")) == \
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"
+        with pytest.raises(h11.LocalProtocolError, match="reason"):
+            respond(200, b"O\r\nK")
+        with pytest.raises(TypeError):
+            respond(200, "OK")
+        for method in (b"G ET", b"", b"G\x00"):
+            with pytest.raises(h11.LocalProtocolError, match="method"):
+                FAST.Connection(h11.CLIENT).send(FAST.Request(method=method, target=b"/", headers=[(b"host", b"a")]))
+        with pytest.raises(TypeError):
+            FAST.Connection(h11.CLIENT).send(FAST.Request(method="GET", target=b"/", headers=[(b"host", b"a")]))
+    assert all(type(k[0]) is int and type(k[1]) is bytes for k in fastcodec._STATUS_LINES_OUT)

@@ -9,6 +9,13 @@ Why it is shaped this way:
   h11 frames them. That keeps h11's buffer semantics: after a message the rest stays in
   ``_receive_buffer`` (a pipelined head, the bytes after an Upgrade: ``trailing_data``)
   until ``start_next_cycle``, which httptools alone cannot do (it has no pause and no offsets).
+  A head whose header block was accepted before (the same client and upstream send the same
+  blocks again and again) and whose start line has the usual shape is not parsed again: one
+  regex splits the start line, and the block's parse comes from a cache (_REQUEST_LINE says
+  why llhttp would accept it as it did; tests/test_fastcodec.py checks it against llhttp).
+- **The usual exchange takes a short path**: a request and a response kept alive, framed by
+  length or chunked, take h11's transitions written out where they happen (_read_head,
+  _send_request, _send_response, next_event, send); anything else takes the general code.
 - **Events are h11's own classes**, made with ``object.__new__`` (no header regexes), so
   every ``isinstance(ev, h11.Request)`` and ``except h11.RemoteProtocolError`` in the proxy
   works unchanged for both parsers. Received ``headers`` is a plain list of (lower-case name,
@@ -227,6 +234,10 @@ _BLOCKS_REQUESTS = BoundedCache(_BLOCKS_MAX)
 _BLOCKS_RESPONSES = BoundedCache(_BLOCKS_MAX)
 _BLOCKS_OUT = BoundedCache(_BLOCKS_MAX)
 _BLOCK_BYTES = 2048   # longest block either keeps
+# Sent status lines, (status, reason) -> b"HTTP/1.1 status reason\r\n" (the reason checked),
+# and sent methods checked: each check is a regex call. Ints and bytes only; bounded.
+_STATUS_LINES_OUT = BoundedCache(64)
+_METHODS_OUT = BoundedCache(64)
 
 # The start lines _read_head checks and splits itself, for a block seen before: the shapes
 # nearly every request and response has, each a line llhttp accepts (and splits the same
@@ -1006,8 +1017,11 @@ class Connection:
         if ev.http_version != b"1.1":
             raise LocalProtocolError("I only send HTTP/1.1")
         method, target = ev.method, ev.target
-        if _METHOD.fullmatch(method) is None:
-            raise LocalProtocolError("Illegal method characters")
+        if type(method) is not bytes or method not in _METHODS_OUT:
+            if _METHOD.fullmatch(method) is None:
+                raise LocalProtocolError("Illegal method characters")
+            if type(method) is bytes and len(method) <= 32:
+                _METHODS_OUT.keep(method, True)
         if _TARGET.fullmatch(target) is None:
             raise LocalProtocolError("Illegal target characters")
         headers = ev.headers
@@ -1048,8 +1062,10 @@ class Connection:
             raise LocalProtocolError("I only send HTTP/1.1")
         status = ev.status_code
         reason = ev.reason
-        if _REASON.fullmatch(reason) is None:
-            raise LocalProtocolError("Illegal reason phrase")
+        line = _STATUS_LINES_OUT.get((status, reason)) if type(status) is int and type(reason) is bytes else None
+        if line is None:
+            if _REASON.fullmatch(reason) is None:
+                raise LocalProtocolError("Illegal reason phrase")
         headers = ev.headers
         try:   # (_cached_head's first look, for a block sent before)
             fast = _BLOCKS_OUT.get(tuple(headers)) if type(headers) is list else None
@@ -1068,7 +1084,11 @@ class Connection:
                 self.client_is_waiting_for_100_continue = False
                 self._wkind = _CL
                 self._wleft = 0 if status == 204 or status == 304 or self._request_method == b"HEAD" else length
-                return b"HTTP/1.1 %d %s\r\n%s\r\n" % (status, reason, fast[0])
+                if line is None:
+                    line = b"HTTP/1.1 %d %s\r\n" % (status, reason)
+                    if type(status) is int and type(reason) is bytes and len(reason) <= 64:
+                        _STATUS_LINES_OUT.keep((status, reason), line)
+                return line + fast[5]
         if fast is not None and fast[2] == 0:
             block, info = fast[0], fast[1]
             if etype is _Info or (self._keep_alive and self._sent_response_kind(status, info) == _CL):
@@ -1229,7 +1249,7 @@ def _cached_head(headers):
     usual_request = None if hosts != 1 or close or upgrade or expect \
         else (_CHUNKED, 0) if te else (_CL, 0 if cl is None else int(cl))
     usual_response = None if hosts or close or te or cl is None else int(cl)
-    seen = block, (close, upgrade, expect, te, cl), hosts, usual_request, usual_response
+    seen = block, (close, upgrade, expect, te, cl), hosts, usual_request, usual_response, block + b"\r\n"
     if len(block) <= _BLOCK_BYTES:
         _BLOCKS_OUT.keep(key, seen)
     return seen
