@@ -550,6 +550,21 @@ def test_slow_request_head_times_out(start_proxy, upstream):
     assert upstream.requests == []
 
 
+def test_a_new_connections_head_timeout_counts_from_the_start(start_proxy, upstream):
+    """The head timeout of a new connection bounds the wait for the first byte and the rest
+    of the head together: a head begun late has only what is left of it."""
+    p = start_proxy({"timeout_read_header": "1s", "routes": [route(upstream.url)]})
+    with tls_socket(p.port) as s:
+        started = time.monotonic()   # (the handshake is done: the server's head timeout runs)
+        time.sleep(0.6)
+        s.sendall(b"GET /echo HTTP/1.1\r\n")   # part of a head
+        out, closed = read_until_close(s, timeout=10)
+        elapsed = time.monotonic() - started
+    assert closed and out.startswith(b"HTTP/1.1 408"), out
+    assert elapsed < 1.4, elapsed   # not 1 s again from the first byte (1.6 s)
+    assert upstream.requests == []
+
+
 def test_slow_head_dribbled_byte_by_byte_times_out(start_proxy, upstream):
     """Sending one byte at a time must not extend the head deadline forever."""
     p = start_proxy({"timeout_read_header": "1s", "routes": [route(upstream.url)]})

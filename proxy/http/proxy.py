@@ -176,9 +176,32 @@ class ClientConnection:
             stream.abort()
             return
         first = True
+        conn = self.side.conn
+        loop = stream._loop
         try:
             while True:
-                keep = await self._one_request(first)
+                data = b""
+                head_deadline = None
+                if not _pending_bytes(conn):
+                    # The connection waits for its next request here, in this frame alone:
+                    # no other coroutine of ours stays in memory while it idles. A new
+                    # connection's head timeout runs from here and bounds the whole head; a
+                    # kept-alive one waits its idle timeout for the first byte.
+                    opts = self.get_state().options
+                    if first:
+                        head_deadline = loop.time() + opts.timeout_read_header
+                    w = stream.readable(opts.timeout_read_header if first else opts.timeout_idle)
+                    if w is not None:
+                        try:
+                            await w
+                        except TimeoutError:
+                            if first:
+                                self._raw_error(408, "the request head did not arrive in time")
+                            break   # an idle kept-alive connection closes quietly
+                    data = stream.read_now(READ_SIZE)
+                    if not data:
+                        break   # end of stream
+                keep = await self._one_request(first, data, head_deadline)
                 first = False
                 if not keep:
                     break
@@ -192,49 +215,39 @@ class ClientConnection:
                 await self._discard_input()
             stream.close()
 
-    async def _next_head(self, first: bool, opts: Options):
-        """The next request head (None at end of stream). A kept-alive connection waits its
-        idle timeout for the head's first byte, then the head timeout for the rest; on a new
-        connection the head timeout runs from the start and bounds the whole head. The usual
-        case, nothing buffered, reads here without Side.next_event's coroutine (which would
-        also stay in memory while the connection waits)."""
+    async def _next_head(self, first: bool, opts: Options, data: bytes, head_deadline: Optional[float]):
+        """The next request head, from ``data`` (its first bytes, read by ``run``) or, when
+        empty, from what the codec holds (a pipelined head, or part of one). The rest of a
+        head has the head timeout (a new connection: what is left of it)."""
         side = self.side
         conn = side.conn
-        pending = _pending_bytes(conn)
         head_buf = None
-        if CHECK_HEAD_BYTES:   # h11: the raw head is checked here (see CHECK_HEAD_BYTES)
-            head_buf = bytearray(pending)
-            codec.check_head_bytes(pending, MAX_HEAD)
-        if pending:   # a pipelined head, or part of one
-            return await side.next_event(opts.timeout_read_header, head_buf)
-        if first:
-            deadline = self.stream._loop.time() + opts.timeout_read_header
-            data = await self.stream.read(READ_SIZE, opts.timeout_read_header)
-        else:
-            data = await self.stream.read(READ_SIZE, opts.timeout_idle)
         if not data:
-            return None
-        if head_buf is not None:
-            head_buf += data
-            codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
+            pending = _pending_bytes(conn)
+            if CHECK_HEAD_BYTES:   # h11: the raw head is checked here (see CHECK_HEAD_BYTES)
+                head_buf = bytearray(pending)
+                codec.check_head_bytes(pending, MAX_HEAD)
+            return await side.next_event(opts.timeout_read_header, head_buf)
+        if CHECK_HEAD_BYTES:
+            head_buf = bytearray(data)
+            codec.check_head_bytes(data, MAX_HEAD)
         conn.receive_data(data)
         ev = conn.next_event()
         if ev is h11.NEED_DATA:
-            ev = await side.next_event(deadline - self.stream._loop.time() if first
+            ev = await side.next_event(head_deadline - self.stream._loop.time() if head_deadline is not None
                                        else opts.timeout_read_header, head_buf)
         return ev
 
-    async def _one_request(self, first: bool) -> bool:
-        """Serve one request. Returns whether the connection stays open for another."""
+    async def _one_request(self, first: bool, data: bytes, head_deadline: Optional[float]) -> bool:
+        """Serve one request (``data``: its first bytes, see ``_next_head``). Returns whether
+        the connection stays open for another."""
         state = self.get_state()
         opts = state.options
         side = self.side
         conn = side.conn
         try:
-            ev = await self._next_head(first, opts)
-        except TimeoutError:
-            if conn.their_state is h11.IDLE and not first and not _pending_bytes(conn):
-                return False   # idle keep-alive connection: close quietly
+            ev = await self._next_head(first, opts, data, head_deadline)
+        except TimeoutError:   # (a head had begun: an idle connection times out in run)
             self._raw_error(408, "the request head did not arrive in time")
             return False
         except codec.BadRequest as e:

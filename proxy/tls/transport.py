@@ -123,43 +123,56 @@ class ByteStream:
 
     # --- read by the HTTP layer ---
     async def read(self, n: int = 65536, timeout: Optional[float] = None) -> bytes:
-        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``.
+        """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
+        w = self.readable(timeout)
+        if w is not None:
+            try:
+                await w
+            finally:
+                self._waiter = None
+        return self.read_now(n)
+
+    def readable(self, timeout: Optional[float] = None) -> Optional[asyncio.Future]:
+        """None when ``read_now`` has something (bytes, or b"" at end of stream); else a
+        future to await first, which raises TimeoutError after ``timeout``. (``read`` in two
+        halves: a caller that waits in its own frame keeps no coroutine of ours alive while
+        the connection idles.)
 
         The deadline is kept on the stream and one timer serves all its reads: a read that
         ends in time leaves the timer armed, and the next read re-arms it only when its
         deadline comes earlier (a timer that fires before the deadline of the read then
         waiting arms itself again for it). Keep-alive reads with the same timeout thus arm
         a timer about once per timeout, not once per read."""
-        if not self._buf and not self._eof:
-            self._waiter = w = self._loop.create_future()
-            if timeout is None:
-                self._deadline = None
-            else:
-                self._deadline = deadline = self._loop.time() + timeout
-                t = self._timer
-                if t is None or t.when() > deadline:
-                    if t is not None:
-                        t.cancel()
-                    self._timer = self._loop.call_at(deadline, self._on_timer)
-            try:
-                await w
-            finally:
-                self._waiter = None
+        if self._buf or self._eof:
+            return None
+        self._waiter = w = self._loop.create_future()
+        if timeout is None:
+            self._deadline = None
+        else:
+            self._deadline = deadline = self._loop.time() + timeout
+            t = self._timer
+            if t is None or t.when() > deadline:
+                if t is not None:
+                    t.cancel()
+                self._timer = self._loop.call_at(deadline, self._on_timer)
+        return w
+
+    def read_now(self, n: int = 65536) -> bytes:
+        """Up to ``n`` received bytes, one received chunk at a time, handed over as it is (no
+        copy) unless it is longer than ``n``; b"" when nothing is there."""
         buf = self._buf
-        if buf:
-            # One received chunk at a time, handed over as it is (no copy) unless it is
-            # longer than ``n``.
-            data = buf[0]
-            if len(data) <= n:
-                del buf[0]
-            else:
-                buf[0] = data[n:]
-                data = data[:n]
-            self._size -= len(data)
-            if self._reading_paused and self._size < READ_LIMIT // 2:
-                self._resume_reading()
-            return data
-        return b""
+        if not buf:
+            return b""
+        data = buf[0]
+        if len(data) <= n:
+            del buf[0]
+        else:
+            buf[0] = data[n:]
+            data = data[:n]
+        self._size -= len(data)
+        if self._reading_paused and self._size < READ_LIMIT // 2:
+            self._resume_reading()
+        return data
 
     def _on_timer(self) -> None:
         self._timer = None
