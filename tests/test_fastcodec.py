@@ -644,6 +644,7 @@ def _llhttp_outcome(monkeypatch, role, data, **kw):
     with monkeypatch.context() as m:
         m.setattr(fastcodec, "_REQUEST_LINE", _NEVER)
         m.setattr(fastcodec, "_STATUS_LINE", _NEVER)
+        m.setattr(fastcodec, "_STATUS_LINES_IN", codec.BoundedCache(64))   # (none matched: none kept)
         return _outcome(role, data, **kw)
 
 
@@ -757,6 +758,8 @@ def test_status_lines_split_without_llhttp_as_with_it(monkeypatch, block, method
             _llhttp_outcome(monkeypatch, h11.CLIENT, data, method=method), data
         fast_ran += fastcodec._STATUS_LINE.match(data) is not None
     assert fast_ran > 100
+    assert fastcodec._STATUS_LINES_IN and len(fastcodec._STATUS_LINES_IN) <= 64   # (kept, bounded)
+    assert all(len(k) <= 128 for k in fastcodec._STATUS_LINES_IN)
 
 
 def test_received_blocks_are_kept_per_role():

@@ -251,6 +251,9 @@ _METHODS_OUT = BoundedCache(64)
 # llhttp. tests/test_fastcodec.py checks this against llhttp, byte by byte.
 _REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[\x21-\x7e]*) HTTP/(1\.[01])\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([2-9][0-9][0-9])(?: |(?=\r))([\t\x20-\x7e\x80-\xff]*)\r\n")
+# Received status lines it matched (with their CRLF) -> (version, status, reason): an upstream
+# sends the same few. Bounded.
+_STATUS_LINES_IN = BoundedCache(64)
 
 
 def _plain_framing(role, info, hosts):
@@ -675,14 +678,22 @@ class Connection:
                             self._rchunk_phase = 0
                             return ev
             else:
-                line = _STATUS_LINE.match(buf)
+                first = buf.find(b"\r\n") + 2
+                key = bytes(buf[:first])
+                line = _STATUS_LINES_IN.get(key)
+                if line is None:
+                    line = _STATUS_LINE.fullmatch(key)
+                    if line is not None:
+                        version, status, reason = line.groups()
+                        line = version, int(status), reason
+                        if first <= 128:
+                            _STATUS_LINES_IN.keep(key, line)
                 if line is not None:
-                    seen = _BLOCKS_RESPONSES.get(bytes(buf[line.end():end]))
+                    seen = _BLOCKS_RESPONSES.get(bytes(buf[first:end]))
                     if seen is None:
                         line = None
                     else:
-                        version, status, reason = line.groups()
-                        status = int(status)
+                        version, status, reason = line
                         plain = seen[3]
                         if plain is not None and version == b"1.1" \
                                 and self._sstate is SEND_RESPONSE \
