@@ -224,7 +224,8 @@ _CACHEABLE = 256   # longest header line (name and value) either cache keeps
 # again: received block (the lines after the start line, with the blank line) ->
 # (normalised pairs, what _scan would say, number of Host headers, _plain_framing's answer);
 # headers to send (a tuple of the pairs) -> (block bytes, what _scan would say, number of Host
-# headers). Received blocks are kept per role, because llhttp's rules for a block differ for
+# headers, what sending it as a usual request / response sets, the block with its final
+# CRLF; see _cached_head). Received blocks are kept per role, because llhttp's rules for a block differ for
 # requests and responses (e.g. "Transfer-Encoding: chunked<TAB>": an error in a request, a
 # close-delimited body in a response) and a block seen before under the usual start line is
 # not given to llhttp again (_read_head). Bounded in entries and in block length; emptied when
@@ -245,10 +246,9 @@ _METHODS_OUT = BoundedCache(64)
 # depend on these start lines: of the method only CONNECT matters (it skips the check of a
 # request's Transfer-Encoding: blocks first seen in a CONNECT request are not kept), of the
 # status only 1xx (101 pauses the parser: an error without Upgrade headers), of the version
-# nothing. Any other
-# line (another method, absolute-form or "*", a tab or a byte >= 0x80 in the target, a version
-# other than 1.0 and 1.1, a status outside 200-999, a control byte in the reason) goes to
-# llhttp. tests/test_fastcodec.py checks this against llhttp, byte by byte.
+# nothing. Any other line (another method, absolute-form or "*", a tab or a byte >= 0x80 in
+# the target, a version other than 1.0 and 1.1, a status outside 200-999, a control byte in
+# the reason) goes to llhttp. tests/test_fastcodec.py checks this against llhttp, byte by byte.
 _REQUEST_LINE = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH) (/[\x21-\x7e]*) HTTP/(1\.[01])\r\n")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([2-9][0-9][0-9])(?: |(?=\r))([\t\x20-\x7e\x80-\xff]*)\r\n")
 # Received status lines it matched (with their CRLF) -> (version, status, reason): an upstream
