@@ -70,6 +70,11 @@ class Upstream:
         """``authority`` as sent in a Host header, computed once (it is read per request)."""
         return self.authority.encode()
 
+    @functools.cached_property
+    def address(self) -> str:
+        """host:port as logs name the upstream, computed once (it is read per request)."""
+        return f"{self.host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class DirectResponse:

@@ -424,7 +424,7 @@ class ClientConnection:
         if first_body is h11.NEED_DATA:
             first_body = await client.next_event(opts.timeout_idle)
         up = state.routes.upstream(route)
-        entry.upstream = f"{up.host}:{up.port}"
+        entry.upstream = up.address
         up_req = self._upstream_request(req, facts, route, host_header, up)
         has_body = type(first_body) is not h11.EndOfMessage
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
