@@ -1013,3 +1013,139 @@ def test_sent_status_line_and_method_caches_change_nothing():
         with pytest.raises(TypeError):
             FAST.Connection(h11.CLIENT).send(FAST.Request(method="GET", target=b"/", headers=[(b"host", b"a")]))
     assert all(type(k[0]) is int and type(k[1]) is bytes for k in fastcodec._STATUS_LINES_OUT)
+
+
+# --- the short paths against the general ones, on random exchanges ------------------------------
+
+class _NoCache(dict):
+    """A cache that keeps nothing (BoundedCache's interface)."""
+    def keep(self, key, value):
+        return value
+
+
+_FUZZ_REQUEST_LINES = [b"GET / HTTP/1.1", b"POST /p?q HTTP/1.1", b"HEAD /h HTTP/1.1", b"GET / HTTP/1.0",
+                       b"PUT /x HTTP/1.1", b"CONNECT h:443 HTTP/1.1", b"OPTIONS * HTTP/1.1", b"GET /",
+                       b"DELETE /d HTTP/1.1", b"PRI * HTTP/2.0", b"GET http://a/b HTTP/1.1", b"get / HTTP/1.1",
+                       b"GET  / HTTP/1.1", b"GET /\xe9 HTTP/1.1", b"PATCH /p HTTP/1.0"]
+_FUZZ_STATUS_LINES = [b"HTTP/1.1 200 OK", b"HTTP/1.1 204 No Content", b"HTTP/1.1 304 NM", b"HTTP/1.0 200 OK",
+                      b"HTTP/1.1 100 Continue", b"HTTP/1.1 101 Switching", b"HTTP/1.1 404 Not Found",
+                      b"HTTP/1.1 200", b"RTSP/1.0 200 OK", b"HTTP/1.1 099 X", b"HTTP/1.1 200 \x01", b"HTTP/2.0 200 OK"]
+_FUZZ_HEADER_LINES = [
+    b"Host: a", b"Host: b", b"User-Agent: t", b"Content-Length: 0", b"Content-Length: 3", b"Content-Length: 10",
+    b"Content-Length: 3, 3", b"Transfer-Encoding: chunked", b"Transfer-Encoding: Chunked", b"Transfer-Encoding: gzip",
+    b"Transfer-Encoding: chunked\t", b"Transfer-Encoding: chunked ", b"Transfer-Encoding: chunked, gzip",
+    b"Connection: close", b"Connection: keep-alive", b"Connection: upgrade", b"Upgrade: websocket",
+    b"Expect: 100-continue", b"X: a\x00b", b"X Y: z", b"X:\tv\t", b" folded", b"Server: s", b"X-Latin: caf\xe9"]
+_FUZZ_BODIES = [b"", b"abc", b"0123456789", b"3\r\nabc\r\n0\r\n\r\n", b"5\r\nab", b"0\r\nX-T: 1\r\n\r\n", b"zz\r\n"]
+
+
+def _fuzz_script(rnd, role):
+    def head(lines):
+        hdrs = [rnd.choice(_FUZZ_HEADER_LINES) for _ in range(rnd.randrange(0, 5))]
+        if lines is _FUZZ_REQUEST_LINES and rnd.random() < 0.7:
+            hdrs.insert(0, b"Host: a")
+        return rnd.choice(lines) + b"\r\n" + b"".join(h + b"\r\n" for h in hdrs) + b"\r\n" + rnd.choice(_FUZZ_BODIES)
+
+    def pieces(data):
+        if rnd.random() < 0.5 or len(data) < 3:
+            return [data]
+        cuts = sorted(rnd.sample(range(1, len(data)), 2))
+        return [x for x in (data[:cuts[0]], data[cuts[0]:cuts[1]], data[cuts[1]:]) if x]
+
+    script = []
+    for _ in range(rnd.randrange(1, 4)):
+        early = rnd.random() < 0.3   # the response before the request's body or end
+        later = []
+        if role is h11.SERVER:
+            data = b"".join(head(_FUZZ_REQUEST_LINES) for _ in range(rnd.randrange(1, 3)))
+            if early and b"\r\n\r\n" in data:
+                cut = data.index(b"\r\n\r\n") + 4
+                data, later = data[:cut], [("recv", data[cut:]), ("events", None)] if data[cut:] else []
+            for p in pieces(data):
+                script += [("recv", p), ("events", None)]
+            status = rnd.choice([200, 200, 204, 304, 404, 101, 100])
+            headers = rnd.choice([[(b"content-length", b"5")], [(b"content-length", b"0"), (b"server", b"s")], [],
+                                  [(b"transfer-encoding", b"chunked")], [(b"connection", b"close"), (b"content-length", b"5")],
+                                  [(b"upgrade", b"websocket"), (b"connection", b"upgrade")]])
+            make = "InformationalResponse" if status < 200 else "Response"
+            script.append(("send", (make, dict(status_code=status, headers=headers, reason=rnd.choice([b"R", b"OK"])))))
+        else:
+            method = rnd.choice([b"GET", b"HEAD", b"POST", b"CONNECT"])
+            headers = rnd.choice([[(b"host", b"u")], [(b"host", b"u"), (b"content-length", b"3")],
+                                  [(b"host", b"u"), (b"transfer-encoding", b"chunked")],
+                                  [(b"host", b"u"), (b"connection", b"close")],
+                                  [(b"host", b"u"), (b"upgrade", b"ws"), (b"connection", b"upgrade")],
+                                  [(b"host", b"u"), (b"upgrade", b"ws"), (b"connection", b"upgrade"),
+                                   (b"content-length", b"5")],
+                                  [(b"host", b"u"), (b"connection", b"close"), (b"content-length", b"5")],
+                                  [(b"host", b"u"), (b"expect", b"100-continue"), (b"content-length", b"3")], []])
+            script.append(("send", ("Request", dict(method=method, target=b"/t", headers=headers))))
+        if rnd.random() < 0.7:
+            script.append(("send", ("Data", b"hello")))
+        if role is h11.CLIENT:
+            if not early:
+                script.append(("send", ("EOM", None)))
+            for p in pieces(b"".join(head(_FUZZ_STATUS_LINES) for _ in range(rnd.randrange(1, 3)))):
+                script += [("recv", p), ("events", None)]
+            if early:
+                script.append(("send", ("EOM", None)))
+        else:
+            script.append(("send", ("EOM", None)))
+        script += later + [("events", None), ("cycle", None), ("trailing", None)]
+    if rnd.random() < 0.5:
+        script += [("recv", b""), ("events", None)]
+    return script
+
+
+def _fuzz_run(role, script, max_size):
+    conn = FAST.Connection(role, max_incomplete_event_size=max_size)
+    trace = []
+    for kind, arg in script:
+        try:
+            if kind == "recv":
+                out = conn.receive_data(arg)
+            elif kind == "events":
+                out = []
+                for _ in range(6):
+                    ev = conn.next_event()
+                    out.append((norm(ev), conn.our_state, conn.their_state))
+                    if ev in STOP or type(ev) is h11.ConnectionClosed:
+                        break
+            elif kind == "send":
+                make, kw = arg
+                ev = h11.Data(data=kw) if make == "Data" else h11.EndOfMessage() if make == "EOM" else \
+                    getattr(FAST, make)(**dict(kw, headers=list(kw["headers"])))
+                out = conn.send(ev)
+            elif kind == "cycle":
+                out = conn.start_next_cycle()
+            else:
+                out = conn.trailing_data
+        except (h11.ProtocolError, RuntimeError) as e:
+            out = ("error", type(e).__name__, str(e), getattr(e, "error_status_hint", None))
+        trace.append((kind, out, conn.our_state, conn.their_state, conn.their_http_version,
+                      conn.client_is_waiting_for_100_continue))
+    return trace
+
+
+def test_short_paths_change_nothing_on_random_exchanges(monkeypatch):
+    """Random exchanges (both roles, pipelined and split heads of every kind, valid and not,
+    bodies, sends, cycles, EOF), warm: the codec as it is against the codec with every cache
+    off (so no start line without llhttp, no usual path for a head, sent or received): the same
+    events, bytes, states, flags, errors (type, message, hint) and trailing data."""
+    import random
+    rnd = random.Random(20261127)
+    cases = [(role, _fuzz_script(rnd, role), rnd.choice([64 * 1024, 200]))
+             for role in [h11.SERVER, h11.CLIENT] * 1500]
+    for role, script, size in cases:   # warm the caches
+        _fuzz_run(role, script, size)
+    fast = [_fuzz_run(role, script, size) for role, script, size in cases]
+    with monkeypatch.context() as m:
+        for name in ("_BLOCKS_REQUESTS", "_BLOCKS_RESPONSES", "_BLOCKS_OUT", "_NORMALISED", "_STATUS_LINES_IN",
+                     "_STATUS_LINES_OUT", "_METHODS_OUT"):
+            m.setattr(fastcodec, name, _NoCache())
+        m.setattr(fastcodec, "_cached_head", lambda headers: None)
+        m.setattr(fastcodec, "_REQUEST_LINE", _NEVER)
+        m.setattr(fastcodec, "_STATUS_LINE", _NEVER)
+        general = [_fuzz_run(role, script, size) for role, script, size in cases]
+    for (role, script, _), a, b in zip(cases, fast, general):
+        assert a == b, (role, script)
