@@ -215,3 +215,16 @@ def test_request_facts_answers_the_same_headers_with_the_same_object():
         codec.request_facts([(b"content-length", b"1"), (b"content-length", b"2")])
     with pytest.raises(codec.BadRequest):
         codec.request_facts([(b"content-length", b"1"), (b"content-length", b"2")])
+
+
+def test_kept_answers_are_bounded_in_pairs_and_unhashable_pairs_still_count():
+    many = [(b"host", b"example.com")] + [(b"a", b"")] * 1000   # few bytes, many pairs
+    assert not codec.request_facts(many).shared
+    before = len(codec._FORWARDED)
+    codec.end_to_end(many + [(b"b", b"unique-%d" % before)])
+    assert len(codec._FORWARDED) <= before   # not kept (or the cache emptied itself)
+    # a generator whose pairs cannot be hashed: the answer still sees every pair
+    facts = codec.request_facts([n, v] for n, v in [(b"host", b"h"), (b"transfer-encoding", b"chunked")])
+    assert facts.host == b"h" and facts.chunked and not facts.shared
+    out = codec.end_to_end([n, v] for n, v in [(b"x-a", b"1"), (b"connection", b"close")])
+    assert [n for n, _ in out] == [b"x-a"]

@@ -640,6 +640,13 @@ def _outcome(role, data, method=b"GET", chunks=None):
     return out, conn.trailing_data
 
 
+def _block_key(block: bytes) -> bytes:
+    """What the codec keeps a received header block under: the lines after the start line,
+    through the blank line."""
+    head = b"X\r\n" + block
+    return head[3:head.find(b"\r\n\r\n") + 4]
+
+
 def _llhttp_outcome(monkeypatch, role, data, **kw):
     with monkeypatch.context() as m:
         m.setattr(fastcodec, "_REQUEST_LINE", _NEVER)
@@ -701,6 +708,9 @@ def test_request_lines_split_without_llhttp_as_with_it(monkeypatch, block, warm)
     bytes left over alike."""
     fastcodec._BLOCKS_REQUESTS.clear()
     _outcome(h11.SERVER, warm + b"\r\n" + block)   # the block is now seen (when llhttp and h11's rules take it)
+    kept = _block_key(block) in fastcodec._BLOCKS_REQUESTS
+    if warm == b"GET / HTTP/1.1" and _REQUEST_BLOCKS.index(block) < 4:
+        assert kept   # (ordinary blocks are kept: the comparison below is not vacuous)
     fast_ran = 0
     for line in _request_lines():
         data = line + b"\r\n" + block
@@ -711,8 +721,9 @@ def test_request_lines_split_without_llhttp_as_with_it(monkeypatch, block, warm)
         pieces = [x for x in (data[:len(line) // 2], data[len(line) // 2:]) if x] + [b""]
         assert _outcome(h11.SERVER, data, chunks=pieces) == \
             _llhttp_outcome(monkeypatch, h11.SERVER, data, chunks=pieces), data
-        fast_ran += fastcodec._REQUEST_LINE.match(data) is not None
-    assert fast_ran > 100
+        # (a line of the usual shape before a kept block: llhttp was not asked)
+        fast_ran += kept and fastcodec._REQUEST_LINE.match(data) is not None
+    assert fast_ran > 100 or not kept
 
 
 _RESPONSE_BLOCKS = [
@@ -751,13 +762,16 @@ def test_status_lines_split_without_llhttp_as_with_it(monkeypatch, block, method
     """The same for every status line (the reason phrase byte by byte), to GET and to HEAD."""
     warm = b"HTTP/1.1 200 OK\r\n" + block
     _outcome(h11.CLIENT, warm)
+    kept = _block_key(block) in fastcodec._BLOCKS_RESPONSES
+    if _RESPONSE_BLOCKS.index(block) < 2:
+        assert kept   # (ordinary blocks are kept: the comparison below is not vacuous)
     fast_ran = 0
     for line in _status_lines():
         data = line + b"\r\n" + block
         assert _outcome(h11.CLIENT, data, method=method) == \
             _llhttp_outcome(monkeypatch, h11.CLIENT, data, method=method), data
-        fast_ran += fastcodec._STATUS_LINE.match(data) is not None
-    assert fast_ran > 100
+        fast_ran += kept and fastcodec._STATUS_LINE.match(data) is not None
+    assert fast_ran > 100 or not kept
     assert fastcodec._STATUS_LINES_IN and len(fastcodec._STATUS_LINES_IN) <= 64   # (kept, bounded)
     assert all(len(k) <= 128 for k in fastcodec._STATUS_LINES_IN)
 

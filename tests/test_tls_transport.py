@@ -622,6 +622,14 @@ def test_reads_share_one_timer_and_each_keeps_its_own_deadline():
         assert 0.29 <= loop.time() - t0 < 0.8
         loop.call_later(0.2, s._feed, b"c")                       # no timeout: the timer lapses
         assert await s.read(10) == b"c"
+        loop.call_later(0.02, s._feed, b"d")                      # the halves run's idle wait uses:
+        w = s.readable(0.1)
+        await w
+        assert s.read_now(10) == b"d" and s._timer is not None    # in time, the timer left armed
+        loop.call_later(0.3, s._feed, b"e")                       # a wait without timeout after it:
+        w = s.readable(None)                                      # the armed timer fires and lapses
+        await w
+        assert s.read_now(10) == b"e" and s.readable(None) is not None
         s._gone(None)                                             # a lost stream keeps no timer
         assert s._timer is None
 

@@ -70,15 +70,15 @@ def request_facts(headers: Iterable[tuple[bytes, bytes]]) -> RequestFacts:
     body length could be read two ways: Content-Length with Transfer-Encoding, or Content-Length
     values that disagree. A client sends the same headers with every request: the answer for
     headers seen before is the object made for them then (``shared``)."""
+    key = tuple(headers)
     try:
-        key = tuple(headers)
         seen = _FACTS.get(key)
     except TypeError:   # unhashable pairs
-        return _request_facts(headers)
+        return _request_facts(key)
     if seen is not None:
         return seen
     facts = _request_facts(key)
-    if sum(map(len, chain.from_iterable(key))) <= _FORWARDED_BYTES:
+    if _keepable(key):
         facts.shared = True
         _FACTS.keep(key, facts)
     return facts
@@ -153,9 +153,17 @@ class BoundedCache(dict):
 # same pairs again for a block it has seen). Bounded in entries and bytes per entry.
 _FORWARDED_MAX = 1024
 _FORWARDED_BYTES = 2048
+_FORWARDED_PAIRS = 64
 _FORWARDED = BoundedCache(_FORWARDED_MAX)
 # request_facts' answers, bounded the same way
 _FACTS = BoundedCache(_FORWARDED_MAX)
+
+
+def _keepable(pairs: tuple) -> bool:
+    """Whether headers are small enough to key a kept answer: in pairs (each costs a tuple
+    and two bytes objects beyond its bytes; h11 makes fresh ones for every message) and in
+    bytes."""
+    return len(pairs) <= _FORWARDED_PAIRS and sum(map(len, chain.from_iterable(pairs))) <= _FORWARDED_BYTES
 
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = False,
@@ -164,17 +172,17 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, keep_upgrade: bool = F
     ``tokens``: the Connection tokens, when the caller has them already."""
     key = None
     if not tokens:   # the answer depends on the arguments alone
+        headers = tuple(headers)
+        key = (headers, keep_upgrade, drop, tokens is None)
         try:
-            key = (tuple(headers), keep_upgrade, drop, tokens is None)
             seen = _FORWARDED.get(key)
         except TypeError:   # unhashable pairs
             key = None
         else:
             if seen is not None:
                 return list(seen)
-            headers = key[0]
     out = _end_to_end(headers, keep_upgrade, drop, tokens)
-    if key is not None and sum(map(len, chain.from_iterable(key[0]))) <= _FORWARDED_BYTES:
+    if key is not None and _keepable(headers):
         _FORWARDED.keep(key, tuple(out))
     return out
 

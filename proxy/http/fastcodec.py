@@ -406,6 +406,29 @@ class Connection:
                 break
         self._cstate, self._sstate = c, s
 
+    def _take_head(self, buf, end: int) -> None:
+        """The head at the start of ``buf`` (``end`` bytes) is parsed: it leaves the receive
+        buffer, or what follows it in bytes that arrived on an empty one becomes _pending."""
+        self._search_from = 0
+        if type(buf) is bytes:
+            if end < len(buf):
+                self._pending = buf[end:]
+        else:
+            del buf[:end]
+
+    def _body_done(self, role) -> None:
+        """``role``'s SEND_BODY -> DONE (its end of message, sent or received), and the
+        state-triggered transitions when they can change anything."""
+        if role is CLIENT:
+            self._cstate = DONE
+            self.client_is_waiting_for_100_continue = False
+            if not self._plain or self._sstate in _SETTLING:
+                self._settle()
+        else:
+            self._sstate = DONE
+            if not self._plain or self._cstate in _SETTLING:
+                self._settle()
+
     def _process_error(self, role) -> None:
         if role is CLIENT:
             self._cstate = ERROR
@@ -576,15 +599,7 @@ class Connection:
                     buf += p
                 if kind is _CL and self._rleft == 0:
                     # the end of the body (what _read_body then _their_eom(()) do, for their SEND_BODY)
-                    if self.our_role is SERVER:   # they are the client
-                        self._cstate = DONE
-                        self.client_is_waiting_for_100_continue = False
-                        if not self._plain or self._sstate in _SETTLING:
-                            self._settle()
-                    else:
-                        self._sstate = DONE
-                        if not self._plain or self._cstate in _SETTLING:
-                            self._settle()
+                    self._body_done(self.their_role)
                     return _END
                 ev = self._read_body(buf)
             elif their is IDLE or their is SEND_RESPONSE:
@@ -659,12 +674,7 @@ class Connection:
                         if plain is not None and version == b"1.1" and self._cstate is IDLE \
                                 and self._sstate is IDLE:
                             # the usual request: what the code below and _process_head do for it
-                            self._search_from = 0
-                            if type(buf) is bytes:
-                                if end < len(buf):
-                                    self._pending = buf[end:]
-                            else:
-                                del buf[:end]
+                            self._take_head(buf, end)
                             ev = _new(_Request)
                             _set_method(ev, method)
                             _set_target(ev, target)
@@ -700,12 +710,7 @@ class Connection:
                                 and (self._cstate is DONE or self._cstate is SEND_BODY) \
                                 and self._plain:
                             # the usual response: what the code below and _process_head do for it
-                            self._search_from = 0
-                            if type(buf) is bytes:
-                                if end < len(buf):
-                                    self._pending = buf[end:]
-                            else:
-                                del buf[:end]
+                            self._take_head(buf, end)
                             ev = _new(_Response)
                             _set_status(ev, status)
                             _set_response_headers(ev, list(seen[0]))
@@ -780,11 +785,7 @@ class Connection:
             else:
                 status = parser.get_status_code()
                 reason = sink.status
-        if type(buf) is bytes:
-            if end < len(buf):
-                self._pending = buf[end:]
-        else:
-            del buf[:end]
+        self._take_head(buf, end)
         if self.their_role is CLIENT:
             # llhttp tolerates extra spaces in the request line; h11 does not.
             # The line is exactly "METHOD SP target SP HTTP/x.y" when its length leaves no room
@@ -993,16 +994,7 @@ class Connection:
             if etype is _EOM:
                 if ours is not SEND_BODY:
                     self._transition(role, _EOM)   # raises
-                # SEND_BODY -> DONE
-                if role is CLIENT:
-                    self._cstate = DONE
-                    self.client_is_waiting_for_100_continue = False
-                    if not self._plain or self._sstate in _SETTLING:
-                        self._settle()
-                else:
-                    self._sstate = DONE
-                    if not self._plain or self._cstate in _SETTLING:
-                        self._settle()
+                self._body_done(role)
                 trailers = event.headers
                 if self._wkind is _CL:   # (_write_eom's first case)
                     if self._wleft != 0:
@@ -1035,13 +1027,7 @@ class Connection:
                 _METHODS_OUT.keep(method, True)
         if _TARGET.fullmatch(target) is None:
             raise LocalProtocolError("Illegal target characters")
-        headers = ev.headers
-        try:   # (_cached_head's first look, for a block sent before)
-            fast = _BLOCKS_OUT.get(tuple(headers)) if type(headers) is list else None
-        except TypeError:
-            fast = None
-        if fast is None:
-            fast = _cached_head(headers)
+        fast = _cached_head(ev.headers)
         if fast is not None:
             framing = fast[3]
             # (both IDLE: kept alive, no protocol switch pending; see _read_head)
@@ -1077,13 +1063,7 @@ class Connection:
         if line is None:
             if _REASON.fullmatch(reason) is None:
                 raise LocalProtocolError("Illegal reason phrase")
-        headers = ev.headers
-        try:   # (_cached_head's first look, for a block sent before)
-            fast = _BLOCKS_OUT.get(tuple(headers)) if type(headers) is list else None
-        except TypeError:
-            fast = None
-        if fast is None:
-            fast = _cached_head(headers)
+        fast = _cached_head(ev.headers)
         if fast is not None:
             length = fast[4]
             if length is not None and etype is _Response and self._plain and self._sstate is SEND_RESPONSE \
@@ -1207,9 +1187,11 @@ def _cache_line(h):
 
 
 def _cached_head(headers):
-    """(header block bytes, what _scan would say of the head, number of Host headers) for a plain list of
-    (name, value) pairs whose framing needs no normalising and whose Host, if any, comes first;
-    else None, and the general path handles the head."""
+    """For a plain list of (name, value) pairs whose framing needs no normalising and whose
+    Host, if any, comes first: (header block bytes, what _scan would say of the head, number
+    of Host headers, a usual request's body framing or None, a usual response's
+    Content-Length or None, the block with its final CRLF), kept in _BLOCKS_OUT; else None,
+    and the general path handles the head."""
     if type(headers) is not list:
         return None
     try:

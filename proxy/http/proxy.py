@@ -201,7 +201,7 @@ class ClientConnection:
                     data = stream.read_now(READ_SIZE)
                     if not data:
                         break   # end of stream
-                keep = await self._one_request(first, data, head_deadline)
+                keep = await self._one_request(data, head_deadline)
                 first = False
                 if not keep:
                     break
@@ -215,7 +215,7 @@ class ClientConnection:
                 await self._discard_input()
             stream.close()
 
-    async def _next_head(self, first: bool, opts: Options, data: bytes, head_deadline: Optional[float]):
+    async def _next_head(self, opts: Options, data: bytes, head_deadline: Optional[float]):
         """The next request head, from ``data`` (its first bytes, read by ``run``) or, when
         empty, from what the codec holds (a pipelined head, or part of one). The rest of a
         head has the head timeout (a new connection: what is left of it)."""
@@ -238,7 +238,7 @@ class ClientConnection:
                                        else opts.timeout_read_header, head_buf)
         return ev
 
-    async def _one_request(self, first: bool, data: bytes, head_deadline: Optional[float]) -> bool:
+    async def _one_request(self, data: bytes, head_deadline: Optional[float]) -> bool:
         """Serve one request (``data``: its first bytes, see ``_next_head``). Returns whether
         the connection stays open for another."""
         state = self.get_state()
@@ -246,7 +246,7 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         try:
-            ev = await self._next_head(first, opts, data, head_deadline)
+            ev = await self._next_head(opts, data, head_deadline)
         except TimeoutError:   # (a head had begun: an idle connection times out in run)
             self._raw_error(408, "the request head did not arrive in time")
             return False
