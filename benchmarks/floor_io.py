@@ -52,7 +52,7 @@ if mode == "syslib":
     _lib = _ffi.dlopen("libssl.so.3")
     _ffi.cdef("void ERR_clear_error(void);")
     _crypto = _ffi.dlopen("libcrypto.so.3")
-    sysctx = _ffi.gc(_lib.SSL_CTX_new(_lib.TLS_server_method()), lambda c: None)
+    sysctx = _lib.SSL_CTX_new(_lib.TLS_server_method())   # (for the process's life)
     assert _lib.SSL_CTX_use_certificate_chain_file(sysctx, cert.encode()) == 1
     assert _lib.SSL_CTX_use_PrivateKey_file(sysctx, key.encode(), 1) == 1
     # SSL_CTRL_MODE (33): RELEASE_BUFFERS | ENABLE_PARTIAL_WRITE | ACCEPT_MOVING_WRITE_BUFFER

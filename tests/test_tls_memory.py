@@ -95,7 +95,10 @@ def test_contexts_release_buffers_and_keep_tickets():
 def test_a_pyopenssl_without_the_callbacks_internals_is_refused(monkeypatch):
     import proxy.tls.engine as engine_mod
     monkeypatch.setattr(engine_mod, "REQUIRED", engine_mod.REQUIRED + ("SSL_no_such_function",))
-    with pytest.raises(RuntimeError, match="lacks SSL_no_such_function"):
+    with pytest.raises(RuntimeError, match="lacks SSL_no_such_function, which the TLS engine"):
+        _engine()
+    monkeypatch.delattr(SSL.Connection, "_reverse_mapping")   # what the callbacks find connections by
+    with pytest.raises(RuntimeError, match="lacks SSL_no_such_function, Connection._reverse_mapping"):
         _engine()
 
 

@@ -587,12 +587,19 @@ def test_closed_listener_refuses_new_connections_and_keeps_open_ones(leaf):
     uvloop.run(go())
 
 
-def test_a_pyopenssl_without_the_internals_is_refused_at_start():
+def test_check_pyopenssl_names_what_is_missing(monkeypatch, leaf):
+    """(app.py calls it before the listeners start.) A Connection without the internals, or a
+    binding without a function the listener calls, is refused with its name."""
     class NoInternals:   # a pyOpenSSL Connection as a future release might shape it
         pass
 
-    with pytest.raises(RuntimeError, match="lacks _ssl"):
+    with pytest.raises(RuntimeError, match="lacks _ssl, _raise_ssl_error"):
         socketstream.check_pyopenssl(NoInternals)
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    socketstream.check_pyopenssl(lambda: SSL.Connection(ctx, None))   # this pyOpenSSL: nothing missing
+    monkeypatch.setattr(socketstream, "_NEEDED", socketstream._NEEDED + ("SSL_no_such_function",))
+    with pytest.raises(RuntimeError, match="lacks SSL_no_such_function, which the TLS listener"):
+        socketstream.check_pyopenssl(lambda: SSL.Connection(ctx, None))
 
 
 def test_reads_share_one_timer_and_each_keeps_its_own_deadline():

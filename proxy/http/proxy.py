@@ -222,15 +222,12 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         head_buf = None
+        if CHECK_HEAD_BYTES:   # h11: the raw head is checked here (see CHECK_HEAD_BYTES)
+            head = data or _pending_bytes(conn)
+            head_buf = bytearray(head)
+            codec.check_head_bytes(head, MAX_HEAD)
         if not data:
-            pending = _pending_bytes(conn)
-            if CHECK_HEAD_BYTES:   # h11: the raw head is checked here (see CHECK_HEAD_BYTES)
-                head_buf = bytearray(pending)
-                codec.check_head_bytes(pending, MAX_HEAD)
             return await side.next_event(opts.timeout_read_header, head_buf)
-        if CHECK_HEAD_BYTES:
-            head_buf = bytearray(data)
-            codec.check_head_bytes(data, MAX_HEAD)
         conn.receive_data(data)
         ev = conn.next_event()
         if ev is h11.NEED_DATA:
@@ -276,7 +273,6 @@ class ClientConnection:
             entry.status = 400
             state.access_log.write(entry, started)
             return False
-        host_header = facts.host or b""
         host = facts.host_name
         entry.host = host
         path = ev.target.split(b"?", 1)[0].decode("latin-1")
@@ -294,7 +290,7 @@ class ClientConnection:
                 entry.route = route.from_url
             else:
                 entry.route = route.from_url
-                upgraded = await self._proxy(ev, facts, route, host_header, state, entry)
+                upgraded = await self._proxy(ev, facts, route, state, entry)
                 if upgraded:
                     state.access_log.write(entry, started)
                     return False
@@ -387,7 +383,8 @@ class ClientConnection:
 
     # --- proxying ---
     def _upstream_request(self, req: h11.Request, facts: codec.RequestFacts, route: Route,
-                          host_header: bytes, up) -> h11.Request:
+                          up) -> h11.Request:
+        host_header = facts.host or b""
         authority = host_header if route.preserve_host_header else up.authority_bytes
         key = None
         if facts.shared:   # the same client headers as before: the same headers to send
@@ -411,7 +408,7 @@ class ClientConnection:
             _UPSTREAM_HEADERS.keep(key, tuple(headers))
         return HTTP.Request(method=req.method, target=req.target, headers=headers)
 
-    async def _proxy(self, req: h11.Request, facts: codec.RequestFacts, route: Route, host_header: bytes,
+    async def _proxy(self, req: h11.Request, facts: codec.RequestFacts, route: Route,
                      state: ProxyState, entry: Entry) -> bool:
         """Forwards one request. Returns True when the connection was upgraded (and is done)."""
         opts = state.options
@@ -425,7 +422,7 @@ class ClientConnection:
             first_body = await client.next_event(opts.timeout_idle)
         up = state.routes.upstream(route)
         entry.upstream = up.address
-        up_req = self._upstream_request(req, facts, route, host_header, up)
+        up_req = self._upstream_request(req, facts, route, up)
         has_body = type(first_body) is not h11.EndOfMessage
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
         for attempt in range(attempts):

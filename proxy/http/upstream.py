@@ -50,7 +50,7 @@ class UpstreamPool:
         except TimeoutError:
             raise
         except OSError as e:
-            raise UpstreamRefused(f"{up.host}:{up.port}: {e.strerror or e}") from None
+            raise UpstreamRefused(f"{up.address}: {e.strerror or e}") from None
         return stream
 
     def release(self, up: Upstream, stream: Stream, codec: object) -> None:

@@ -17,12 +17,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-import OpenSSL
 from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib   # pyOpenSSL's cffi binding (the callbacks, below)
 
 from .certcache import SELF_SIGNED, Certificate, CertificateCache
 from .clienthello import alpn_names
+from .socketstream import refuse_missing_internals
 
 log = logging.getLogger("proxy.tls")
 
@@ -47,6 +47,8 @@ REQUIRED = ("SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_tlsext_servername_callbac
 _SERVERNAME_CB = "int (*)(SSL *, int *, void *)"
 _ALPN_CB = "int (*)(SSL *, unsigned char **, unsigned char *, const unsigned char *, unsigned int, void *)"
 _STATUS_CB = "int (*)(SSL *, void *)"
+# (getattr: placeholders so that the import succeeds on any pyOpenSSL; TLSEngine() refuses
+# one without these, so no engine ever runs on them)
 _OK = getattr(_lib, "SSL_TLSEXT_ERR_OK", 0)
 _NOACK = getattr(_lib, "SSL_TLSEXT_ERR_NOACK", 3)
 _FATAL = getattr(_lib, "SSL_TLSEXT_ERR_ALERT_FATAL", 2)
@@ -97,12 +99,10 @@ def self_signed_certificate(name: str = "autocert-proxy.invalid") -> Certificate
 
 class TLSEngine:
     def __init__(self, cache: CertificateCache, challenge_lookup: Optional[ChallengeLookup] = None):
-        missing = [f for f in REQUIRED if not hasattr(_lib, f)] \
-            + ([] if hasattr(SSL.Connection, "_reverse_mapping") else ["Connection._reverse_mapping"])
-        if missing:
-            raise RuntimeError(f"pyOpenSSL {OpenSSL.__version__} lacks {', '.join(missing)}, which the TLS "
-                               "engine's callbacks use; install a pyOpenSSL release that has them "
-                               "(this proxy is tested with 26.4)")
+        refuse_missing_internals(
+            [f for f in REQUIRED if not hasattr(_lib, f)]
+            + ([] if hasattr(SSL.Connection, "_reverse_mapping") else ["Connection._reverse_mapping"]),
+            "the TLS engine's callbacks use")
         self.cache = cache
         self.challenge_lookup: ChallengeLookup = challenge_lookup or (lambda name: None)
         # kept alive by every context that uses them, too (pyOpenSSL's slots)

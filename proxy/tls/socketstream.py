@@ -61,16 +61,24 @@ _NO_SHUTDOWN, _SHUTDOWN_WANTED, _SHUTDOWN_SENT = 0, 1, 2
 _NEEDED = ("SSL_set_fd", "SSL_set_mode", "ERR_peek_error", "ERR_GET_REASON", "ERR_reason_error_string")
 
 
+def refuse_missing_internals(missing: list[str], used_for: str) -> None:
+    """The one start-up error for a pyOpenSSL without the internals the TLS layer calls
+    directly: raises RuntimeError naming what is missing and what uses it (nothing when
+    ``missing`` is empty)."""
+    if missing:
+        raise RuntimeError(f"pyOpenSSL {OpenSSL.__version__} lacks {', '.join(missing)}, which "
+                           f"{used_for}; install a pyOpenSSL release that has them (this proxy is "
+                           "tested with 26.4)")
+
+
 def check_pyopenssl(new_connection: Callable[[], SSL.Connection]) -> None:
     """Raises RuntimeError when this pyOpenSSL lacks what the TLS listener calls directly
     (its Connection's ``_ssl`` and ``_raise_ssl_error``, and OpenSSL functions in its binding)."""
     conn = new_connection()
-    missing = [a for a in ("_ssl", "_raise_ssl_error", "_socket", "_into_ssl", "_from_ssl")
-               if not hasattr(conn, a)] + [f for f in _NEEDED if not hasattr(_lib, f)]
-    if missing:
-        raise RuntimeError(f"pyOpenSSL {OpenSSL.__version__} lacks {', '.join(missing)}, which the TLS "
-                           "listener uses to let OpenSSL read and write the socket; install a "
-                           "pyOpenSSL release that has them (this proxy is tested with 26.4)")
+    refuse_missing_internals(
+        [a for a in ("_ssl", "_raise_ssl_error", "_socket", "_into_ssl", "_from_ssl") if not hasattr(conn, a)]
+        + [f for f in _NEEDED if not hasattr(_lib, f)],
+        "the TLS listener uses to let OpenSSL read and write the socket")
 
 
 class TLSServerStream(ByteStream):
@@ -157,7 +165,7 @@ class TLSServerStream(ByteStream):
 
     def _update_watch(self) -> None:
         """After the handshake: watch for what the connection's state needs."""
-        reading = not (self._reading_paused or self._read_needs_write or self._closing)
+        reading = not (self._reading_paused or self._eof or self._read_needs_write or self._closing)
         self._watch((_READ if reading or self._write_needs_read else 0)
                     | (_WRITE if self._out is not None or self._read_needs_write
                        or self._shutdown == _SHUTDOWN_WANTED else 0))
@@ -168,7 +176,7 @@ class TLSServerStream(ByteStream):
                 if self._write_needs_read:
                     self._write_needs_read = False
                     self._flush_out()
-                if not (self._reading_paused or self._lost):
+                if not (self._reading_paused or self._eof):   # (lost: at its end too)
                     self._read()
             elif self._prepare is not None:
                 self._peek()
@@ -297,8 +305,7 @@ class TLSServerStream(ByteStream):
             self._update_watch()
             return
         self._feed_eof()
-        if err == _ZERO_RETURN:   # close_notify: the end of what the peer sends
-            self._reading_paused = True
+        if err == _ZERO_RETURN:   # close_notify: the end of what the peer sends (no more reading)
             self._update_watch()
             return
         # the peer closed or reset without close_notify, or a record failed: the connection
@@ -312,9 +319,8 @@ class TLSServerStream(ByteStream):
         self._update_watch()
 
     def _resume_reading(self) -> None:
-        if not self._eof:   # (after close_notify, reading stays stopped)
-            self._reading_paused = False
-            self._update_watch()
+        self._reading_paused = False
+        self._update_watch()
 
     # --- writing ---
     @property
@@ -427,7 +433,6 @@ class TLSServerStream(ByteStream):
         if self._lost:
             return
         self._watch(0)
-        self._lost = True
         if self._sock is not None:
             self._sock.close()
         self._fd = -1

@@ -126,10 +126,7 @@ class ByteStream:
         """Up to ``n`` bytes; b"" at end of stream. Raises TimeoutError after ``timeout``."""
         w = self.readable(timeout)
         if w is not None:
-            try:
-                await w
-            finally:
-                self._waiter = None
+            await w   # (the finished future stays as _waiter: everything that looks at it checks done())
         return self.read_now(n)
 
     def readable(self, timeout: Optional[float] = None) -> Optional[asyncio.Future]:
