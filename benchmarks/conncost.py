@@ -113,12 +113,15 @@ def main() -> None:
     ap.add_argument("--floor", action="store_true", help="also measure benchmarks/floor.py (as 'floor')")
     ap.add_argument("--floor-io", action="store_true",
                     help="also measure benchmarks/floor_io.py membio, sockbio and syslib (as 'membio', 'sockbio', 'syslib')")
-    ap.add_argument("--wrk", metavar="PATH", help="bulk load instead: wrk -c4 on /1m or /upload; "
-                    "figures per 1 MiB request")
+    ap.add_argument("--wrk", metavar="PATH", help="bulk load instead: wrk -c4 on /1m, /upload "
+                    "or /small; figures per request")
     ap.add_argument("--baseline", metavar="DIR",
                     help="also measure the proxy from another checkout (e.g. a git worktree of the "
                          "last commit) as 'base', same set-up: A/B in one run")
     ap.add_argument("--base-env", action="append", metavar="K=V", help="environment for 'base' (repeatable)")
+    ap.add_argument("--base-python", metavar="PATH",
+                    help="run 'base' on this interpreter (a venv's python with the proxy's "
+                         "dependencies installed, e.g. one made from the distribution's python3)")
     ap.add_argument("--ours", metavar="DIR", help="run 'ours' from this checkout (default: this one)")
     ap.add_argument("--idle", type=int, metavar="N", help="instead: memory per idle TLS connection, N connections")
     ap.add_argument("--rounds", type=int, default=1, help="repeat the CPU measurement, servers interleaved")
@@ -137,6 +140,8 @@ def main() -> None:
             if name == "base":
                 srv = b.make_variant("base", a.baseline)
                 srv.env.update(kv.split("=", 1) for kv in a.base_env or ())
+                if a.base_python:
+                    srv.argv[0] = a.base_python
             else:
                 srv = b.make_variant(name, a.ours if name == "ours" else None)
             servers[name] = srv
@@ -186,7 +191,7 @@ def main() -> None:
         b.close()
     names = list(results)
     if a.wrk:
-        print(f"per 1 MiB request (wrk -c4 {a.wrk}):")
+        print(f"per request (wrk -c4 {a.wrk}):")
     else:
         print("per connection (tlsload, %s):" % ("resumption on" if a.reuse else "full handshakes"))
     for name in names:

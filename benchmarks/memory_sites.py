@@ -341,7 +341,7 @@ def run_python(b, src, env, ns, conc, top):
         outp = srv.workdir / "pydump"
         wrapper = srv.workdir / "pywrap.py"
         wrapper.write_text(PY_WRAPPER)
-        srv.argv = [b.venv_python, str(wrapper), str(outp)] + srv.argv[3:]
+        srv.argv = [b.proxy_python, str(wrapper), str(outp)] + srv.argv[3:]   # after `-m proxy`
         srv.start()
         try:
             time.sleep(1.0)

@@ -76,10 +76,11 @@ def main() -> None:
     out = Path(tempfile.mkdtemp(prefix="acp-opcodes-")) / "counts.txt"
 
     def adjust(b: run.Bench, srv: run.Server) -> None:
-        srv.env = dict(srv.env or os.environ, OPCODES_OUT=str(out))
+        srv.env = dict(srv.env or os.environ, OPCODES_OUT=str(out),
+                       AUTOCERT_PROXY_PURE_PYTHON="1")   # the tracer sees Python source only
         if a.lines:
             srv.env["OPCODES_LINES"] = a.lines
-        srv.argv = [b.venv_python, str(Path(__file__).resolve()), "--serve"] + srv.argv[1:]
+        srv.argv = [b.proxy_python, str(Path(__file__).resolve()), "--serve"] + srv.argv[3:]   # after `-m proxy`
 
     with instructions.warm_proxy(adjust, 10, a.path, timeout=120) as (srv, ctx, conns):
         for _ in range(20):

@@ -254,6 +254,9 @@ class Bench:
         self.venv_python = str(REPO / ".venv" / "bin" / "python")
         if not Path(self.venv_python).exists():
             self.venv_python = sys.executable
+        # the interpreter our proxy runs on (the tools and clients stay on venv_python): a venv
+        # of another Python with this checkout installed, e.g. the distribution's python3
+        self.proxy_python = os.environ.get("ACP_BENCH_PYTHON") or self.venv_python
         self.results: dict[str, dict[str, object]] = {}     # metric -> server -> value | NA
         self.notes: list[str] = []
         self.loads: list[str] = []
@@ -334,14 +337,13 @@ class Bench:
     def as_floor(self, srv: Server, script: str, *extra: str) -> None:
         """Runs ``script`` (floor.py, floor_io.py: minimal reference proxies) in ``srv``'s place:
         same certificate, port and upstream; ``extra``: its further arguments."""
-        srv.argv = [self.venv_python, str(HERE / script), str(self.leaf.cert_path), str(self.leaf.key_path),
+        srv.argv = [self.proxy_python, str(HERE / script), str(self.leaf.cert_path), str(self.leaf.key_path),
                     str(srv.port), str(self.up_port), *extra]
 
     def from_checkout(self, srv: Server, src: str) -> None:
         """Runs our proxy (``srv`` from make_server("ours")) from the checkout ``src`` (e.g. a
         git worktree: A/B against the working tree) instead of this one."""
-        srv.argv = [self.venv_python, "-m", "proxy"] + srv.argv[1:]
-        srv.env["PYTHONPATH"] = src
+        srv.env["PYTHONPATH"] = src      # argv is already `python -m proxy ...`
 
     def make_variant(self, name: str, src: Optional[str] = None) -> Server:
         """A server for the measuring tools (conncost.py, memory_sites.py): "floor" (floor.py),
@@ -386,10 +388,11 @@ class Bench:
                 "timeout_read_header": "600s",
             }
             (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-            env = {k: v for k, v in env.items()   # the HTTP parser choice passes through
-                   if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS")) or k == "AUTOCERT_PROXY_HTTP_PARSER"}
+            env = {k: v for k, v in env.items()   # the parser and compiled/source choices pass through
+                   if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS"))
+                   or k in ("AUTOCERT_PROXY_HTTP_PARSER", "AUTOCERT_PROXY_PURE_PYTHON")}
             env["HOME"] = str(d)
-            argv = [str(REPO / ".venv" / "bin" / "autocert-proxy"), "--config", str(d / "config.yaml")]
+            argv = [self.proxy_python, "-m", "proxy", "--config", str(d / "config.yaml")]
         elif name == "nginx":
             common = f"""
             location / {{
@@ -868,7 +871,7 @@ class Bench:
             for line in open("/proc/meminfo"):
                 if line.startswith("MemTotal"):
                     mem = f"{int(line.split()[1]) // 1024} MiB"
-        pyv = run([self.venv_python, "-c",
+        pyv = run([self.proxy_python, "-c",
                    "import sys, uvloop, OpenSSL, h11, httptools, cryptography;"
                    "from OpenSSL import SSL;"
                    "print(sys.version.split()[0], uvloop.__version__, OpenSSL.__version__,"

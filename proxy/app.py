@@ -8,8 +8,10 @@ import signal
 from typing import Optional
 
 from . import __version__, metrics
+from ._source import compiled
 from .config import ConfigError, Options, load_config
 from .http.access_log import AccessLog
+from .http import proxy as proxy_module
 from .http.proxy import HTTP, ClientConnection, ProxyState
 from .http.redirect import RedirectConnection
 from .http.routes import RouteTable
@@ -108,8 +110,9 @@ class App:
         opts = self.options
         for w in opts.warnings:
             log.warning("%s", w)
-        log.info("autocert-proxy %s, HTTP/1.1 parser: %s", __version__,
-                 "h11" if HTTP.__name__ == "h11" else "httptools (llhttp)")
+        log.info("autocert-proxy %s, HTTP/1.1 parser: %s, request path: %s", __version__,
+                 "h11" if HTTP.__name__ == "h11" else "httptools (llhttp)",
+                 "compiled (Cython)" if compiled(proxy_module) else "Python source")
         for sig, handler in ((signal.SIGTERM, self._on_stop), (signal.SIGINT, self._on_stop),
                              (signal.SIGHUP, self._on_reload)):
             try:

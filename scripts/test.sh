@@ -20,6 +20,7 @@ systemctl stop caddy nginx 2>/dev/null || true
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip
+# (the editable install also compiles the request path in place with Cython: setup.py)
 .venv/bin/pip install -q -e '.[test]'
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
@@ -28,5 +29,10 @@ if [ $# -eq 0 ]; then
     # default, httptools via proxy/http/fastcodec.py), smuggling cases included.
     AUTOCERT_PROXY_HTTP_PARSER=h11 .venv/bin/python -m pytest -q -p no:cacheprovider \
         tests/test_proxy.py tests/test_lifecycle.py tests/test_tls.py tests/test_metrics.py || status=$?
+    # The request path's tests again on its Python source (the run above used the modules
+    # setup.py compiled; the source is what runs where nothing could be compiled).
+    AUTOCERT_PROXY_PURE_PYTHON=1 .venv/bin/python -m pytest -q -p no:cacheprovider \
+        tests/test_proxy.py tests/test_fastcodec.py tests/test_codec.py tests/test_tls_transport.py \
+        tests/test_tls.py tests/test_build.py || status=$?
 fi
 exit $status

@@ -1,11 +1,29 @@
 """Shared fixtures: a test PKI, a real upstream, and the proxy started from its CLI."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tests.infra.pki import TestCA
-from tests.infra.proxyproc import ProxyProcess
+from tests.infra.proxyproc import REPO, ProxyProcess
 from tests.infra.upstream import UpstreamServer
+
+
+def pytest_configure(config):
+    """The compiled request path (setup.py) is built in place by an editable install: a
+    module edited after that build would not be what runs. Refuse to test a stale build."""
+    if os.environ.get("AUTOCERT_PROXY_PURE_PYTHON"):
+        return   # the sources run
+    stale = []
+    for so in (REPO / "proxy").rglob("*.so"):
+        source = so.with_name(so.name.split(".", 1)[0] + ".py")
+        if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
+            stale.append(str(source.relative_to(REPO)))
+    if stale:
+        raise pytest.UsageError(
+            f"{', '.join(sorted(stale))} changed after its compiled module was built: rebuild "
+            "with `.venv/bin/pip install --no-deps -e .` (or run with AUTOCERT_PROXY_PURE_PYTHON=1)")
 
 
 @pytest.fixture

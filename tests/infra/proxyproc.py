@@ -14,6 +14,7 @@ from typing import Optional
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+PASSED_THROUGH = ("AUTOCERT_PROXY_HTTP_PARSER", "AUTOCERT_PROXY_PURE_PYTHON")
 
 
 def free_port() -> int:
@@ -61,9 +62,10 @@ class ProxyProcess:
             self.redirect_port = int(str(self.config["http_redirect_addr"]).rsplit(":", 1)[1])
         self.config_path = self.workdir / f"{name}.yaml"
         self.log_path = self.workdir / f"{name}.log"
-        # AUTOCERT_PROXY_HTTP_PARSER passes through: the suite runs once per HTTP parser.
+        # AUTOCERT_PROXY_HTTP_PARSER and AUTOCERT_PROXY_PURE_PYTHON pass through: parts of the
+        # suite run again with h11 and with the request path's Python source (scripts/test.sh).
         self.env = {k: v for k, v in os.environ.items()
-                    if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS")) or k == "AUTOCERT_PROXY_HTTP_PARSER"}
+                    if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS")) or k in PASSED_THROUGH}
         self.env.update(env or {})
         self.proc: Optional[subprocess.Popen] = None
         self.write_config()

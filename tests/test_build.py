@@ -1,0 +1,64 @@
+"""The request path compiled by setup.py (Cython): an install builds every module it names,
+the proxy says at start which form runs, and AUTOCERT_PROXY_PURE_PYTHON=1 runs the sources."""
+from __future__ import annotations
+
+import ast
+import os
+import subprocess
+import sys
+
+from tests.infra.proxyproc import REPO, ProxyProcess
+from tests.infra.upstream import UpstreamServer
+
+PURE = bool(os.environ.get("AUTOCERT_PROXY_PURE_PYTHON"))
+
+
+def compiled_modules() -> list[str]:
+    """setup.py's COMPILED list, read without running setup()."""
+    tree = ast.parse((REPO / "setup.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMPILED":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py names no COMPILED modules")
+
+
+def loaded_from(modules: list[str], pure: bool) -> dict[str, str]:
+    """Where a fresh interpreter (the tests' one, as the proxy runs) loads each module from."""
+    env = {k: v for k, v in os.environ.items() if k != "AUTOCERT_PROXY_PURE_PYTHON"}
+    if pure:
+        env["AUTOCERT_PROXY_PURE_PYTHON"] = "1"
+    code = ("import importlib, sys\n"
+            "for m in sys.argv[1:]:\n"
+            "    print(m, importlib.import_module(m).__file__)\n")
+    r = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
+                       cwd=str(REPO), env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return dict(line.split(" ", 1) for line in r.stdout.splitlines())
+
+
+def test_the_install_compiled_every_module_setup_names():
+    modules = compiled_modules()
+    assert "proxy.http.proxy" in modules and "proxy.http.fastcodec" in modules
+    files = loaded_from(modules, pure=False)
+    assert all(f.endswith(".so") for f in files.values()), files
+
+
+def test_pure_python_setting_loads_the_sources():
+    modules = compiled_modules() + ["proxy.config"]   # (and leaves other modules as they are)
+    files = loaded_from(modules, pure=True)
+    for m, f in files.items():
+        assert f == str(REPO / (m.replace(".", "/") + ".py")), (m, f)
+
+
+def test_the_proxy_says_which_request_path_runs(tmp_path):
+    up = UpstreamServer()
+    p = ProxyProcess(tmp_path, {"routes": [{"from": "https://app.test", "to": up.url}]})
+    try:
+        p.start()
+        r = p.curl("app.test", "/echo")
+        assert r.returncode == 0, r.stderr
+        expected = "request path: Python source" if PURE else "request path: compiled (Cython)"
+        assert expected in p.log(), p.log()[-2000:]
+    finally:
+        p.stop()
+        up.stop()
