@@ -17,9 +17,10 @@ def pytest_configure(config):
         return   # the sources run
     stale = []
     for so in (REPO / "proxy").rglob("*.so"):
-        source = so.with_name(so.name.split(".", 1)[0] + ".py")
-        if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
-            stale.append(str(source.relative_to(REPO)))
+        for ext in (".py", ".pxd"):
+            source = so.with_name(so.name.split(".", 1)[0] + ext)
+            if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
+                stale.append(str(source.relative_to(REPO)))
     if stale:
         raise pytest.UsageError(
             f"{', '.join(sorted(stale))} changed after its compiled module was built: rebuild "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 
@@ -62,3 +63,28 @@ def test_the_proxy_says_which_request_path_runs(tmp_path):
     finally:
         p.stop()
         up.stop()
+
+
+def test_declared_attributes_are_the_slots():
+    """A .pxd declares a class's attributes for the compiled module: one missing there would be
+    an AttributeError in the compiled proxy only. Each declared class has exactly its slots."""
+    pxds = sorted((REPO / "proxy").rglob("*.pxd"))
+    assert pxds
+    for pxd in pxds:
+        declared: dict[str, set] = {}
+        cls = None
+        for line in pxd.read_text().splitlines():
+            m = re.match(r"cdef class (\w+)", line)
+            if m:
+                cls = declared.setdefault(m.group(1), set())
+            m = re.match(r"\s+cdef public object (.+)", line)
+            if m:
+                cls.update(n.strip() for n in m.group(1).split(","))
+        tree = ast.parse(pxd.with_suffix(".py").read_text())
+        slots = {node.name: set(ast.literal_eval(stmt.value))
+                 for node in tree.body if isinstance(node, ast.ClassDef)
+                 for stmt in node.body if isinstance(stmt, ast.Assign)
+                 and getattr(stmt.targets[0], "id", None) == "__slots__"}
+        assert declared, pxd
+        for name, attrs in declared.items():
+            assert attrs == slots.get(name), (pxd.name, name, attrs ^ slots.get(name, set()))
