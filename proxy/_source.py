@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import os
 import sys
 
 PACKAGE = __name__.rpartition(".")[0]
@@ -27,7 +28,9 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         spec = importlib.machinery.PathFinder.find_spec(name, path)
         if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
             return spec
-        source = spec.origin.rsplit("/", 1)[0] + "/" + name.rpartition(".")[2] + ".py"
+        source = os.path.join(os.path.dirname(spec.origin), name.rpartition(".")[2] + ".py")
+        if not os.path.exists(source):
+            return spec   # (an installation without the sources: the compiled module it is)
         return importlib.util.spec_from_file_location(name, source) or spec
 
 
