@@ -12,19 +12,26 @@ from tests.infra.upstream import UpstreamServer
 
 def pytest_configure(config):
     """The compiled request path (setup.py) is built in place by an editable install: a
-    module edited after that build would not be what runs. Refuse to test a stale build."""
+    module edited after that build, or one setup.py no longer names, would not be what runs.
+    Refuse to test a stale build."""
     if os.environ.get("AUTOCERT_PROXY_PURE_PYTHON"):
         return   # the sources run
+    from tests.test_build import compiled_modules
+    named = set(compiled_modules())
     stale = []
     for so in (REPO / "proxy").rglob("*.so"):
+        module = ".".join(so.relative_to(REPO).with_name(so.name.split(".", 1)[0]).parts)
+        if module not in named:
+            stale.append(f"{so.relative_to(REPO)} is not named by setup.py any more (delete it)")
+            continue
         for ext in (".py", ".pxd"):
             source = so.with_name(so.name.split(".", 1)[0] + ext)
             if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
-                stale.append(str(source.relative_to(REPO)))
+                stale.append(f"{source.relative_to(REPO)} changed after its compiled module was built")
     if stale:
         raise pytest.UsageError(
-            f"{', '.join(sorted(stale))} changed after its compiled module was built: rebuild "
-            "with `.venv/bin/pip install --no-deps -e .` (or run with AUTOCERT_PROXY_PURE_PYTHON=1)")
+            f"the compiled modules in proxy/ are stale: {'; '.join(sorted(stale))}. Rebuild with "
+            "`.venv/bin/pip install --no-deps -e .` (or run with AUTOCERT_PROXY_PURE_PYTHON=1)")
 
 
 @pytest.fixture
