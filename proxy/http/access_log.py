@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from logging import INFO
+from time import monotonic
 
-from .. import metrics
+from ..metrics import count_request
 from dataclasses import asdict, dataclass
 
 log = logging.getLogger("proxy.access")
@@ -30,10 +31,10 @@ class AccessLog:
         self.fmt = fmt
 
     def write(self, entry: Entry, started: float) -> None:
-        metrics.count_request(entry.status)
-        if not log.isEnabledFor(logging.INFO):
+        count_request(entry.status)
+        if not log.isEnabledFor(INFO):
             return
-        entry.duration_ms = round((time.monotonic() - started) * 1000, 3)
+        entry.duration_ms = round((monotonic() - started) * 1000, 3)
         method, target = entry.method.decode("latin-1"), entry.target.decode("latin-1")
         version = entry.version.decode("latin-1")
         if self.fmt == "json":

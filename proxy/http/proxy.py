@@ -8,16 +8,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
+from time import monotonic
 from http import HTTPStatus
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import h11
+from h11 import (CLIENT, DONE, ERROR, IDLE, NEED_DATA, SEND_BODY, SEND_RESPONSE, SERVER, ConnectionClosed,
+                 Data, EndOfMessage, InformationalResponse, LocalProtocolError, RemoteProtocolError,
+                 Request)
 
 from ..config import Options, Route
 from ..tls.transport import Stream, StreamClosed
 from . import codec, fastcodec
+from .codec import end_to_end, request_facts
 from .access_log import AccessLog, Entry
 from .routes import RouteTable
 from .upstream import UpstreamPool, UpstreamRefused
@@ -36,11 +40,12 @@ JOIN_MAX = 16 * 1024     # held head bytes and a body chunk up to this size leav
 # event type checks and exceptions below are the same (events are compared with ``type(ev) is``:
 # h11's event classes are ABCs, and isinstance on an ABC costs several times more); HTTP.Request/Response are the cheap constructors.
 HTTP = fastcodec.engine()
+_REQUEST, _RESPONSE = HTTP.Request, HTTP.Response   # (module attributes looked up once)
 # h11 tolerates a bare LF in a head and limits only heads that arrive incomplete: the proxy
 # checks the raw head bytes itself then. The fast codec rejects both as it parses.
 CHECK_HEAD_BYTES = not getattr(HTTP, "checks_head_bytes", False)
 # Immutable, so one instance serves every message (building one costs more than sending it).
-END = getattr(HTTP, "END", None) or h11.EndOfMessage()
+END = getattr(HTTP, "END", None) or EndOfMessage()
 
 
 # Request headers the proxy replaces rather than forwards (besides the hop-by-hop ones).
@@ -101,7 +106,7 @@ class Side:
         deadline = None
         while True:
             ev = conn.next_event()
-            if ev is not h11.NEED_DATA:
+            if ev is not NEED_DATA:
                 return ev
             remaining = None
             if timeout is not None:
@@ -164,7 +169,7 @@ class ClientConnection:
         self.get_state = get_state
         self.scheme = scheme
         self.busy = False          # a request is in flight (drain waits for these)
-        self.side = Side(stream, h11.SERVER)
+        self.side = Side(stream, SERVER)
         self._close_gently = False   # an error answer was sent: linger before closing
 
     async def run(self) -> None:
@@ -230,7 +235,7 @@ class ClientConnection:
             return await side.next_event(opts.timeout_read_header, head_buf)
         conn.receive_data(data)
         ev = conn.next_event()
-        if ev is h11.NEED_DATA:
+        if ev is NEED_DATA:
             ev = await side.next_event(head_deadline - self.stream._loop.time() if head_deadline is not None
                                        else opts.timeout_read_header, head_buf)
         return ev
@@ -251,22 +256,22 @@ class ClientConnection:
             self._raw_error(e.status, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
             return False
-        except h11.RemoteProtocolError as e:
+        except RemoteProtocolError as e:
             status = e.error_status_hint if e.error_status_hint in (400, 413, 431, 501) else 400
             if "exceeds" in str(e) or "too long" in str(e).lower():
                 status = 431
             self._raw_error(status, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
             return False
-        if ev is None or type(ev) is h11.ConnectionClosed:
+        if ev is None or type(ev) is ConnectionClosed:
             return False
-        if type(ev) is not h11.Request:
+        if type(ev) is not Request:
             return False
         self.busy = True
-        started = time.monotonic()
+        started = monotonic()
         entry = Entry(self.stream.peer, ev.method, ev.target, ev.http_version)
         try:
-            facts = codec.request_facts(ev.headers)
+            facts = request_facts(ev.headers)
         except codec.BadRequest as e:
             self._raw_error(400, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
@@ -294,16 +299,16 @@ class ClientConnection:
                 if upgraded:
                     state.access_log.write(entry, started)
                     return False
-        except h11.RemoteProtocolError as e:
+        except RemoteProtocolError as e:
             # A bad body (chunk size, length): the upstream got no complete request.
             log.info("bad request body from %s: %s", self.stream.peer, e)
-            if conn.our_state in (h11.SEND_RESPONSE, h11.IDLE):
+            if conn.our_state in (SEND_RESPONSE, IDLE):
                 self._raw_error(400, str(e))
                 entry.status = 400
             state.access_log.write(entry, started)
             return False
         except (TimeoutError, ClientTimeout):
-            if conn.our_state in (h11.SEND_RESPONSE,):
+            if conn.our_state in (SEND_RESPONSE,):
                 self._raw_error(408, "the request body did not arrive in time")
                 entry.status = 408
             state.access_log.write(entry, started)
@@ -320,12 +325,12 @@ class ClientConnection:
             try:
                 conn.start_next_cycle()   # both sides done: keep the connection
                 return True
-            except h11.LocalProtocolError:
+            except LocalProtocolError:
                 pass
-        if conn.our_state is h11.DONE and conn.their_state is h11.SEND_BODY \
+        if conn.our_state is DONE and conn.their_state is SEND_BODY \
                 and not conn.client_is_waiting_for_100_continue:
             await self._linger(opts)
-        if conn.our_state is h11.DONE and conn.their_state is h11.DONE and not state.draining:
+        if conn.our_state is DONE and conn.their_state is DONE and not state.draining:
             conn.start_next_cycle()
             return True
         return False
@@ -363,10 +368,10 @@ class ClientConnection:
         draining = self.get_state().draining
         if draining:
             headers = headers + [(b"connection", b"close")]
-        self.side.hold(HTTP.Response(status_code=status, headers=headers + [(b"server", SERVER_NAME)],
+        self.side.hold(_RESPONSE(status_code=status, headers=headers + [(b"server", SERVER_NAME)],
                                      reason=reason_phrase(status)))
         if req.method != b"HEAD":
-            self.side.hold(h11.Data(data=body))
+            self.side.hold(Data(data=body))
         self.side.send(END)
         entry.status = status
         entry.bytes_sent = len(body)
@@ -378,12 +383,12 @@ class ClientConnection:
             return   # the client has not sent the body; h11 will close if it must
         while True:
             ev = await side.next_event(opts.timeout_idle)
-            if type(ev) in (h11.EndOfMessage, h11.ConnectionClosed):
+            if type(ev) in (EndOfMessage, ConnectionClosed):
                 return
 
     # --- proxying ---
-    def _upstream_request(self, req: h11.Request, facts: codec.RequestFacts, route: Route,
-                          up) -> h11.Request:
+    def _upstream_request(self, req: Request, facts: codec.RequestFacts, route: Route,
+                          up) -> Request:
         host_header = facts.host or b""
         authority = host_header if route.preserve_host_header else up.authority_bytes
         key = None
@@ -391,9 +396,9 @@ class ClientConnection:
             key = (facts, authority, self.stream.peer, self.scheme)
             seen = _UPSTREAM_HEADERS.get(key)
             if seen is not None:
-                return HTTP.Request(method=req.method, target=req.target, headers=list(seen))
+                return _REQUEST(method=req.method, target=req.target, headers=list(seen))
         headers = [(b"host", authority)]
-        headers += codec.end_to_end(req.headers, keep_upgrade=facts.upgrade is not None,
+        headers += end_to_end(req.headers, keep_upgrade=facts.upgrade is not None,
                                     drop=_NOT_FORWARDED, tokens=facts.tokens)
         xffs = facts.forwarded_for
         if xffs and b"x-forwarded-for" in facts.tokens:
@@ -406,24 +411,24 @@ class ClientConnection:
             headers.append((b"transfer-encoding", b"chunked"))
         if key is not None:
             _UPSTREAM_HEADERS.keep(key, tuple(headers))
-        return HTTP.Request(method=req.method, target=req.target, headers=headers)
+        return _REQUEST(method=req.method, target=req.target, headers=headers)
 
-    async def _proxy(self, req: h11.Request, facts: codec.RequestFacts, route: Route,
+    async def _proxy(self, req: Request, facts: codec.RequestFacts, route: Route,
                      state: ProxyState, entry: Entry) -> bool:
         """Forwards one request. Returns True when the connection was upgraded (and is done)."""
         opts = state.options
         client = self.side
         if client.conn.client_is_waiting_for_100_continue:
-            client.send(h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
+            client.send(InformationalResponse(status_code=100, headers=[], reason=b"Continue"))
         # The first body event is read before the upstream is contacted: a body that is
         # malformed from its first byte never reaches the upstream.
         first_body = client.conn.next_event()
-        if first_body is h11.NEED_DATA:
+        if first_body is NEED_DATA:
             first_body = await client.next_event(opts.timeout_idle)
         up = state.routes.upstream(route)
         entry.upstream = up.address
         up_req = self._upstream_request(req, facts, route, up)
-        has_body = type(first_body) is not h11.EndOfMessage
+        has_body = type(first_body) is not EndOfMessage
         attempts = 1 if has_body else 2   # a reused connection may have been closed by the upstream
         for attempt in range(attempts):
             try:
@@ -433,7 +438,7 @@ class ClientConnection:
                     stream, upstream = taken
                 else:
                     stream = await state.pool.connect(up, opts.default_upstream_timeout)
-                    upstream = Side(stream, h11.CLIENT)
+                    upstream = Side(stream, CLIENT)
             except UpstreamRefused as e:
                 log.warning("upstream %s refused for %s: %s", entry.upstream, route.from_url, e)
                 return self._gateway_error(502, "The upstream service refused the connection.", req, entry)
@@ -448,7 +453,7 @@ class ClientConnection:
                 else:
                     upstream.send(END)
                 resp = await upstream.next_event(opts.default_upstream_timeout)
-                while type(resp) is h11.InformationalResponse and resp.status_code != 101:
+                while type(resp) is InformationalResponse and resp.status_code != 101:
                     resp = await upstream.next_event(opts.default_upstream_timeout)
             except ClientTimeout:
                 stream.abort()
@@ -457,48 +462,48 @@ class ClientConnection:
                 stream.abort()
                 log.warning("upstream %s timed out for %s", entry.upstream, route.from_url)
                 return self._gateway_error(504, "The upstream service did not answer in time.", req, entry)
-            except (StreamClosed, ConnectionError, h11.RemoteProtocolError, h11.LocalProtocolError) as e:
+            except (StreamClosed, ConnectionError, RemoteProtocolError, LocalProtocolError) as e:
                 stream.abort()
-                if isinstance(e, StreamClosed) and client.conn.their_state is not h11.DONE:
+                if isinstance(e, StreamClosed) and client.conn.their_state is not DONE:
                     raise
-                if client.conn.their_state is h11.ERROR:
+                if client.conn.their_state is ERROR:
                     raise   # the client's body was malformed: answered 400 by the caller
                 if reused and attempt + 1 < attempts:
                     continue
                 log.warning("upstream %s failed for %s: %s", entry.upstream, route.from_url, e)
                 return self._gateway_error(502, "The upstream service closed the connection.", req, entry)
-            if type(resp) is h11.ConnectionClosed:
+            if type(resp) is ConnectionClosed:
                 stream.abort()
                 if reused and attempt + 1 < attempts:
                     continue
                 return self._gateway_error(502, "The upstream service closed the connection.", req, entry)
             break
         entry.status = resp.status_code
-        if type(resp) is h11.InformationalResponse:   # 101 Switching Protocols
+        if type(resp) is InformationalResponse:   # 101 Switching Protocols
             await self._switch_protocols(resp, upstream, entry)
             return True
         draining = state.draining
-        headers = codec.end_to_end(resp.headers)
+        headers = end_to_end(resp.headers)
         if draining:
             headers.append((b"connection", b"close"))
-        client.hold(HTTP.Response(status_code=resp.status_code, headers=headers, reason=resp.reason))
+        client.hold(_RESPONSE(status_code=resp.status_code, headers=headers, reason=resp.reason))
         sent = 0
         try:
             while True:
                 ev = upstream.conn.next_event()   # usually there already: no coroutine for it
-                if ev is h11.NEED_DATA:
+                if ev is NEED_DATA:
                     ev = await upstream.next_event(opts.default_upstream_timeout, flush=client)
-                if type(ev) is h11.Data:
+                if type(ev) is Data:
                     client.send(ev)   # h11 events are immutable: the received Data goes out as it is
                     sent += len(ev.data)
                     if self.stream.must_drain:
                         await self.stream.drain(opts.timeout_idle)
-                elif type(ev) is h11.EndOfMessage:
+                elif type(ev) is EndOfMessage:
                     client.send(END)
                     break
                 else:
-                    raise h11.RemoteProtocolError("upstream closed mid-response")
-        except (TimeoutError, h11.RemoteProtocolError, StreamClosed, ConnectionError) as e:
+                    raise RemoteProtocolError("upstream closed mid-response")
+        except (TimeoutError, RemoteProtocolError, StreamClosed, ConnectionError) as e:
             # The response has started: the only honest signal left is to cut the connection.
             stream.abort()
             entry.bytes_sent = sent
@@ -508,7 +513,7 @@ class ClientConnection:
         entry.bytes_sent = sent
         try:
             upstream.conn.start_next_cycle()   # both sides done, or LocalProtocolError
-        except h11.LocalProtocolError:
+        except LocalProtocolError:
             stream.close()
         else:
             state.pool.release(up, stream, upstream)   # the next request on it reuses its codec
@@ -521,20 +526,20 @@ class ClientConnection:
         client = self.side
         ev = first_body
         while True:
-            if type(ev) is h11.Data:
+            if type(ev) is Data:
                 try:
                     upstream.send(ev)
                     if upstream.stream.must_drain:
                         await upstream.stream.drain(opts.default_upstream_timeout)
                 except (StreamClosed, ConnectionError):
                     return False
-            elif type(ev) is h11.EndOfMessage:
+            elif type(ev) is EndOfMessage:
                 return True
             else:
                 raise StreamClosed("client went away during the request body")
             try:
                 ev = client.conn.next_event()
-                if ev is h11.NEED_DATA:
+                if ev is NEED_DATA:
                     ev = await client.next_event(opts.timeout_idle)
             except TimeoutError:
                 raise ClientTimeout() from None
@@ -545,16 +550,16 @@ class ClientConnection:
         the response before the client reads it. When the body ends, keep-alive goes on."""
         try:
             async with asyncio.timeout(min(opts.timeout_idle, LINGER_SECONDS)):
-                while self.side.conn.their_state is h11.SEND_BODY:
+                while self.side.conn.their_state is SEND_BODY:
                     ev = await self.side.next_event(None)
-                    if type(ev) is h11.ConnectionClosed:
+                    if type(ev) is ConnectionClosed:
                         return
-        except (TimeoutError, h11.RemoteProtocolError):
+        except (TimeoutError, RemoteProtocolError):
             pass
 
     def _gateway_error(self, status: int, detail: str, req, entry) -> bool:
         headers, body = error_page(status, detail)
-        if self.side.conn.their_state is not h11.DONE:
+        if self.side.conn.their_state is not DONE:
             # The request body was not read to its end: the connection cannot be reused.
             self._raw_error(status, detail)
             entry.status = status
@@ -562,9 +567,9 @@ class ClientConnection:
         self._respond_local(status, headers, body, req, entry)
         return False
 
-    async def _switch_protocols(self, resp: h11.InformationalResponse, upstream: Side, entry: Entry) -> None:
+    async def _switch_protocols(self, resp: InformationalResponse, upstream: Side, entry: Entry) -> None:
         client = self.side
-        client.send(h11.InformationalResponse(status_code=101, headers=codec.end_to_end(resp.headers, keep_upgrade=True),
+        client.send(InformationalResponse(status_code=101, headers=end_to_end(resp.headers, keep_upgrade=True),
                                               reason=resp.reason))
         c_extra = client.conn.trailing_data[0]
         u_extra = upstream.conn.trailing_data[0]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import asyncio
-import time
+from time import monotonic
 from typing import Optional
 
 from ..config import Upstream
@@ -32,7 +32,7 @@ class UpstreamPool:
         idle = self._idle.get((up.host, up.port))
         if not idle:
             return None
-        now = time.monotonic()
+        now = monotonic()
         while idle:
             stream, codec, since = idle.pop()
             if not _reusable(stream) or now - since > self.idle_seconds:
@@ -61,7 +61,7 @@ class UpstreamPool:
         idle = self._idle.setdefault((up.host, up.port), [])
         if len(idle) >= self.max_idle:
             idle.pop(0)[0].close()
-        idle.append((stream, codec, time.monotonic()))
+        idle.append((stream, codec, monotonic()))
 
     def close(self) -> None:
         for idle in self._idle.values():

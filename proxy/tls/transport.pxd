@@ -3,3 +3,6 @@
 cdef class ByteStream:
     cdef public object _loop, _buf, _size, _eof, _lost, _waiter, _deadline, _timer, _reading_paused
     cdef public object _write_paused, _drain_waiters, ready, _closed, peer
+
+cdef class Stream(ByteStream):
+    cdef public object transport
