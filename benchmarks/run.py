@@ -36,6 +36,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from tests.infra.pki import TestCA  # noqa: E402
+from tests.infra.proxyproc import PASSED_THROUGH  # noqa: E402
 
 SERVER_CORE = "0"
 CLIENT_CORE = "1"
@@ -389,8 +390,7 @@ class Bench:
             }
             (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
             env = {k: v for k, v in env.items()   # the parser and compiled/source choices pass through
-                   if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS"))
-                   or k in ("AUTOCERT_PROXY_HTTP_PARSER", "AUTOCERT_PROXY_PURE_PYTHON")}
+                   if not k.startswith(("AUTOCERT", "ROUTES", "ADDRESS")) or k in PASSED_THROUGH}
             env["HOME"] = str(d)
             argv = [self.proxy_python, "-m", "proxy", "--config", str(d / "config.yaml")]
         elif name == "nginx":

@@ -6,7 +6,8 @@ import os
 import pytest
 
 from tests.infra.pki import TestCA
-from tests.infra.proxyproc import REPO, ProxyProcess
+from tests.infra.build import stale_builds
+from tests.infra.proxyproc import ProxyProcess
 from tests.infra.upstream import UpstreamServer
 
 
@@ -16,21 +17,10 @@ def pytest_configure(config):
     Refuse to test a stale build."""
     if os.environ.get("AUTOCERT_PROXY_PURE_PYTHON"):
         return   # the sources run
-    from tests.test_build import compiled_modules
-    named = set(compiled_modules())
-    stale = []
-    for so in (REPO / "proxy").rglob("*.so"):
-        module = ".".join(so.relative_to(REPO).with_name(so.name.split(".", 1)[0]).parts)
-        if module not in named:
-            stale.append(f"{so.relative_to(REPO)} is not named by setup.py any more (delete it)")
-            continue
-        for ext in (".py", ".pxd"):
-            source = so.with_name(so.name.split(".", 1)[0] + ext)
-            if source.exists() and source.stat().st_mtime > so.stat().st_mtime:
-                stale.append(f"{source.relative_to(REPO)} changed after its compiled module was built")
+    stale = stale_builds()
     if stale:
         raise pytest.UsageError(
-            f"the compiled modules in proxy/ are stale: {'; '.join(sorted(stale))}. Rebuild with "
+            f"the compiled modules in proxy/ are stale: {'; '.join(stale)}. Rebuild with "
             "`.venv/bin/pip install --no-deps -e .` (or run with AUTOCERT_PROXY_PURE_PYTHON=1)")
 
 

@@ -8,19 +8,11 @@ import re
 import subprocess
 import sys
 
+from tests.infra.build import compiled_modules, stale_builds
 from tests.infra.proxyproc import REPO, ProxyProcess
 from tests.infra.upstream import UpstreamServer
 
 PURE = bool(os.environ.get("AUTOCERT_PROXY_PURE_PYTHON"))
-
-
-def compiled_modules() -> list[str]:
-    """setup.py's COMPILED list, read without running setup()."""
-    tree = ast.parse((REPO / "setup.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "COMPILED":
-            return ast.literal_eval(node.value)
-    raise AssertionError("setup.py names no COMPILED modules")
 
 
 def loaded_from(modules: list[str], pure: bool) -> dict[str, str]:
@@ -45,7 +37,7 @@ def test_the_install_compiled_every_module_setup_names():
 
 
 def test_pure_python_setting_loads_the_sources():
-    modules = compiled_modules() + ["proxy.config"]   # (and leaves other modules as they are)
+    modules = compiled_modules()
     files = loaded_from(modules, pure=True)
     for m, f in files.items():
         assert f == str(REPO / (m.replace(".", "/") + ".py")), (m, f)
@@ -88,3 +80,21 @@ def test_declared_attributes_are_the_slots():
         assert declared, pxd
         for name, attrs in declared.items():
             assert attrs == slots.get(name), (pxd.name, name, attrs ^ slots.get(name, set()))
+
+
+def test_a_stale_or_leftover_compiled_module_is_reported():
+    """conftest refuses to test a build that the sources no longer match (tests/infra/build.py)."""
+    assert stale_builds() == []
+    so = next((REPO / "proxy" / "http").glob("routes.*.so"))
+    times = so.stat()
+    leftover = REPO / "proxy" / "zz_leftover.cpython-311-x86_64-linux-gnu.so"
+    try:
+        os.utime(so, ns=(times.st_atime_ns, 0))   # built before its source was written
+        leftover.write_bytes(b"")
+        assert stale_builds() == [   # (routes has no .pxd)
+            "proxy/http/routes.py changed after its compiled module was built",
+            "proxy/zz_leftover.cpython-311-x86_64-linux-gnu.so is not named by setup.py any more (delete it)"]
+    finally:
+        os.utime(so, ns=(times.st_atime_ns, times.st_mtime_ns))
+        leftover.unlink(missing_ok=True)
+    assert stale_builds() == []
