@@ -18,7 +18,7 @@ from .http.routes import RouteTable
 from .http.upstream import UpstreamPool
 from .tls.certcache import MANUAL, Certificate, CertificateCache
 from .tls.engine import TLSEngine, self_signed_certificate
-from .tls.socketstream import TLSServerStream, check_pyopenssl, start_tls_server
+from .tls.socketstream import TLSServerStream, Waiting, check_pyopenssl, start_tls_server
 from .tls.transport import Stream
 
 log = logging.getLogger("proxy")
@@ -67,6 +67,7 @@ class App:
                                 access_log=AccessLog(options.access_log_format))
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: dict = {}   # the task serving each open connection -> the connection
+        self.waiting: Optional[Waiting] = None   # TLS connections without a request yet (set by start)
         self.stopped = asyncio.Event()
         self.autocert = None      # the autocert manager, when enabled
         self.stapler = None
@@ -77,6 +78,7 @@ class App:
         self._new_tls_connection = self.engine.new_connection
         self._untrack_cb = self._untrack
         self._get_state_cb = self._get_state
+        self._start_tls_cb = self._start_tls
 
     # --- connection factories ---
     def _track(self, conn) -> None:
@@ -91,9 +93,13 @@ class App:
         return self.state
 
     def _tls_protocol(self) -> TLSServerStream:
-        stream = TLSServerStream(self._new_tls_connection, self.engine.prepare, self._loop)
+        # The connection waits on its own (handshake, first byte) until it has a request to
+        # serve: only then does it get its task and HTTP state (``_start_tls``).
+        return TLSServerStream(self._new_tls_connection, self.engine.prepare, self._loop,
+                               self._start_tls_cb, self.waiting)
+
+    def _start_tls(self, stream: TLSServerStream) -> None:
         self._track(ClientConnection(stream, self._get_state_cb, scheme="https"))
-        return stream
 
     def _redirect_protocol(self) -> Stream:
         stream = Stream(self._loop)
@@ -106,6 +112,7 @@ class App:
     # --- lifecycle ---
     async def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
+        self.waiting = Waiting(loop, self.options.timeout_read_header)
         tune_malloc(self.environ)
         opts = self.options
         for w in opts.warnings:
@@ -166,7 +173,7 @@ class App:
             await self.autocert.start()
 
     def _gauges(self):
-        yield "autocert_proxy_connections_open", {}, float(len(self.connections))
+        yield "autocert_proxy_connections_open", {}, float(len(self.connections) + len(self.waiting or ()))
         for c in self.cache.all():
             yield ("autocert_proxy_certificate_not_after_seconds",
                    {"name": c.names[0] if c.names else "", "source": c.source}, c.not_after.timestamp())
@@ -234,6 +241,8 @@ class App:
             self.state = ProxyState(options=new, routes=RouteTable(new.routes), pool=self.pool,
                                     access_log=AccessLog(new.access_log_format))
             self.options = new
+            if self.waiting is not None:
+                self.waiting.timeout = new.timeout_read_header
             if self.autocert is not None:
                 await self.autocert.reconfigure(new)
             log.info("configuration reloaded: %d routes, %d manual certificates",
@@ -246,7 +255,7 @@ class App:
         if self.state.draining:
             return
         log.info("shutting down: draining %d connections (up to %ss)",
-                 len(self.connections), self.state.options.shutdown_timeout)
+                 len(self.connections) + len(self.waiting or ()), self.state.options.shutdown_timeout)
         self.state.draining = True
         for s in self.servers:
             s.close()
@@ -257,6 +266,8 @@ class App:
         if self.autocert is not None:
             await self.autocert.stop()
         deadline = asyncio.get_running_loop().time() + self.state.options.shutdown_timeout
+        for stream in self.waiting or ():   # no request on them: closed now (they leave ``waiting``)
+            stream.close()
         while self.connections:
             for c in list(self.connections.values()):
                 if not c.busy:

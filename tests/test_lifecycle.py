@@ -193,3 +193,28 @@ def test_websocket_survives_sighup(start_proxy):
             assert ws.recv(timeout=10) == "after"
     finally:
         ws_server.stop()
+
+
+def test_sigterm_closes_connections_that_asked_nothing(start_proxy):
+    """Connections without a request (handshaked and quiet, or mid-handshake) do not hold the
+    drain: they are closed at once, the TLS one with close_notify (a clean EOF)."""
+    import ssl
+    from tests.infra.proxyproc import tls_client_context
+    p = start_proxy({"shutdown_timeout": "30s",
+                     "routes": [{"from": "https://localhost", "response": {"status": 200}}]})
+    raw = socket.create_connection(("127.0.0.1", p.port), timeout=10)   # no ClientHello
+    quiet = tls_client_context().wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=10),
+                                             server_hostname="localhost", suppress_ragged_eofs=False)
+    try:
+        time.sleep(0.2)
+        started = time.monotonic()
+        p.signal(signal.SIGTERM)
+        assert quiet.recv(100) == b""   # close_notify: no ssl.SSLEOFError
+        assert raw.recv(100) == b""
+        assert p.proc.wait(10) == 0
+        assert time.monotonic() - started < 5
+    except ssl.SSLEOFError:
+        raise AssertionError("closed without close_notify")
+    finally:
+        raw.close()
+        quiet.close()

@@ -50,3 +50,40 @@ def test_failed_handshakes_are_counted(start_proxy):
             return
         time.sleep(0.1)
     raise AssertionError(scrape(mport))
+
+
+def test_open_connections_count_those_without_a_request(start_proxy):
+    """autocert_proxy_connections_open counts every client connection: one mid-handshake,
+    one handshaked that has asked nothing yet, and one with a request served (kept alive);
+    each leaves the count when it closes."""
+    import re
+    import socket
+    import time
+    from tests.infra.proxyproc import tls_client_context
+    mport = free_port()
+    p = start_proxy({"metrics_address": f"127.0.0.1:{mport}",
+                     "routes": [{"from": "https://localhost", "response": {"status": 200, "body": "ok"}}]})
+
+    def open_count() -> float:
+        m = re.search(r"^autocert_proxy_connections_open (\S+)$", scrape(mport), re.M)
+        assert m, scrape(mport)
+        return float(m.group(1))
+
+    def wait_for(n: float) -> None:
+        deadline = time.monotonic() + 5
+        while open_count() != n:
+            assert time.monotonic() < deadline, (open_count(), n)
+            time.sleep(0.05)
+
+    base = open_count()   # (the scrape's own connection is counted too)
+    raw = socket.create_connection(("127.0.0.1", p.port), timeout=5)   # no ClientHello
+    quiet = tls_client_context().wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=5),
+                                             server_hostname="localhost")
+    served = tls_client_context().wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=5),
+                                              server_hostname="localhost")
+    served.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert served.recv(4096).startswith(b"HTTP/1.1 200")
+    wait_for(base + 3)
+    for s in (raw, quiet, served):
+        s.close()
+    wait_for(base)

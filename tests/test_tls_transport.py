@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import struct
+import time
 
 import pytest
 import uvloop
@@ -641,3 +642,177 @@ def test_reads_share_one_timer_and_each_keeps_its_own_deadline():
         assert s._timer is None
 
     uvloop.run(main())
+
+
+async def serve_waiting(ctx, first_timeout: float = 10.0):
+    """A listener whose streams wait on their own until their first bytes (as the proxy's):
+    returns (listener, port, started streams, the ``waiting`` dict, every stream made)."""
+    loop = asyncio.get_running_loop()
+    started, waiting, made = [], socketstream.Waiting(loop, first_timeout), []
+
+    def factory():
+        stream = socketstream.TLSServerStream(lambda: SSL.Connection(ctx, None), None, loop,
+                                               started.append, waiting)
+        made.append(stream)
+        return stream
+
+    server = await socketstream.start_tls_server(factory, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1], started, waiting, made
+
+
+async def _until(cond, what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not reached: {what}")
+
+
+def test_a_waiting_connection_is_handed_over_with_its_first_bytes(leaf):
+    """Handshake done, nothing sent: the stream waits on its own (in ``waiting``, nothing
+    started); the first bytes start the HTTP layer once, with the bytes in the stream."""
+    async def go():
+        server, port, started, waiting, made = await serve_waiting(server_context(leaf))
+        raw = await in_thread(socket.create_connection, ("127.0.0.1", port))
+        s = await in_thread(lambda: client_context().wrap_socket(raw, server_hostname="stream.test"))
+        try:
+            await _until(lambda: made and made[0].opened_at is not None, "handshake")
+            await asyncio.sleep(0.2)
+            assert started == [] and list(waiting) == made and made[0]._timer is None
+            await in_thread(s.sendall, b"hello")
+            await _until(lambda: started, "start")
+            stream = started[0]
+            assert started == made and len(waiting) == 0
+            assert await stream.read(100, 5) == b"hello" and stream.server_name == "stream.test"
+            stream.write(b"world")
+            assert await in_thread(s.recv, 100) == b"world"
+            await in_thread(s.sendall, b"again")
+            assert await stream.read(100, 5) == b"again" and len(started) == 1
+        finally:
+            s.close()
+            server.close()
+
+    uvloop.run(go())
+
+
+def test_a_connection_that_asks_nothing_is_ended_by_its_stream(leaf):
+    """Without a first byte nothing is started, and the stream ends the connection itself: a
+    client's close_notify is answered (its unwrap completes); a handshake not done within
+    ``first_timeout`` is aborted; a handshaked client silent that long is closed with
+    close_notify (a clean EOF). Each leaves ``waiting`` and its descriptor."""
+    async def go():
+        server, port, started, waiting, made = await serve_waiting(server_context(leaf), first_timeout=0.5)
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.1)
+        before = _fds()
+
+        def closes_first():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                s = client_context().wrap_socket(raw, server_hostname="stream.test")
+                s.unwrap()   # raises unless the server answers with its close_notify
+            return True
+
+        def silent_tcp():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                t0 = time.monotonic()
+                assert raw.recv(10) == b""
+                return time.monotonic() - t0
+
+        def silent_tls():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                s = client_context().wrap_socket(raw, server_hostname="stream.test", suppress_ragged_eofs=False)
+                t0 = time.monotonic()
+                assert s.recv(10) == b""   # close_notify: an EOF without ssl.SSLEOFError
+                return time.monotonic() - t0
+
+        assert await in_thread(closes_first)
+        assert 0.4 <= await in_thread(silent_tcp) < 3
+        assert 0.3 <= await in_thread(silent_tls) < 3
+        await _until(lambda: len(made) == 3 and all(s._lost for s in made), "all ended")
+        assert started == [] and len(waiting) == 0 and waiting._timer is None
+        after = _fds()
+        server.close()
+        return before, after, loop
+
+    before, after, _ = uvloop.run(go())
+    assert after <= before, (before, after)
+
+
+def test_a_request_followed_by_close_notify_is_handed_over_whole(leaf):
+    """Bytes and the client's close_notify in one read: the HTTP layer is started, reads the
+    bytes, then EOF, and can still answer."""
+    async def go():
+        server, port, started, waiting, made = await serve_waiting(server_context(leaf))
+
+        def client():
+            cctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+            with socket.create_connection(("127.0.0.1", port)) as raw:   # (blocking, for pyOpenSSL)
+                c = SSL.Connection(cctx, raw)
+                c.set_connect_state()
+                c.set_tlsext_host_name(b"stream.test")
+                c.do_handshake()
+                c.sendall(b"question")
+                c.shutdown()   # close_notify sent, reading goes on
+                got = b""
+                try:
+                    while True:
+                        got += c.recv(100)
+                except SSL.ZeroReturnError:
+                    pass
+                return got
+
+        answer = asyncio.ensure_future(in_thread(client))
+        await _until(lambda: started, "start")
+        stream = started[0]
+        data = b""
+        while True:
+            chunk = await stream.read(100, 5)
+            if not chunk:
+                break
+            data += chunk
+        assert data == b"question" and stream.at_eof
+        stream.write(b"answer")
+        stream.close()
+        assert await asyncio.wait_for(answer, 10) == b"answer"
+        assert len(waiting) == 0
+        server.close()
+
+    uvloop.run(go())
+
+
+def test_waiting_expires_each_connection_at_its_own_deadline():
+    """One timer for all the waiting connections: each expires at its deadline, in order; one
+    that moved on (discarded) never expires; a wait started again counts from then."""
+    class Conn:
+        peer = "-"
+
+        def __init__(self, name, log):
+            self.name, self.log = name, log
+
+        def _expired(self, timeout):
+            self.log.append((self.name, asyncio.get_running_loop().time() - t0))
+
+    async def go():
+        global t0
+        loop = asyncio.get_running_loop()
+        log = []
+        w = socketstream.Waiting(loop, 0.3)
+        t0 = loop.time()
+        a, b, c, d = (Conn(n, log) for n in "abcd")
+        w.add(a)
+        await asyncio.sleep(0.1)
+        w.add(b)
+        w.add(c)
+        await asyncio.sleep(0.1)
+        w.add(d)
+        w.discard(c)       # c asked something: it never expires
+        w.add(a)           # a's handshake is done: its first byte has 0.3 s from now (0.2)
+        assert len(w) == 3 and list(w) == [b, d, a]
+        await asyncio.sleep(0.7)
+        assert len(w) == 0 and w._timer is None
+        return log
+
+    log = uvloop.run(go())
+    assert [name for name, _ in log] == ["b", "d", "a"], log
+    for (_, at), due in zip(log, (0.4, 0.5, 0.5)):   # (deadlines as set; the sleeps may run late)
+        assert due - 0.01 <= at < due + 0.3, log

@@ -193,9 +193,9 @@ class ClientConnection:
                     # connection's head timeout runs from here and bounds the whole head; a
                     # kept-alive one waits its idle timeout for the first byte.
                     opts = self.get_state().options
-                    if first:
-                        head_deadline = loop.time() + opts.timeout_read_header
-                    w = stream.readable(opts.timeout_read_header if first else opts.timeout_idle)
+                    if first:   # (from the handshake: a TLS stream may start this task later)
+                        head_deadline = (stream.opened_at or loop.time()) + opts.timeout_read_header
+                    w = stream.readable(head_deadline - loop.time() if first else opts.timeout_idle)
                     if w is not None:
                         try:
                             await w

@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from OpenSSL.SSL import _ffi, _lib
 
 from .. import metrics
-from .transport import ByteStream, StreamClosed
+from .transport import _SLACK, ByteStream, StreamClosed
 
 log = logging.getLogger("proxy.tls")
 
@@ -86,18 +86,30 @@ class TLSServerStream(ByteStream):
 
     Made by the listener's factory (``new_connection`` builds the SSL.Connection with the
     engine's callbacks; ``prepare`` sees the first bytes before OpenSSL does), then
-    ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done."""
+    ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done.
+
+    With ``start`` and ``waiting``, the connection waits on its own until it has something
+    for the HTTP layer: ``start(stream)`` is called once, when the first bytes after the
+    handshake are there (as nginx allocates a request's state only then). Until that,
+    nothing else exists for the connection (no task, no HTTP codec, no timer of its own: it
+    is in ``waiting``), and the stream ends it by itself: when the handshake, or then the
+    first byte, takes longer than ``waiting.timeout`` (aborted; closed with close_notify),
+    or when the client closes first."""
 
     __slots__ = ("_new_connection", "_prepare", "conn", "_ssl", "_sock", "_fd", "_handshaked",
                  "_watching", "_read_needs_write", "_write_needs_read", "_out", "_out_size",
-                 "_closing", "_shutdown")
+                 "_closing", "_shutdown", "_start", "_waiting")
 
     def __init__(self, new_connection: Callable[[], SSL.Connection],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
-                 loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
+                 loop: Optional[asyncio.AbstractEventLoop] = None,
+                 start: Optional[Callable[["TLSServerStream"], None]] = None,
+                 waiting: Optional["Waiting"] = None) -> None:
         super().__init__(loop)
         self._new_connection = new_connection
         self._prepare = prepare
+        self._start = start if waiting is not None else None
+        self._waiting = waiting if start is not None else None
         self.conn: Optional[SSL.Connection] = None
         self._ssl = None
         self._sock: Optional[socket.socket] = None
@@ -145,6 +157,8 @@ class TLSServerStream(ByteStream):
         conn._into_ssl = conn._from_ssl = None
         conn._socket = sock
         _lib.SSL_set_mode(ssl, _MODES)
+        if self._waiting is not None:   # the handshake's deadline
+            self._waiting.add(self)
         self._watch(_READ)
 
     def _watch(self, want: int) -> None:
@@ -231,8 +245,9 @@ class TLSServerStream(ByteStream):
         r = _SSL_do_handshake(ssl)
         if r == 1:
             self._handshaked = True
-            if not self.ready.done():
-                self.ready.set_result(None)
+            self._opened()
+            if self._waiting is not None:   # now the first byte's deadline
+                self._waiting.add(self)
             self._watch(_READ)
             self._read()   # the first request (or close_notify) often comes with the Finished
             return
@@ -298,12 +313,38 @@ class TLSServerStream(ByteStream):
             return
         if got:
             self._feed(_buffer(buf, got)[:])
+        if self._start is not None and self._buf:
+            self._begin()
+
+    def _begin(self) -> None:
+        """The first bytes are here: the HTTP layer takes the connection over."""
+        start, self._start = self._start, None
+        self._waiting.discard(self)
+        self._waiting = None
+        start(self)
+
+    def _expired(self, timeout: float) -> None:
+        """``waiting``'s deadline passed: no handshake, or no byte after it, in time."""
+        self._waiting = self._start = None
+        if self._handshaked:   # closed without an answer, as nginx does
+            log.debug("TLS connection from %s: no request within %ss", self.peer, timeout)
+            self.close()
+        else:
+            log.debug("TLS connection from %s: handshake not done within %ss", self.peer, timeout)
+            self.abort()
 
     def _read_stopped(self, err: int) -> None:
         if err == _WANT_WRITE:   # OpenSSL must send something first (a KeyUpdate answer)
             self._read_needs_write = True
             self._update_watch()
             return
+        if self._start is not None:
+            if self._buf:   # a request, then the end: the HTTP layer answers it
+                self._begin()
+            elif err == _ZERO_RETURN:   # closed before asking anything: close_notify back, close
+                self._feed_eof()
+                self.close()
+                return
         self._feed_eof()
         if err == _ZERO_RETURN:   # close_notify: the end of what the peer sends (no more reading)
             self._update_watch()
@@ -437,6 +478,9 @@ class TLSServerStream(ByteStream):
             self._sock.close()
         self._fd = -1
         self._out = None
+        if self._waiting is not None:
+            self._waiting.discard(self)
+            self._waiting = None
         self._gone(exc)
 
 
@@ -446,6 +490,57 @@ def _error_text() -> str:
         return "connection closed"
     text = _lib.ERR_reason_error_string(code)
     return _ffi.string(text).decode("ascii", "replace") if text != _ffi.NULL else f"error {code:#x}"
+
+
+class Waiting:
+    """The TLS connections that have not asked anything yet, each with its deadline (the
+    handshake, then the first byte, within ``timeout`` seconds each), behind one timer.
+
+    Deadlines are kept in a dict in the order they were set, which is their order too (one
+    timeout for all), so the timer is armed for the first one and a sweep looks only at the
+    expired ones and the first one that is not. (After a reload that shortens ``timeout``, a
+    connection can wait up to the old timeout.) Per connection that is a dict entry and a
+    float, instead of a timer handle of its own."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+        self._loop = loop
+        self.timeout = timeout
+        self._deadlines: dict = {}   # stream -> loop time, in the order set
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def __len__(self) -> int:
+        return len(self._deadlines)
+
+    def __iter__(self):
+        return iter(list(self._deadlines))
+
+    def add(self, stream: TLSServerStream) -> None:
+        """(Re)start ``stream``'s wait: ``timeout`` from now, behind every other."""
+        deadlines = self._deadlines
+        deadlines.pop(stream, None)
+        deadlines[stream] = deadline = self._loop.time() + self.timeout
+        if self._timer is None:
+            self._timer = self._loop.call_at(deadline, self._sweep)
+
+    def discard(self, stream: TLSServerStream) -> None:
+        self._deadlines.pop(stream, None)
+
+    def _sweep(self) -> None:
+        self._timer = None
+        deadlines = self._deadlines
+        now = self._loop.time() + _SLACK
+        expired = []
+        for stream, deadline in deadlines.items():
+            if deadline > now:
+                self._timer = self._loop.call_at(deadline, self._sweep)
+                break
+            expired.append(stream)
+        for stream in expired:
+            del deadlines[stream]
+            try:
+                stream._expired(self.timeout)
+            except Exception:
+                log.exception("ending the TLS connection from %s failed", stream.peer)
 
 
 class TLSListener:

@@ -39,7 +39,7 @@ class ByteStream:
 
     # Slots, not a __dict__: one of these lives as long as each (idle) client connection.
     __slots__ = ("_loop", "_buf", "_size", "_eof", "_lost", "_waiter", "_deadline", "_timer", "_reading_paused",
-                 "_write_paused", "_drain_waiters", "ready", "_closed", "peer")
+                 "_write_paused", "_drain_waiters", "_ready", "opened_at", "_closed", "peer")
 
     def __init__(self, loop: Optional[asyncio.AbstractEventLoop] = None) -> None:
         # ``loop``: the running loop, when the caller has it (asyncio.get_event_loop() costs a
@@ -57,9 +57,30 @@ class ByteStream:
         self._reading_paused = False   # more than READ_LIMIT waits to be read
         self._write_paused = False     # drain waits
         self._drain_waiters: Optional[list[asyncio.Future]] = None   # made when needed
-        self.ready: asyncio.Future = self._loop.create_future()   # connected (TLS: handshake done)
+        self._ready: Optional[asyncio.Future] = None   # made when asked for (see ``ready``)
+        self.opened_at: Optional[float] = None   # when connected (TLS: handshake done), loop time
         self._closed: Optional[asyncio.Future] = None   # made when asked for (rarely)
         self.peer: str = "-"
+
+    @property
+    def ready(self) -> asyncio.Future:
+        """Resolves when connected (TLS: the handshake is done); fails with StreamClosed when
+        the connection is lost first. Made when asked for: most connections never ask."""
+        if self._ready is None:
+            self._ready = ready = self._loop.create_future()
+            if self.opened_at is not None:
+                ready.set_result(None)
+            elif self._lost:
+                ready.set_exception(StreamClosed("connection closed during handshake"))
+                ready.exception()  # mark retrieved
+        return self._ready
+
+    def _opened(self) -> None:
+        """Connected (TLS: handshake done)."""
+        self.opened_at = self._loop.time()
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_result(None)
 
     @property
     def closed(self) -> asyncio.Future:
@@ -104,9 +125,10 @@ class ByteStream:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.ready.done():
-            self.ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
-            self.ready.exception()  # mark retrieved
+        ready = self._ready
+        if ready is not None and not ready.done():
+            ready.set_exception(StreamClosed(str(exc or "connection closed during handshake")))
+            ready.exception()  # mark retrieved
         waiters, self._drain_waiters = self._drain_waiters, None
         for w in waiters or ():
             if not w.done():
@@ -183,6 +205,8 @@ class ByteStream:
 
     async def wait_ready(self, timeout: float) -> None:
         """Until connected (TLS: handshake done); TimeoutError after ``timeout`` (no task needed)."""
+        if self.opened_at is not None:
+            return
         ready = self.ready
         if ready.done():
             return ready.result()
@@ -246,8 +270,8 @@ class Stream(ByteStream, asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = peer[0]
-        if not self.ready.done():
-            self.ready.set_result(None)
+        if self.opened_at is None:
+            self._opened()
 
     def data_received(self, data: bytes) -> None:
         self._feed(data)
