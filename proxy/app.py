@@ -146,7 +146,7 @@ class App:
         await self._install_manual(manual, wait=5.0)
         # Listeners before anything slow: they never wait for storage or a CA (a handshake
         # for a managed name waits briefly for the first look into storage).
-        check_pyopenssl(self.engine.new_connection)   # a clear error now, not on every connection
+        check_pyopenssl()   # a clear error now, not on every connection
         self.servers.append(await start_tls_server(
             self._tls_protocol, opts.address.host or None, opts.address.port,
             reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))

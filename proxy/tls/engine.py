@@ -17,33 +17,35 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 from OpenSSL.SSL import _ffi, _lib   # pyOpenSSL's cffi binding (the callbacks, below)
 
 from .certcache import SELF_SIGNED, Certificate, CertificateCache
 from .clienthello import alpn_names
-from .socketstream import refuse_missing_internals
+from .socketstream import new_ssl, refuse_missing_internals
 
 log = logging.getLogger("proxy.tls")
 
 ACME_TLS_1 = b"acme-tls/1"
 HTTP_1_1 = b"http/1.1"
 
-# The three callbacks are registered on pyOpenSSL's cffi binding directly, not through
+# Connections are OpenSSL SSL objects made and driven through pyOpenSSL's cffi binding
+# (socketstream.new_ssl), without a pyOpenSSL Connection: that wrapper costs ~120 Python
+# bytecodes, a weak-dictionary entry and two memory BIOs per connection, and ~400 B per
+# idle one. The three callbacks are registered on the binding directly too, not through
 # pyOpenSSL's wrappers, which per handshake look the Connection up in a weak dictionary,
 # go through two more Python calls (get_servername, set_context), split the ALPN offer into
 # a list, and keep two new cffi buffers with the ALPN answer on every connection until it
-# closes (OpenSSL copies the answer at once). Here: usual ALPN offers are recognised whole,
-# OpenSSL is pointed at constant buffers, and the Connection is looked up only where it is
-# needed (switching the context, acme-tls/1, a staple to send). Measured
-# (benchmarks/tls-io-notes.md): -6.6k instructions per handshake (servername), -38k for a
-# client that also sends ALPN and status_request as browsers do, -225 B per idle connection
-# with ALPN. The listener relies on pyOpenSSL's internals anyway (socketstream.py): a
-# pyOpenSSL without what these use is refused at start, with what it lacks.
+# closes (OpenSSL copies the answer at once). Here: usual ALPN offers are recognised whole
+# and OpenSSL is pointed at constant buffers. Measured (benchmarks/tls-io-notes.md): -6.6k
+# instructions per handshake (servername), -38k for a client that also sends ALPN and
+# status_request as browsers do, -225 B per idle connection with ALPN. A pyOpenSSL without
+# what these use is refused at start, with what it lacks.
 REQUIRED = ("SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_tlsext_servername_callback", "SSL_get_servername",
             "SSL_CTX_set_tlsext_status_cb", "SSL_CTX_set_tlsext_status_arg",
             "SSL_set_tlsext_status_ocsp_resp", "OPENSSL_malloc", "TLSEXT_NAMETYPE_host_name",
-            "SSL_TLSEXT_ERR_OK", "SSL_TLSEXT_ERR_NOACK", "SSL_TLSEXT_ERR_ALERT_FATAL")
+            "SSL_TLSEXT_ERR_OK", "SSL_TLSEXT_ERR_NOACK", "SSL_TLSEXT_ERR_ALERT_FATAL",
+            "SSL_set_SSL_CTX", "SSL_use_certificate", "SSL_use_PrivateKey", "SSL_set_tlsext_status_type")
 _SERVERNAME_CB = "int (*)(SSL *, int *, void *)"
 _ALPN_CB = "int (*)(SSL *, unsigned char **, unsigned char *, const unsigned char *, unsigned int, void *)"
 _STATUS_CB = "int (*)(SSL *, void *)"
@@ -52,8 +54,8 @@ _STATUS_CB = "int (*)(SSL *, void *)"
 _OK = getattr(_lib, "SSL_TLSEXT_ERR_OK", 0)
 _NOACK = getattr(_lib, "SSL_TLSEXT_ERR_NOACK", 3)
 _FATAL = getattr(_lib, "SSL_TLSEXT_ERR_ALERT_FATAL", 2)
-_by_ssl = getattr(SSL.Connection, "_reverse_mapping", {})   # SSL * -> Connection (weak values)
 _NULL = _ffi.NULL
+_STATUSTYPE_NOTHING = -1   # TLSEXT_STATUSTYPE_nothing (not in the binding)
 _PROTO = {p: _ffi.new("unsigned char[]", p) for p in (HTTP_1_1, ACME_TLS_1)}   # kept for the process
 # Wire-format ALPN offers (length-prefixed names) answered with http/1.1 without parsing
 # them: browsers, curl, Go and most other clients send one of these.
@@ -99,10 +101,7 @@ def self_signed_certificate(name: str = "autocert-proxy.invalid") -> Certificate
 
 class TLSEngine:
     def __init__(self, cache: CertificateCache, challenge_lookup: Optional[ChallengeLookup] = None):
-        refuse_missing_internals(
-            [f for f in REQUIRED if not hasattr(_lib, f)]
-            + ([] if hasattr(SSL.Connection, "_reverse_mapping") else ["Connection._reverse_mapping"]),
-            "the TLS engine's callbacks use")
+        refuse_missing_internals([f for f in REQUIRED if not hasattr(_lib, f)], "the TLS engine's callbacks use")
         self.cache = cache
         self.challenge_lookup: ChallengeLookup = challenge_lookup or (lambda name: None)
         # kept alive by every context that uses them, too (pyOpenSSL's slots)
@@ -147,10 +146,11 @@ class TLSEngine:
             cert.tls_context = ctx
         return ctx
 
-    def new_connection(self) -> SSL.Connection:
+    def new_connection(self):
+        """A new server SSL object (cffi ``SSL *``, freed with its last reference)."""
         # OpenSSL (1.1.1 on) runs the servername callback for every ClientHello, with or
         # without SNI: the certificate is chosen there, the initial context has none.
-        return SSL.Connection(self._initial, None)
+        return new_ssl(self._initial)
 
     # --- callbacks (handshake path: memory reads only) ---
     def _on_servername(self, ssl, alert, arg) -> int:
@@ -158,8 +158,9 @@ class TLSEngine:
         try:
             p = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
             ctx = self._choose_context(_ffi.string(p) if p != _NULL else None)
-            if ctx is not None:
-                _by_ssl[ssl].set_context(ctx)
+            if ctx is not None and _lib.SSL_set_SSL_CTX(ssl, ctx._context) == _NULL:
+                log.error("switching to the certificate's context failed")
+                return _FATAL
             return _OK
         except Exception:   # as pyOpenSSL's wrapper: the handshake fails
             log.exception("choosing the certificate failed")
@@ -205,7 +206,7 @@ class TLSEngine:
             else:
                 offered = alpn_names(wire)   # (OpenSSL checked the list's form already)
                 if ACME_TLS_1 in offered:
-                    chosen = self._acme_tls_1(_by_ssl[ssl])
+                    chosen = self._acme_tls_1(ssl)
                 else:
                     chosen = HTTP_1_1 if HTTP_1_1 in offered else None
             if chosen is None:
@@ -217,26 +218,29 @@ class TLSEngine:
             log.exception("ALPN selection failed")
             return _FATAL
 
-    def _acme_tls_1(self, conn: SSL.Connection) -> Optional[bytes]:
+    def _acme_tls_1(self, ssl) -> Optional[bytes]:
         """A client offered acme-tls/1 (RFC 8737): the challenge certificate for its name on
-        this connection, or None (not acknowledged) without a pending challenge."""
-        raw = conn.get_servername()
+        this connection (and no OCSP staple), or None (not acknowledged) without a pending
+        challenge."""
+        p = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
+        raw = _ffi.string(p) if p != _NULL else None
         material = self.challenge_lookup(raw.decode("ascii", "replace").lower()) if raw else None
         if material is None:
             log.warning("acme-tls/1 handshake for %r with no pending challenge", raw)
             return None
         cert, key = material
-        conn.use_certificate(cert)
-        conn.use_privatekey(key)
-        conn.set_app_data("acme-tls/1")
+        if (_lib.SSL_use_certificate(ssl, crypto.X509.from_cryptography(cert)._x509) != 1
+                or _lib.SSL_use_PrivateKey(ssl, crypto.PKey.from_cryptography_key(key)._pkey) != 1):
+            raise RuntimeError("the challenge certificate or key was refused by OpenSSL")
+        # The status callback runs after this one (TLS 1.3): no staple for the challenge.
+        _lib.SSL_set_tlsext_status_type(ssl, _STATUSTYPE_NOTHING)
         return ACME_TLS_1
 
     def _on_status(self, ssl, arg) -> int:
-        """OpenSSL's status (OCSP) callback, for clients that ask: the certificate's staple,
-        never on an acme-tls/1 connection; the Connection is looked up only when there is one."""
+        """OpenSSL's status (OCSP) callback, for clients that ask: the certificate's staple."""
         try:
             staple = _ffi.from_handle(arg).ocsp_staple
-            if not staple or _by_ssl[ssl].get_app_data() == "acme-tls/1":
+            if not staple:
                 return _NOACK
             n = len(staple)
             p = _lib.OPENSSL_malloc(n)   # OpenSSL takes it over

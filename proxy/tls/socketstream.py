@@ -14,15 +14,18 @@ take is kept (``SSL_MODE_ENABLE_PARTIAL_WRITE``, retried when the socket is writ
 ``drain`` waits while more than ``WRITE_HIGH`` bytes are kept, until they are below
 ``WRITE_LOW``.
 
-OpenSSL is called through pyOpenSSL's cffi binding and its Connection's private ``_ssl``:
-``check_pyopenssl`` refuses to start, with a clear error, on a pyOpenSSL without them.
+OpenSSL is called through pyOpenSSL's cffi binding: a connection is an ``SSL *`` made by
+``new_ssl`` from a pyOpenSSL Context (no pyOpenSSL Connection); ``check_pyopenssl`` refuses
+to start, with a clear error, on a pyOpenSSL whose binding lacks what is used here.
 """
 from __future__ import annotations
 
 import asyncio
 import errno
 import logging
+import os
 import socket
+from _socket import socket as _c_socket
 from typing import Callable, Optional
 
 import OpenSSL
@@ -48,17 +51,24 @@ _SSL_pending = _lib.SSL_pending
 _SSL_get_error = _lib.SSL_get_error
 _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_shutdown = _lib.SSL_shutdown
+_SSL_new = _lib.SSL_new
+_SSL_free = _lib.SSL_free
+_gc = _ffi.gc
+_NULL = _ffi.NULL
 _ERR_clear_error = _lib.ERR_clear_error
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _WANT_WRITE = _lib.SSL_ERROR_WANT_WRITE
 _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _SYSCALL = _lib.SSL_ERROR_SYSCALL
-_MODES = _lib.SSL_MODE_ENABLE_PARTIAL_WRITE | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+_MODES = (_lib.SSL_MODE_ENABLE_PARTIAL_WRITE | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+          | _lib.SSL_MODE_AUTO_RETRY)
 _UNEXPECTED_EOF = getattr(_lib, "SSL_R_UNEXPECTED_EOF_WHILE_READING", -1)
 _READ, _WRITE = 1, 2   # what the loop watches the socket for
+_SOCK_STREAM = int(socket.SOCK_STREAM)
 _NO_SHUTDOWN, _SHUTDOWN_WANTED, _SHUTDOWN_SENT = 0, 1, 2
 # (the functions read into module globals above are checked by the import itself)
-_NEEDED = ("SSL_set_fd", "SSL_set_mode", "ERR_peek_error", "ERR_GET_REASON", "ERR_reason_error_string")
+_NEEDED = ("SSL_set_fd", "SSL_set_mode", "SSL_set_accept_state", "SSL_get_servername", "SSL_get_version",
+           "SSL_get0_alpn_selected", "ERR_peek_error", "ERR_GET_REASON", "ERR_reason_error_string")
 
 
 def refuse_missing_internals(missing: list[str], used_for: str) -> None:
@@ -71,21 +81,35 @@ def refuse_missing_internals(missing: list[str], used_for: str) -> None:
                            "tested with 26.4)")
 
 
-def check_pyopenssl(new_connection: Callable[[], SSL.Connection]) -> None:
+def check_pyopenssl() -> None:
     """Raises RuntimeError when this pyOpenSSL lacks what the TLS listener calls directly
-    (its Connection's ``_ssl`` and ``_raise_ssl_error``, and OpenSSL functions in its binding)."""
-    conn = new_connection()
+    (its Context's ``_context``, and OpenSSL functions in its binding)."""
     refuse_missing_internals(
-        [a for a in ("_ssl", "_raise_ssl_error", "_socket", "_into_ssl", "_from_ssl") if not hasattr(conn, a)]
+        ([] if hasattr(SSL.Context(SSL.TLS_SERVER_METHOD), "_context") else ["Context._context"])
         + [f for f in _NEEDED if not hasattr(_lib, f)],
         "the TLS listener uses to let OpenSSL read and write the socket")
+
+
+def new_ssl(context: SSL.Context):
+    """A new ``SSL *`` for ``context`` (a pyOpenSSL Context), freed with its last reference."""
+    ssl = _SSL_new(context._context)
+    if ssl == _NULL:
+        raise MemoryError("SSL_new failed")
+    return _gc(ssl, _SSL_free)
+
+
+def selected_alpn(ssl) -> Optional[bytes]:
+    """The protocol ALPN settled on ``ssl``, None without one."""
+    data, n = _ffi.new("unsigned char **"), _ffi.new("unsigned int *")
+    _lib.SSL_get0_alpn_selected(ssl, data, n)
+    return _buffer(data[0], n[0])[:] if n[0] else None
 
 
 class TLSServerStream(ByteStream):
     """One accepted client connection: OpenSSL on the socket, a byte stream to the HTTP layer.
 
-    Made by the listener's factory (``new_connection`` builds the SSL.Connection with the
-    engine's callbacks; ``prepare`` sees the first bytes before OpenSSL does), then
+    Made by the listener's factory (``new_connection`` makes the ``SSL *``, e.g. ``new_ssl``
+    of the engine's first context; ``prepare`` sees the first bytes before OpenSSL does), then
     ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done.
 
     With ``start`` and ``waiting``, the connection waits on its own until it has something
@@ -96,11 +120,11 @@ class TLSServerStream(ByteStream):
     first byte, takes longer than ``waiting.timeout`` (aborted; closed with close_notify),
     or when the client closes first."""
 
-    __slots__ = ("_new_connection", "_prepare", "conn", "_ssl", "_sock", "_fd", "_handshaked",
+    __slots__ = ("_new_connection", "_prepare", "_ssl", "_sock", "_fd", "_handshaked",
                  "_watching", "_read_needs_write", "_write_needs_read", "_out", "_out_size",
                  "_closing", "_shutdown", "_start", "_waiting")
 
-    def __init__(self, new_connection: Callable[[], SSL.Connection],
+    def __init__(self, new_connection: Callable[[], object],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None,
                  start: Optional[Callable[["TLSServerStream"], None]] = None,
@@ -110,8 +134,7 @@ class TLSServerStream(ByteStream):
         self._prepare = prepare
         self._start = start if waiting is not None else None
         self._waiting = waiting if start is not None else None
-        self.conn: Optional[SSL.Connection] = None
-        self._ssl = None
+        self._ssl = None   # the SSL * (cffi), from attach on
         self._sock: Optional[socket.socket] = None
         self._fd = -1
         self._handshaked = False
@@ -129,16 +152,16 @@ class TLSServerStream(ByteStream):
         """The SNI name the client sent (lower case), None without one or before the handshake."""
         if not self._handshaked:
             return None
-        name = self.conn.get_servername()
-        return name.decode("ascii", "replace").lower() if name else None
+        p = _lib.SSL_get_servername(self._ssl, _lib.TLSEXT_NAMETYPE_host_name)
+        return _ffi.string(p).decode("ascii", "replace").lower() if p != _NULL else None
 
     @property
     def alpn(self) -> Optional[bytes]:
-        return (self.conn.get_alpn_proto_negotiated() or None) if self._handshaked else None
+        return selected_alpn(self._ssl) if self._handshaked else None
 
     @property
     def tls_version(self) -> str:
-        return self.conn.get_protocol_version_name() if self._handshaked else ""
+        return _ffi.string(_lib.SSL_get_version(self._ssl)).decode("ascii") if self._handshaked else ""
 
     # --- the socket ---
     def attach(self, sock: socket.socket, addr) -> None:
@@ -148,14 +171,11 @@ class TLSServerStream(ByteStream):
         self._fd = sock.fileno()
         if addr:
             self.peer = addr[0]
-        self.conn = conn = self._new_connection()
-        conn.set_accept_state()
-        self._ssl = ssl = conn._ssl
-        if _lib.SSL_set_fd(ssl, self._fd) != 1:   # frees the memory BIOs pyOpenSSL made
+        self._ssl = ssl = self._new_connection()
+        _lib.SSL_set_accept_state(ssl)
+        if _lib.SSL_set_fd(ssl, self._fd) != 1:
             self._lose("SSL_set_fd failed")
             return
-        conn._into_ssl = conn._from_ssl = None
-        conn._socket = sock
         _lib.SSL_set_mode(ssl, _MODES)
         if self._waiting is not None:   # the handshake's deadline
             self._waiting.add(self)
@@ -263,11 +283,7 @@ class TLSServerStream(ByteStream):
         """Counted, unless the peer merely went away (EOF or reset, as before OpenSSL read a
         byte); the alert OpenSSL wrote is already on the socket."""
         gone = err == _SYSCALL or (_lib.ERR_GET_REASON(_lib.ERR_peek_error()) == _UNEXPECTED_EOF)
-        try:   # pyOpenSSL's own error handling: a callback's exception, the error queue
-            self.conn._raise_ssl_error(self._ssl, r)
-            raise SSL.Error("handshake failed")
-        except Exception as e:   # SSL.Error, or an exception raised inside a callback
-            reason = e
+        reason = _error_text()   # (the engine's callbacks log their own exceptions)
         _ERR_clear_error()
         if not gone:
             log.debug("TLS handshake failed from %s: %s", self.peer, reason)
@@ -554,18 +570,26 @@ class TLSListener:
         self._factory = factory
         self._serving = True
         for s in socks:
-            loop.add_reader(s.fileno(), self._accept, s)
+            loop.add_reader(s.fileno(), self._accept, s, int(s.family))
 
-    def _accept(self, lsock: socket.socket) -> None:
+    def _accept(self, lsock: socket.socket, family: int) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
-                sock, addr = lsock.accept()
+                # the C half of socket.accept(): the Python half makes a socket.socket (its
+                # __init__ and family/type properties are Python code, enum conversions);
+                # the plain C socket object has all a connection uses
+                fd, addr = lsock._accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
                 self._accept_failed(lsock, e)
                 return
             stream = None
+            try:
+                sock = _c_socket(family, _SOCK_STREAM, 0, fd)
+            except OSError:
+                os.close(fd)
+                continue
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -587,7 +611,7 @@ class TLSListener:
 
     def _resume(self, lsock: socket.socket) -> None:
         if self._serving:
-            self._loop.add_reader(lsock.fileno(), self._accept, lsock)
+            self._loop.add_reader(lsock.fileno(), self._accept, lsock, int(lsock.family))
 
     def close(self) -> None:
         """Stop accepting (open connections go on)."""
