@@ -595,6 +595,41 @@ def test_closed_listener_refuses_new_connections_and_keeps_open_ones(leaf):
             await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"still here")
         assert await asyncio.wait_for(reader.readexactly(10), 10) == b"still here"
+        assert not server.poller._epoll.closed   # (open while a connection is)
+        writer.close()
+        for _ in range(250):   # the last connection gone: the listener's epoll set closes
+            if server.poller._epoll.closed:
+                break
+            await asyncio.sleep(0.02)
+        assert server.poller._epoll.closed and len(server.poller) == 0
+
+    uvloop.run(go())
+
+
+def test_a_connection_paused_when_the_listener_closes_resumes(leaf):
+    """A stream watched for nothing (reading paused above READ_LIMIT) while the listener
+    closes is still watched again when its reader catches up (graceful drain)."""
+    async def go():
+        loop = asyncio.get_running_loop()
+        streams = []
+        server, port = await serve_tls(server_context(leaf), streams.append)
+        payload = os.urandom(3 * READ_LIMIT)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
+                                                       server_hostname="stream.test")
+        writer.write(payload)
+        await asyncio.sleep(0)
+        for _ in range(250):
+            if streams and streams[0]._reading_paused and streams[0]._watching == 0:
+                break
+            await asyncio.sleep(0.02)
+        stream = streams[0]
+        assert stream._reading_paused and stream._watching == 0
+        server.close()
+        got = b""
+        while len(got) < len(payload):
+            got += await stream.read(1 << 20, 10)
+        assert got == payload
+        stream.close()
         writer.close()
 
     uvloop.run(go())

@@ -46,8 +46,9 @@ class ByteStream:
         # getpid system call per connection)
         self._loop = loop or asyncio.get_event_loop()
         # Received, not yet read: chunks as they came. A list, not a deque: it rarely holds more
-        # than one or two chunks, and an empty deque costs 600 bytes per idle connection.
-        self._buf: list[bytes] = []
+        # than one or two chunks, and an empty deque costs 600 bytes per idle connection. Made
+        # with the first bytes (a TLS connection waits for them without one).
+        self._buf: Optional[list[bytes]] = None
         self._size = 0
         self._eof = False
         self._lost = False             # the connection is gone
@@ -95,7 +96,11 @@ class ByteStream:
     def _feed(self, data: bytes) -> None:
         if not data:
             return
-        self._buf.append(data)
+        buf = self._buf
+        if buf is None:
+            self._buf = [data]
+        else:
+            buf.append(data)
         self._size += len(data)
         w = self._waiter
         if w is not None and not w.done():
@@ -221,6 +226,8 @@ class ByteStream:
     def unread(self, data: bytes) -> None:
         """Put bytes back in front of the buffer (left over after a protocol switch)."""
         if data:
+            if self._buf is None:
+                self._buf = []
             self._buf.insert(0, bytes(data))
             self._size += len(data)
 
