@@ -119,7 +119,8 @@ class _Server:
 
     def __init__(self, engine: TLSEngine):
         from OpenSSL.SSL import _lib
-        self.lib, self.ssl = _lib, engine.new_connection()
+        from OpenSSL.SSL import _ffi
+        self.lib, self.ssl = _lib, _ffi.gc(engine.new_connection(), _lib.SSL_free)
         self.rbio, self.wbio = _lib.BIO_new(_lib.BIO_s_mem()), _lib.BIO_new(_lib.BIO_s_mem())
         _lib.SSL_set_bio(self.ssl, self.rbio, self.wbio)   # (freed with the SSL object)
         _lib.SSL_set_accept_state(self.ssl)

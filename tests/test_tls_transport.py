@@ -831,11 +831,12 @@ def test_a_request_followed_by_close_notify_is_handed_over_whole(leaf):
 def test_waiting_expires_each_connection_at_its_own_deadline():
     """One timer for all the waiting connections: each expires at its deadline, in order; one
     that moved on (discarded) never expires; a wait started again counts from then."""
-    class Conn:
+    class Conn:   # what Waiting uses of a stream
         peer = "-"
 
         def __init__(self, name, log):
             self.name, self.log = name, log
+            self._wprev = self._wnext = self._deadline = None
 
         def _expired(self, timeout):
             self.log.append((self.name, asyncio.get_running_loop().time() - t0))
@@ -854,6 +855,7 @@ def test_waiting_expires_each_connection_at_its_own_deadline():
         await asyncio.sleep(0.1)
         w.add(d)
         w.discard(c)       # c asked something: it never expires
+        w.discard(c)       # (twice: nothing happens)
         w.add(a)           # a's handshake is done: its first byte has 0.3 s from now (0.2)
         assert len(w) == 3 and list(w) == [b, d, a]
         await asyncio.sleep(0.7)

@@ -55,7 +55,6 @@ _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_shutdown = _lib.SSL_shutdown
 _SSL_new = _lib.SSL_new
 _SSL_free = _lib.SSL_free
-_gc = _ffi.gc
 _NULL = _ffi.NULL
 _ERR_clear_error = _lib.ERR_clear_error
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
@@ -94,11 +93,13 @@ def check_pyopenssl() -> None:
 
 
 def new_ssl(context: SSL.Context):
-    """A new ``SSL *`` for ``context`` (a pyOpenSSL Context), freed with its last reference."""
+    """A new ``SSL *`` for ``context`` (a pyOpenSSL Context). Its owner frees it with
+    ``SSL_free`` (a stream does when its connection ends; cffi's ``gc`` would cost 80 B per
+    idle connection)."""
     ssl = _SSL_new(context._context)
     if ssl == _NULL:
         raise MemoryError("SSL_new failed")
-    return _gc(ssl, _SSL_free)
+    return ssl
 
 
 def selected_alpn(ssl) -> Optional[bytes]:
@@ -123,9 +124,9 @@ class TLSServerStream(ByteStream):
     first byte, takes longer than ``waiting.timeout`` (aborted; closed with close_notify),
     or when the client closes first."""
 
-    __slots__ = ("_new_connection", "_prepare", "_ssl", "_sock", "_fd", "_handshaked",
+    __slots__ = ("_new_connection", "_prepare", "_ssl", "_fd", "_handshaked",
                  "_watching", "_read_needs_write", "_write_needs_read", "_out", "_out_size",
-                 "_closing", "_shutdown", "_start", "_waiting", "_poller")
+                 "_closing", "_shutdown", "_start", "_waiting", "_poller", "_wprev", "_wnext")
 
     def __init__(self, new_connection: Callable[[], object],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
@@ -138,8 +139,8 @@ class TLSServerStream(ByteStream):
         self._start = start if waiting is not None else None
         self._waiting = waiting if start is not None else None
         self._poller: Optional[Poller] = None   # (attach)
-        self._ssl = None   # the SSL * (cffi), from attach on
-        self._sock: Optional[socket.socket] = None
+        self._wprev = self._wnext = None   # neighbours in ``waiting``'s list
+        self._ssl = None   # the SSL * (cffi), from attach until the connection ends (then freed)
         self._fd = -1
         self._handshaked = False
         self._watching = 0
@@ -154,25 +155,27 @@ class TLSServerStream(ByteStream):
     @property
     def server_name(self) -> Optional[str]:
         """The SNI name the client sent (lower case), None without one or before the handshake."""
-        if not self._handshaked:
+        if not self._handshaked or self._ssl is None:
             return None
         p = _lib.SSL_get_servername(self._ssl, _lib.TLSEXT_NAMETYPE_host_name)
         return _ffi.string(p).decode("ascii", "replace").lower() if p != _NULL else None
 
     @property
     def alpn(self) -> Optional[bytes]:
-        return selected_alpn(self._ssl) if self._handshaked else None
+        return selected_alpn(self._ssl) if self._handshaked and self._ssl is not None else None
 
     @property
     def tls_version(self) -> str:
-        return _ffi.string(_lib.SSL_get_version(self._ssl)).decode("ascii") if self._handshaked else ""
+        if not self._handshaked or self._ssl is None:
+            return ""
+        return _ffi.string(_lib.SSL_get_version(self._ssl)).decode("ascii")
 
     # --- the socket ---
-    def attach(self, sock: socket.socket, addr, poller: "Poller") -> None:
-        """Take the accepted (non-blocking) socket and start: the peek for ``prepare``, or the
-        handshake, when it becomes readable (``poller`` watches it)."""
-        self._sock = sock
-        self._fd = fd = sock.fileno()
+    def attach(self, fd: int, addr, poller: "Poller") -> None:
+        """Take the accepted (non-blocking) socket ``fd`` (closed when the connection ends) and
+        start: the peek for ``prepare``, or the handshake, at once (the ClientHello is usually
+        there with the connection) and then whenever it becomes readable (``poller`` watches)."""
+        self._fd = fd
         self._poller = poller
         poller.add(fd, self)
         if addr:   # one string per client address, not per connection
@@ -189,6 +192,7 @@ class TLSServerStream(ByteStream):
         if self._waiting is not None:   # the handshake's deadline
             self._waiting.add(self)
         self._watch(_READ)
+        self._on_readable()
 
     def _watch(self, want: int) -> None:
         """Watch the socket for exactly ``want`` (_READ, _WRITE, both or neither)."""
@@ -239,13 +243,16 @@ class TLSServerStream(ByteStream):
     def _peek(self) -> None:
         """Show the engine the first bytes (the ClientHello) without taking them from the
         socket; it may return a future to wait for before OpenSSL reads them."""
+        sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, self._fd)   # (recv only: any family)
         try:
-            data = self._sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+            data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self._lose(e)
             return
+        finally:
+            sock.detach()
         if not data:
             self._lose("closed before the handshake")
             return
@@ -293,12 +300,15 @@ class TLSServerStream(ByteStream):
         self._lose(f"handshake failed: {reason}")
 
     def _discard_input(self) -> None:
+        sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, self._fd)
         try:
             for _ in range(4):
-                if not self._sock.recv(65536):
+                if not sock.recv(65536):
                     return
         except OSError:
             pass
+        finally:
+            sock.detach()
 
     # --- reading ---
     def _read(self) -> None:
@@ -492,12 +502,19 @@ class TLSServerStream(ByteStream):
         """The connection is gone: stop watching, close the socket, wake every waiter."""
         if self._lost:
             return
-        if self._poller is not None and self._fd >= 0:   # (closing the socket takes it out of the set)
-            self._poller.forget(self._fd)
+        fd = self._fd
+        if fd >= 0:
+            if self._poller is not None:   # (closing the socket takes it out of the set)
+                self._poller.forget(fd)
+            try:
+                os.close(fd)
+            except OSError:
+                pass
         self._watching = 0
-        if self._sock is not None:
-            self._sock.close()
         self._fd = -1
+        ssl, self._ssl = self._ssl, None
+        if ssl is not None:
+            _SSL_free(ssl)
         self._out = None
         if self._waiting is not None:
             self._waiting.discard(self)
@@ -517,47 +534,74 @@ class Waiting:
     """The TLS connections that have not asked anything yet, each with its deadline (the
     handshake, then the first byte, within ``timeout`` seconds each), behind one timer.
 
-    Deadlines are kept in a dict in the order they were set, which is their order too (one
-    timeout for all), so the timer is armed for the first one and a sweep looks only at the
-    expired ones and the first one that is not. (After a reload that shortens ``timeout``, a
-    connection can wait up to the old timeout.) Per connection that is a dict entry and a
-    float, instead of a timer handle of its own."""
+    The streams are linked in the order their deadlines were set (``_wprev``/``_wnext``;
+    the deadline in the stream's ``_deadline``, unused until the HTTP layer reads), which is
+    the deadlines' order too (one timeout for all): the timer is armed for the first one and
+    a sweep looks only at the expired ones and the first one that is not. (After a reload
+    that shortens ``timeout``, a connection can wait up to the old timeout.) Per connection:
+    two links and a float, no timer handle and no dict entry."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self._loop = loop
         self.timeout = timeout
-        self._deadlines: dict = {}   # stream -> loop time, in the order set
+        self._head: Optional[TLSServerStream] = None
+        self._tail: Optional[TLSServerStream] = None
+        self._count = 0
         self._timer: Optional[asyncio.TimerHandle] = None
 
     def __len__(self) -> int:
-        return len(self._deadlines)
+        return self._count
 
     def __iter__(self):
-        return iter(list(self._deadlines))
+        streams, s = [], self._head
+        while s is not None:
+            streams.append(s)
+            s = s._wnext
+        return iter(streams)
 
     def add(self, stream: TLSServerStream) -> None:
         """(Re)start ``stream``'s wait: ``timeout`` from now, behind every other."""
-        deadlines = self._deadlines
-        deadlines.pop(stream, None)
-        deadlines[stream] = deadline = self._loop.time() + self.timeout
+        self.discard(stream)
+        stream._deadline = deadline = self._loop.time() + self.timeout
+        tail = self._tail
+        stream._wprev = tail
+        if tail is None:
+            self._head = stream
+        else:
+            tail._wnext = stream
+        self._tail = stream
+        self._count += 1
         if self._timer is None:
             self._timer = self._loop.call_at(deadline, self._sweep)
 
     def discard(self, stream: TLSServerStream) -> None:
-        self._deadlines.pop(stream, None)
+        prev, nxt = stream._wprev, stream._wnext
+        if prev is None and self._head is not stream:
+            return   # not here
+        if prev is None:
+            self._head = nxt
+        else:
+            prev._wnext = nxt
+        if nxt is None:
+            self._tail = prev
+        else:
+            nxt._wprev = prev
+        stream._wprev = stream._wnext = None
+        self._count -= 1
 
     def _sweep(self) -> None:
         self._timer = None
-        deadlines = self._deadlines
         now = self._loop.time() + _SLACK
         expired = []
-        for stream, deadline in deadlines.items():
-            if deadline > now:
-                self._timer = self._loop.call_at(deadline, self._sweep)
-                break
-            expired.append(stream)
+        s = self._head
+        while s is not None and s._deadline <= now:
+            expired.append(s)
+            s = s._wnext
         for stream in expired:
-            del deadlines[stream]
+            self.discard(stream)
+        if self._head is not None:
+            self._timer = self._loop.call_at(self._head._deadline, self._sweep)
+        for stream in expired:
             try:
                 stream._expired(self.timeout)
             except Exception:
@@ -668,19 +712,17 @@ class TLSListener:
             stream = None
             try:
                 sock = _c_socket(family, _SOCK_STREAM, 0, fd)
-            except OSError:
-                os.close(fd)
-                continue
-            try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.detach()   # the stream keeps the descriptor alone
                 stream = self._factory()
-                stream.attach(sock, addr, self.poller)
+                stream.attach(fd, addr, self.poller)
             except Exception:
                 log.exception("could not set up a connection from %s", addr[0] if addr else "-")
-                if stream is not None:
-                    stream.abort()   # its waiters learn it is gone
-                sock.close()
+                if stream is not None and stream._fd >= 0:
+                    stream.abort()   # closes it; its waiters learn it is gone
+                else:
+                    os.close(fd)
 
     def _accept_failed(self, lsock: socket.socket, e: OSError) -> None:
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
