@@ -866,3 +866,63 @@ def test_waiting_expires_each_connection_at_its_own_deadline():
     assert [name for name, _ in log] == ["b", "d", "a"], log
     for (_, at), due in zip(log, (0.4, 0.5, 0.5)):   # (deadlines as set; the sleeps may run late)
         assert due - 0.01 <= at < due + 0.3, log
+
+
+@pytest.mark.parametrize("fails", ["setblocking", "factory", "ssl_new"])
+def test_a_connection_that_cannot_be_set_up_is_closed_once(leaf, monkeypatch, fails):
+    """Whatever step of setting up an accepted connection fails (the socket's options, the
+    stream, the SSL object inside attach), its descriptor is closed exactly once (a second
+    close could hit a descriptor reused by another connection), the client sees the end,
+    and the listener goes on serving."""
+    import _socket
+    made = []
+
+    class Sock(_socket.socket):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+        def setblocking(self, flag):
+            if fails == "setblocking" and len(made) == 1:
+                raise OSError("refused by the test")
+            return super().setblocking(flag)
+
+    monkeypatch.setattr(socketstream, "_c_socket", Sock)
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        ctx = server_context(leaf)
+        calls = []
+
+        def new_connection():
+            if fails == "ssl_new" and len(calls) == 1:
+                raise MemoryError("refused by the test")
+            return socketstream.new_ssl(ctx)
+
+        def factory():
+            calls.append(1)
+            if fails == "factory" and len(calls) == 1:
+                raise RuntimeError("refused by the test")
+            return socketstream.TLSServerStream(new_connection, None, loop)
+
+        server = await socketstream.start_tls_server(factory, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        await asyncio.sleep(0.05)
+        before = _fds()
+
+        def refused():
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                return s.recv(10)
+        assert await in_thread(refused) == b""
+        await asyncio.sleep(0.05)
+        assert made and all(s.fileno() == -1 for s in made), [s.fileno() for s in made]
+        assert _fds() <= before
+
+        def served():   # the next connection is set up and handshakes
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+                with client_context().wrap_socket(raw, server_hostname="stream.test") as s:
+                    return s.version()
+        assert await in_thread(served) in ("TLSv1.2", "TLSv1.3")
+        server.close()
+
+    uvloop.run(go())

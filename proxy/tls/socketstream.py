@@ -709,20 +709,24 @@ class TLSListener:
             except OSError as e:
                 self._accept_failed(lsock, e)
                 return
-            stream = None
+            sock = stream = None
             try:
                 sock = _c_socket(family, _SOCK_STREAM, 0, fd)
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.detach()   # the stream keeps the descriptor alone
+                sock = None
                 stream = self._factory()
                 stream.attach(fd, addr, self.poller)
             except Exception:
                 log.exception("could not set up a connection from %s", addr[0] if addr else "-")
-                if stream is not None and stream._fd >= 0:
-                    stream.abort()   # closes it; its waiters learn it is gone
-                else:
+                # the descriptor is closed once, by whoever holds it
+                if sock is not None:
+                    sock.close()
+                elif stream is None or stream._fd < 0 and not stream._lost:
                     os.close(fd)
+                elif stream._fd >= 0:
+                    stream.abort()   # closes it; its waiters learn it is gone
 
     def _accept_failed(self, lsock: socket.socket, e: OSError) -> None:
         if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
