@@ -69,7 +69,7 @@ def test_declared_attributes_are_the_slots():
             m = re.match(r"cdef class (\w+)", line)
             if m:
                 cls = declared.setdefault(m.group(1), set())
-            m = re.match(r"\s+cdef public object (.+)", line)
+            m = re.match(r"\s+cdef public (?:object|bint|int) (.+)", line)
             if m:
                 cls.update(n.strip() for n in m.group(1).split(","))
         tree = ast.parse(pxd.with_suffix(".py").read_text())

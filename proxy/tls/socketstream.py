@@ -275,7 +275,7 @@ class TLSServerStream(ByteStream):
             self._handshaked = True
             self._opened()
             if self._waiting is not None:   # now the first byte's deadline
-                self._waiting.add(self)
+                self._waiting.add(self, self.opened_at)
             self._watch(_READ)
             self._read()   # the first request (or close_notify) often comes with the Finished
             return
@@ -534,12 +534,13 @@ class Waiting:
     """The TLS connections that have not asked anything yet, each with its deadline (the
     handshake, then the first byte, within ``timeout`` seconds each), behind one timer.
 
-    The streams are linked in the order their deadlines were set (``_wprev``/``_wnext``;
-    the deadline in the stream's ``_deadline``, unused until the HTTP layer reads), which is
-    the deadlines' order too (one timeout for all): the timer is armed for the first one and
-    a sweep looks only at the expired ones and the first one that is not. (After a reload
-    that shortens ``timeout``, a connection can wait up to the old timeout.) Per connection:
-    two links and a float, no timer handle and no dict entry."""
+    The streams are linked in the order their waits started (``_wprev``/``_wnext``; the
+    start time in the stream's ``_deadline``, unused until the HTTP layer reads), which is
+    their deadlines' order too (one timeout for all): the timer is armed for the first one
+    and a sweep looks only at the expired ones and the first one that is not. (After a
+    reload that shortens ``timeout``, a connection can wait up to the old timeout.) Per
+    connection: two links and the start time (after the handshake the same float as
+    ``opened_at``), no timer handle and no dict entry."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
         self._loop = loop
@@ -559,10 +560,11 @@ class Waiting:
             s = s._wnext
         return iter(streams)
 
-    def add(self, stream: TLSServerStream) -> None:
-        """(Re)start ``stream``'s wait: ``timeout`` from now, behind every other."""
+    def add(self, stream: TLSServerStream, now: Optional[float] = None) -> None:
+        """(Re)start ``stream``'s wait: ``timeout`` from ``now`` (the loop's time), behind
+        every other."""
         self.discard(stream)
-        stream._deadline = deadline = self._loop.time() + self.timeout
+        stream._deadline = start = self._loop.time() if now is None else now
         tail = self._tail
         stream._wprev = tail
         if tail is None:
@@ -572,7 +574,7 @@ class Waiting:
         self._tail = stream
         self._count += 1
         if self._timer is None:
-            self._timer = self._loop.call_at(deadline, self._sweep)
+            self._timer = self._loop.call_at(start + self.timeout, self._sweep)
 
     def discard(self, stream: TLSServerStream) -> None:
         prev, nxt = stream._wprev, stream._wnext
@@ -591,16 +593,16 @@ class Waiting:
 
     def _sweep(self) -> None:
         self._timer = None
-        now = self._loop.time() + _SLACK
+        started_by = self._loop.time() + _SLACK - self.timeout   # waits started by then are over
         expired = []
         s = self._head
-        while s is not None and s._deadline <= now:
+        while s is not None and s._deadline <= started_by:
             expired.append(s)
             s = s._wnext
         for stream in expired:
             self.discard(stream)
         if self._head is not None:
-            self._timer = self._loop.call_at(self._head._deadline, self._sweep)
+            self._timer = self._loop.call_at(self._head._deadline + self.timeout, self._sweep)
         for stream in expired:
             try:
                 stream._expired(self.timeout)
@@ -617,7 +619,8 @@ _POLL_BATCH = 128
 class Poller:
     """The connections' sockets in an epoll set of our own, level-triggered, which the loop
     watches as one descriptor: what ``loop.add_reader`` / ``add_writer`` do per socket, for
-    a dict entry per connection and one epoll_ctl per change of interest (closing a socket
+    a list slot per descriptor number (as nginx's connection array; descriptors are small,
+    reused numbers) and one epoll_ctl per change of interest (closing a socket
     takes it out of the set, so an ended connection costs no call). uvloop's add_reader keeps
     a poll handle, a callback handle, a bound method and a context copy per socket (~880 B
     per idle connection, measured) and sets up and tears down each with ~6 system calls.
@@ -627,16 +630,22 @@ class Poller:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._epoll = select.epoll()
-        self._streams: dict = {}   # fd -> TLSServerStream
+        self._streams: list = []   # fd -> TLSServerStream or None
+        self._count = 0
         self._closing = False
         loop.add_reader(self._epoll.fileno(), self._dispatch)
 
     def __len__(self) -> int:
-        return len(self._streams)
+        return self._count
 
     def add(self, fd: int, stream: TLSServerStream) -> None:
         """``stream``'s socket (watched for nothing yet)."""
-        self._streams[fd] = stream
+        streams = self._streams
+        if fd >= len(streams):
+            streams.extend([None] * max(fd + 1 - len(streams), len(streams)))
+        if streams[fd] is None:
+            self._count += 1
+        streams[fd] = stream
 
     def watch(self, fd: int, have: int, want: int) -> None:
         """Watch ``fd`` for ``want`` (_READ | _WRITE) instead of ``have``."""
@@ -650,8 +659,11 @@ class Poller:
     def forget(self, fd: int) -> None:
         """``fd``'s stream has ended (its socket is about to be closed, which takes it out of
         the set)."""
-        self._streams.pop(fd, None)
-        if self._closing and not self._streams:
+        streams = self._streams
+        if fd < len(streams) and streams[fd] is not None:
+            streams[fd] = None
+            self._count -= 1
+        if self._closing and not self._count:
             self._shut()
 
     def _dispatch(self) -> None:
@@ -661,7 +673,7 @@ class Poller:
             return
         streams = self._streams
         for fd, ev in events:
-            stream = streams.get(fd)   # (None: it ended earlier in this batch)
+            stream = streams[fd]   # (None: it ended earlier in this batch)
             if stream is None:
                 continue
             if ev & _READABLE and stream._watching & _READ:
@@ -672,7 +684,7 @@ class Poller:
     def close(self) -> None:
         """No new sockets come: the set closes once the last one is forgotten."""
         self._closing = True
-        if not self._streams:
+        if not self._count:
             self._shut()
 
     def _shut(self) -> None:
