@@ -3,7 +3,7 @@
 The listener accepts on its own (``loop.add_reader`` on the listening socket, a bounded batch
 per wake-up); each accepted, non-blocking socket is handed to OpenSSL with ``SSL_set_fd``
 and watched in the listener's own epoll set (``Poller``: one descriptor for the loop to
-watch, one dict entry per connection). No memory BIOs and no asyncio
+watch, a list slot per connection). No memory BIOs and no asyncio
 transport sit between the socket and OpenSSL: a record is read from the kernel straight
 into OpenSSL and decrypted into one reused buffer, and a write is encrypted and sent record
 by record. ``TLSServerStream`` offers the HTTP layer the same interface as
