@@ -67,7 +67,8 @@ class App:
                                 access_log=AccessLog(options.access_log_format))
         self.servers: list[asyncio.AbstractServer] = []
         self.connections: dict = {}   # the task serving each open connection -> the connection
-        self.waiting: Optional[Waiting] = None   # TLS connections without a request yet (set by start)
+        # TLS connections without a request yet: made by start, before anything reads it
+        self.waiting: Optional[Waiting] = None
         self.stopped = asyncio.Event()
         self.autocert = None      # the autocert manager, when enabled
         self.stapler = None
@@ -78,7 +79,6 @@ class App:
         self._new_tls_connection = self.engine.new_connection
         self._untrack_cb = self._untrack
         self._get_state_cb = self._get_state
-        self._start_tls_cb = self._start_tls
 
     # --- connection factories ---
     def _track(self, conn) -> None:
@@ -95,8 +95,7 @@ class App:
     def _tls_protocol(self) -> TLSServerStream:
         # The connection waits on its own (handshake, first byte) until it has a request to
         # serve: only then does it get its task and HTTP state (``_start_tls``).
-        return TLSServerStream(self._new_tls_connection, self.engine.prepare, self._loop,
-                               self._start_tls_cb, self.waiting)
+        return TLSServerStream(self._new_tls_connection, self.engine.prepare, self._loop, self.waiting)
 
     def _start_tls(self, stream: TLSServerStream) -> None:
         self._track(ClientConnection(stream, self._get_state_cb, scheme="https"))
@@ -112,7 +111,7 @@ class App:
     # --- lifecycle ---
     async def start(self) -> None:
         self._loop = loop = asyncio.get_running_loop()
-        self.waiting = Waiting(loop, self.options.timeout_read_header)
+        self.waiting = Waiting(loop, self.options.timeout_read_header, self._start_tls)
         tune_malloc(self.environ)
         opts = self.options
         for w in opts.warnings:
@@ -173,7 +172,7 @@ class App:
             await self.autocert.start()
 
     def _gauges(self):
-        yield "autocert_proxy_connections_open", {}, float(len(self.connections) + len(self.waiting or ()))
+        yield "autocert_proxy_connections_open", {}, float(len(self.connections) + len(self.waiting))
         for c in self.cache.all():
             yield ("autocert_proxy_certificate_not_after_seconds",
                    {"name": c.names[0] if c.names else "", "source": c.source}, c.not_after.timestamp())
@@ -241,8 +240,7 @@ class App:
             self.state = ProxyState(options=new, routes=RouteTable(new.routes), pool=self.pool,
                                     access_log=AccessLog(new.access_log_format))
             self.options = new
-            if self.waiting is not None:
-                self.waiting.timeout = new.timeout_read_header
+            self.waiting.timeout = new.timeout_read_header
             if self.autocert is not None:
                 await self.autocert.reconfigure(new)
             log.info("configuration reloaded: %d routes, %d manual certificates",
@@ -255,7 +253,7 @@ class App:
         if self.state.draining:
             return
         log.info("shutting down: draining %d connections (up to %ss)",
-                 len(self.connections) + len(self.waiting or ()), self.state.options.shutdown_timeout)
+                 len(self.connections) + len(self.waiting), self.state.options.shutdown_timeout)
         self.state.draining = True
         for s in self.servers:
             s.close()
@@ -266,7 +264,7 @@ class App:
         if self.autocert is not None:
             await self.autocert.stop()
         deadline = asyncio.get_running_loop().time() + self.state.options.shutdown_timeout
-        for stream in self.waiting or ():   # no request on them: closed now (they leave ``waiting``)
+        for stream in self.waiting:   # no request on them: closed now (they leave ``waiting``)
             stream.close()
         while self.connections:
             for c in list(self.connections.values()):

@@ -610,14 +610,12 @@ def test_a_connection_paused_when_the_listener_closes_resumes(leaf):
     """A stream watched for nothing (reading paused above READ_LIMIT) while the listener
     closes is still watched again when its reader catches up (graceful drain)."""
     async def go():
-        loop = asyncio.get_running_loop()
         streams = []
         server, port = await serve_tls(server_context(leaf), streams.append)
         payload = os.urandom(3 * READ_LIMIT)
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client_context(),
                                                        server_hostname="stream.test")
         writer.write(payload)
-        await asyncio.sleep(0)
         for _ in range(250):
             if streams and streams[0]._reading_paused and streams[0]._watching == 0:
                 break
@@ -696,11 +694,11 @@ async def serve_waiting(ctx, first_timeout: float = 10.0):
     """A listener whose streams wait on their own until their first bytes (as the proxy's):
     returns (listener, port, started streams, the ``waiting`` dict, every stream made)."""
     loop = asyncio.get_running_loop()
-    started, waiting, made = [], socketstream.Waiting(loop, first_timeout), []
+    started, made = [], []
+    waiting = socketstream.Waiting(loop, first_timeout, started.append)
 
     def factory():
-        stream = socketstream.TLSServerStream(lambda: socketstream.new_ssl(ctx), None, loop,
-                                               started.append, waiting)
+        stream = socketstream.TLSServerStream(lambda: socketstream.new_ssl(ctx), None, loop, waiting)
         made.append(stream)
         return stream
 
@@ -750,7 +748,6 @@ def test_a_connection_that_asks_nothing_is_ended_by_its_stream(leaf):
     close_notify (a clean EOF). Each leaves ``waiting`` and its descriptor."""
     async def go():
         server, port, started, waiting, made = await serve_waiting(server_context(leaf), first_timeout=0.5)
-        loop = asyncio.get_running_loop()
         await asyncio.sleep(0.1)
         before = _fds()
 
@@ -780,9 +777,9 @@ def test_a_connection_that_asks_nothing_is_ended_by_its_stream(leaf):
         assert started == [] and len(waiting) == 0 and waiting._timer is None
         after = _fds()
         server.close()
-        return before, after, loop
+        return before, after
 
-    before, after, _ = uvloop.run(go())
+    before, after = uvloop.run(go())
     assert after <= before, (before, after)
 
 
@@ -845,7 +842,7 @@ def test_waiting_expires_each_connection_at_its_own_deadline():
         global t0
         loop = asyncio.get_running_loop()
         log = []
-        w = socketstream.Waiting(loop, 0.3)
+        w = socketstream.Waiting(loop, 0.3, lambda stream: None)
         t0 = loop.time()
         a, b, c, d = (Conn(n, log) for n in "abcd")
         w.add(a)

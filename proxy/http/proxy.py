@@ -194,7 +194,7 @@ class ClientConnection:
                     # kept-alive one waits its idle timeout for the first byte.
                     opts = self.get_state().options
                     if first:   # (from the handshake: a TLS stream may start this task later)
-                        head_deadline = (stream.opened_at or loop.time()) + opts.timeout_read_header
+                        head_deadline = stream.opened_at + opts.timeout_read_header
                     w = stream.readable(head_deadline - loop.time() if first else opts.timeout_idle)
                     if w is not None:
                         try:

@@ -6,6 +6,6 @@ from proxy.tls.transport cimport ByteStream
 
 cdef class TLSServerStream(ByteStream):
     cdef public object _new_connection, _prepare, _ssl, _out, _out_size
-    cdef public object _start, _waiting, _poller, _wprev, _wnext
+    cdef public object _waiting, _poller, _wprev, _wnext
     cdef public int _fd, _watching, _shutdown
     cdef public bint _handshaked, _read_needs_write, _write_needs_read, _closing

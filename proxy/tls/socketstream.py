@@ -116,28 +116,26 @@ class TLSServerStream(ByteStream):
     of the engine's first context; ``prepare`` sees the first bytes before OpenSSL does), then
     ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done.
 
-    With ``start`` and ``waiting``, the connection waits on its own until it has something
-    for the HTTP layer: ``start(stream)`` is called once, when the first bytes after the
-    handshake are there (as nginx allocates a request's state only then). Until that,
-    nothing else exists for the connection (no task, no HTTP codec, no timer of its own: it
-    is in ``waiting``), and the stream ends it by itself: when the handshake, or then the
-    first byte, takes longer than ``waiting.timeout`` (aborted; closed with close_notify),
-    or when the client closes first."""
+    With ``waiting``, the connection waits on its own until it has something for the HTTP
+    layer: ``waiting.start(stream)`` is called once, when the first bytes after the handshake
+    are there (as nginx allocates a request's state only then). Until that, nothing else
+    exists for the connection (no task, no HTTP codec, no timer of its own: it is in
+    ``waiting``), and the stream ends it by itself: when the handshake, or then the first
+    byte, takes longer than ``waiting.timeout`` (aborted; closed with close_notify), or when
+    the client closes first. Without it, whoever made the stream serves it from the start."""
 
     __slots__ = ("_new_connection", "_prepare", "_ssl", "_fd", "_handshaked",
                  "_watching", "_read_needs_write", "_write_needs_read", "_out", "_out_size",
-                 "_closing", "_shutdown", "_start", "_waiting", "_poller", "_wprev", "_wnext")
+                 "_closing", "_shutdown", "_waiting", "_poller", "_wprev", "_wnext")
 
     def __init__(self, new_connection: Callable[[], object],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None,
-                 start: Optional[Callable[["TLSServerStream"], None]] = None,
                  waiting: Optional["Waiting"] = None) -> None:
         super().__init__(loop)
         self._new_connection = new_connection
         self._prepare = prepare
-        self._start = start if waiting is not None else None
-        self._waiting = waiting if start is not None else None
+        self._waiting = waiting   # (None once the HTTP layer has the connection)
         self._poller: Optional[Poller] = None   # (attach)
         self._wprev = self._wnext = None   # neighbours in ``waiting``'s list
         self._ssl = None   # the SSL * (cffi), from attach until the connection ends (then freed)
@@ -243,16 +241,13 @@ class TLSServerStream(ByteStream):
     def _peek(self) -> None:
         """Show the engine the first bytes (the ClientHello) without taking them from the
         socket; it may return a future to wait for before OpenSSL reads them."""
-        sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, self._fd)   # (recv only: any family)
         try:
-            data = sock.recv(PEEK_SIZE, socket.MSG_PEEK)
+            data = _recv(self._fd, PEEK_SIZE, socket.MSG_PEEK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as e:
             self._lose(e)
             return
-        finally:
-            sock.detach()
         if not data:
             self._lose("closed before the handshake")
             return
@@ -300,15 +295,12 @@ class TLSServerStream(ByteStream):
         self._lose(f"handshake failed: {reason}")
 
     def _discard_input(self) -> None:
-        sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, self._fd)
         try:
             for _ in range(4):
-                if not sock.recv(65536):
+                if not _recv(self._fd, 65536):
                     return
         except OSError:
             pass
-        finally:
-            sock.detach()
 
     # --- reading ---
     def _read(self) -> None:
@@ -340,19 +332,18 @@ class TLSServerStream(ByteStream):
             return
         if got:
             self._feed(_buffer(buf, got)[:])
-        if self._start is not None and self._buf:
+        if self._waiting is not None and self._buf:
             self._begin()
 
     def _begin(self) -> None:
         """The first bytes are here: the HTTP layer takes the connection over."""
-        start, self._start = self._start, None
-        self._waiting.discard(self)
-        self._waiting = None
-        start(self)
+        waiting, self._waiting = self._waiting, None
+        waiting.discard(self)
+        waiting.start(self)
 
     def _expired(self, timeout: float) -> None:
         """``waiting``'s deadline passed: no handshake, or no byte after it, in time."""
-        self._waiting = self._start = None
+        self._waiting = None
         if self._handshaked:   # closed without an answer, as nginx does
             log.debug("TLS connection from %s: no request within %ss", self.peer, timeout)
             self.close()
@@ -365,7 +356,7 @@ class TLSServerStream(ByteStream):
             self._read_needs_write = True
             self._update_watch()
             return
-        if self._start is not None:
+        if self._waiting is not None:
             if self._buf:   # a request, then the end: the HTTP layer answers it
                 self._begin()
             elif err == _ZERO_RETURN:   # closed before asking anything: close_notify back, close
@@ -522,6 +513,15 @@ class TLSServerStream(ByteStream):
         self._gone(exc)
 
 
+def _recv(fd: int, n: int, flags: int = 0) -> bytes:
+    """recv on a descriptor the caller keeps (a C socket object for the call, then let go)."""
+    sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, fd)   # (recv only: any family does)
+    try:
+        return sock.recv(n, flags)
+    finally:
+        sock.detach()
+
+
 def _error_text() -> str:
     code = _lib.ERR_peek_error()
     if not code:
@@ -532,19 +532,23 @@ def _error_text() -> str:
 
 class Waiting:
     """The TLS connections that have not asked anything yet, each with its deadline (the
-    handshake, then the first byte, within ``timeout`` seconds each), behind one timer.
+    handshake, then the first byte, within ``timeout`` seconds each), behind one timer;
+    ``start(stream)`` hands a connection whose first bytes came to the HTTP layer.
 
     The streams are linked in the order their waits started (``_wprev``/``_wnext``; the
     start time in the stream's ``_deadline``, unused until the HTTP layer reads), which is
     their deadlines' order too (one timeout for all): the timer is armed for the first one
     and a sweep looks only at the expired ones and the first one that is not. (After a
-    reload that shortens ``timeout``, a connection can wait up to the old timeout.) Per
+    reload that shortens ``timeout``, the timer armed before it still fires at the old
+    deadline.) Per
     connection: two links and the start time (after the handshake the same float as
     ``opened_at``), no timer handle and no dict entry."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout: float,
+                 start: Callable[[TLSServerStream], None]) -> None:
         self._loop = loop
         self.timeout = timeout
+        self.start = start
         self._head: Optional[TLSServerStream] = None
         self._tail: Optional[TLSServerStream] = None
         self._count = 0
