@@ -22,7 +22,7 @@ from OpenSSL.SSL import _ffi, _lib   # pyOpenSSL's cffi binding (the callbacks, 
 
 from .certcache import SELF_SIGNED, Certificate, CertificateCache
 from .clienthello import alpn_names
-from .socketstream import new_ssl, refuse_missing_internals
+from .socketstream import new_ssl, refuse_missing_internals, servername
 
 log = logging.getLogger("proxy.tls")
 
@@ -147,7 +147,7 @@ class TLSEngine:
         return ctx
 
     def new_connection(self):
-        """A new server SSL object (cffi ``SSL *``, freed with its last reference)."""
+        """A new server SSL object (cffi ``SSL *``; the stream that takes it frees it)."""
         # OpenSSL (1.1.1 on) runs the servername callback for every ClientHello, with or
         # without SNI: the certificate is chosen there, the initial context has none.
         return new_ssl(self._initial)
@@ -156,8 +156,7 @@ class TLSEngine:
     def _on_servername(self, ssl, alert, arg) -> int:
         """OpenSSL's servername callback: the certificate's context for the name sent."""
         try:
-            p = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
-            ctx = self._choose_context(_ffi.string(p) if p != _NULL else None)
+            ctx = self._choose_context(servername(ssl))
             if ctx is not None and _lib.SSL_set_SSL_CTX(ssl, ctx._context) == _NULL:
                 log.error("switching to the certificate's context failed")
                 return _FATAL
@@ -222,8 +221,7 @@ class TLSEngine:
         """A client offered acme-tls/1 (RFC 8737): the challenge certificate for its name on
         this connection (and no OCSP staple), or None (not acknowledged) without a pending
         challenge."""
-        p = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
-        raw = _ffi.string(p) if p != _NULL else None
+        raw = servername(ssl)
         material = self.challenge_lookup(raw.decode("ascii", "replace").lower()) if raw else None
         if material is None:
             log.warning("acme-tls/1 handshake for %r with no pending challenge", raw)

@@ -102,6 +102,12 @@ def new_ssl(context: SSL.Context):
     return ssl
 
 
+def servername(ssl) -> Optional[bytes]:
+    """The name the client sent with SNI on ``ssl``, as sent; None without one."""
+    p = _lib.SSL_get_servername(ssl, _lib.TLSEXT_NAMETYPE_host_name)
+    return _ffi.string(p) if p != _NULL else None
+
+
 def selected_alpn(ssl) -> Optional[bytes]:
     """The protocol ALPN settled on ``ssl``, None without one."""
     data, n = _ffi.new("unsigned char **"), _ffi.new("unsigned int *")
@@ -155,8 +161,8 @@ class TLSServerStream(ByteStream):
         """The SNI name the client sent (lower case), None without one or before the handshake."""
         if not self._handshaked or self._ssl is None:
             return None
-        p = _lib.SSL_get_servername(self._ssl, _lib.TLSEXT_NAMETYPE_host_name)
-        return _ffi.string(p).decode("ascii", "replace").lower() if p != _NULL else None
+        name = servername(self._ssl)
+        return name.decode("ascii", "replace").lower() if name else None
 
     @property
     def alpn(self) -> Optional[bytes]:
