@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -238,6 +239,8 @@ def main() -> None:
                     help="also show who calls SYMBOL (e.g. memcpy), from the caller tree; repeatable")
     ap.add_argument("--inclusive", action="append", metavar="SYMBOL",
                     help="also show the instructions in functions named like SYMBOL, callees included; repeatable")
+    ap.add_argument("--save", metavar="FILE", help="keep the keep-alive requests' callgrind dump here "
+                    "(for callgrind_annotate --inclusive=yes FILE)")
     a = ap.parse_args()
 
     def adjust(b: run.Bench, srv: run.Server) -> None:
@@ -262,6 +265,8 @@ def main() -> None:
         print(f"keep-alive {'POST' if a.path == '/upload' else 'GET'} {a.path}: {ir_req / a.requests:,.0f} instructions per request "
               f"({a.requests} requests over {a.conns} connections, {t_req:.1f} s under callgrind)")
         report(dump, a)
+        if a.save:
+            shutil.copyfile(dump, a.save)
         if a.new_conns:
             for _ in range(a.new_conns):
                 s = connect(ctx, srv.port)

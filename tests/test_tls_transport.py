@@ -145,6 +145,49 @@ def test_echo_is_exact_both_ways(leaf, version, run):
     assert version_name == {ssl.TLSVersion.TLSv1_2: "TLSv1.2", ssl.TLSVersion.TLSv1_3: "TLSv1.3"}[version]
 
 
+def test_short_records_arriving_together_are_all_read(leaf):
+    """A read stops after a short record without asking the socket again (no read just to
+    learn it is empty): records that arrived together with it must still be read, each,
+    with no further bytes from the client to wake the server up."""
+    records = [b"record %d;" % i for i in range(50)]
+
+    def client(port: int) -> bytes:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = client_context().wrap_bio(inc, out, server_hostname="stream.test")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                sock.sendall(out.read())
+                inc.write(sock.recv(65536))
+        sock.sendall(out.read())
+        for r in records:      # 50 records, each short, sent in one write
+            tls.write(r)
+        sock.sendall(out.read())
+        want, got = len(b"".join(records)), b""
+        while len(got) < want:
+            try:
+                got += tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                inc.write(data)
+        sock.close()
+        return got
+
+    async def go():
+        server = await echo_server(leaf, [])
+        port = server.sockets[0].getsockname()[1]
+        got = await asyncio.wait_for(in_thread(client, port), 20)
+        server.close()
+        return got
+
+    assert uvloop.run(go()) == b"".join(records)
+
+
 def test_close_notify_both_ways(leaf):
     """The client's close_notify reads as EOF; the server's close answers with its own (the
     client's unwrap completes), tlsload's cycle."""

@@ -7,23 +7,31 @@ from logging import INFO
 from time import monotonic
 
 from ..metrics import count_request
-from dataclasses import asdict, dataclass
 
 log = logging.getLogger("proxy.access")
 
 
-@dataclass
 class Entry:
-    client: str = "-"
-    method: bytes = b"-"      # as received: decoded only when a line is written
-    target: bytes = b"-"
-    version: bytes = b"1.1"
-    host: str = "-"
-    status: int = 0
-    bytes_sent: int = 0
-    route: str = "-"
-    upstream: str = "-"
-    duration_ms: float = 0.0
+    """What one access-log line says, filled in while the request is served. A plain class
+    with slots (one is made per request; a dataclass's generated __init__ runs interpreted)."""
+    __slots__ = ("client", "method", "target", "version", "host", "status", "bytes_sent",
+                 "route", "upstream", "duration_ms")
+
+    def __init__(self, client: str = "-", method: bytes = b"-", target: bytes = b"-",
+                 version: bytes = b"1.1") -> None:
+        self.client = client
+        self.method = method      # as received: decoded only when a line is written
+        self.target = target
+        self.version = version
+        self.host = "-"
+        self.status = 0
+        self.bytes_sent = 0
+        self.route = "-"
+        self.upstream = "-"
+        self.duration_ms = 0.0
+
+    def fields(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class AccessLog:
@@ -38,7 +46,7 @@ class AccessLog:
         method, target = entry.method.decode("latin-1"), entry.target.decode("latin-1")
         version = entry.version.decode("latin-1")
         if self.fmt == "json":
-            fields = asdict(entry)
+            fields = entry.fields()
             fields.update(method=method, target=target, version=version)
             log.info(json.dumps(fields, separators=(",", ":")))
         else:

@@ -24,12 +24,13 @@ class UpstreamPool:
     def __init__(self, max_idle_per_upstream: int = 64, idle_seconds: float = 60.0):
         self.max_idle = max_idle_per_upstream
         self.idle_seconds = idle_seconds
-        self._idle: dict[tuple[str, int], list[tuple[Stream, object, float]]] = {}
+        # keyed by the upstream's host:port string (computed once, its hash cached by str)
+        self._idle: dict[str, list[tuple[Stream, object, float]]] = {}
 
     def take(self, up: Upstream) -> Optional[tuple[Stream, object]]:
         """An idle kept-alive connection to ``up`` with the codec state released with it, or
         None (no coroutine for the usual case)."""
-        idle = self._idle.get((up.host, up.port))
+        idle = self._idle.get(up.address)
         if not idle:
             return None
         now = monotonic()
@@ -58,7 +59,7 @@ class UpstreamPool:
         if not _reusable(stream):
             stream.close()
             return
-        idle = self._idle.setdefault((up.host, up.port), [])
+        idle = self._idle.setdefault(up.address, [])
         if len(idle) >= self.max_idle:
             idle.pop(0)[0].close()
         idle.append((stream, codec, monotonic()))

@@ -44,6 +44,7 @@ WRITE_LOW = 16 * 1024
 ACCEPT_BATCH = 32        # connections accepted per wake-up of the listening socket
 PEEK_SIZE = 16 * 1024 + 5   # the ClientHello's first record, shown to the engine's prepare hook
 _SCRATCH_SIZE = 256 * 1024   # plaintext decrypted per wake-up at most (then epoll calls again)
+_FULL_RECORD = 16 * 1024     # the most plaintext a TLS record carries
 _scratch = _ffi.new_allocator(should_clear_after_alloc=False)("char[]", _SCRATCH_SIZE)
 _buffer = _ffi.buffer
 _from_buffer = _ffi.from_buffer
@@ -319,6 +320,12 @@ class TLSServerStream(ByteStream):
             if r > 0:
                 got += r
                 if got < room:
+                    if r < _FULL_RECORD:
+                        # A short record usually ends what the peer sent: no read just to
+                        # learn that the socket is empty (OpenSSL reads no further than the
+                        # record without read-ahead; epoll, level-triggered, calls again
+                        # when more is there). Full records (a body) are read on.
+                        break
                     continue
                 room = _SSL_pending(ssl)
                 if room <= 0:
