@@ -118,7 +118,11 @@ class Side:
                     raise TimeoutError()
             if flush is not None and flush.held:
                 flush.flush()
-            data = await self.stream.read(READ_SIZE, remaining)
+            stream = self.stream
+            w = stream.readable(remaining)   # (stream.read's two halves: no coroutine of its own)
+            if w is not None:
+                await w
+            data = stream.read_now(READ_SIZE)
             if head_buf is not None and data:
                 head_buf += data
                 codec.check_head_bytes(bytes(head_buf), MAX_HEAD)
@@ -248,7 +252,14 @@ class ClientConnection:
         side = self.side
         conn = side.conn
         try:
-            ev = await self._next_head(opts, data, head_deadline)
+            if data and not CHECK_HEAD_BYTES:   # (usually the whole head: no coroutine for it)
+                conn.receive_data(data)
+                ev = conn.next_event()
+                if ev is NEED_DATA:   # (the rest of the head: as in _next_head)
+                    ev = await side.next_event(head_deadline - self.stream._loop.time()
+                                               if head_deadline is not None else opts.timeout_read_header)
+            else:
+                ev = await self._next_head(opts, data, head_deadline)
         except TimeoutError:   # (a head had begun: an idle connection times out in run)
             self._raw_error(408, "the request head did not arrive in time")
             return False
