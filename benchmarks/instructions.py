@@ -78,9 +78,12 @@ def get(sock: ssl.SSLSocket, path: str = "/small") -> None:
         left -= len(chunk)
 
 
+SNI = "localhost"   # the name the clients send (--sni; --certs N: one of the N names)
+
+
 def connect(ctx: ssl.SSLContext, port: int, session: Optional[ssl.SSLSession] = None) -> ssl.SSLSocket:
     raw = socket.create_connection(("127.0.0.1", port), timeout=60)
-    return ctx.wrap_socket(raw, server_hostname="localhost", session=session)
+    return ctx.wrap_socket(raw, server_hostname=SNI, session=session)
 
 
 def control(args: list[str], pid: int) -> None:
@@ -191,14 +194,19 @@ def dump_ir(out: Path, pid: int) -> tuple[int, Path]:
 
 @contextlib.contextmanager
 def warm_proxy(adjust: Callable[[run.Bench, run.Server], None], conns: int, path: str,
-               timeout: float) -> Iterator[tuple[run.Server, ssl.SSLContext, list[ssl.SSLSocket]]]:
+               timeout: float, certs: int = 0) -> Iterator[tuple[run.Server, ssl.SSLContext, list[ssl.SSLSocket]]]:
     """Our proxy set up as run.py sets it up (same certificate, same upstream nginx), its
     command line first adjusted by ``adjust(bench, server)``. Yields (server, client context,
     ``conns`` keep-alive connections, each warmed with 20 requests for ``path``: pools, caches,
-    first-use imports); afterwards closes them and stops the proxy and the upstream."""
+    first-use imports); afterwards closes them and stops the proxy and the upstream. ``certs``:
+    that many more certificates loaded (run.py's, kept in /tmp/acp-bench-certs-N)."""
     b = run.Bench(quick=True, only=["ours"], keep=False)
     b.setup()
-    srv = b.make_server("ours")
+    extra = []
+    if certs:
+        b.n_certs = certs
+        extra = b.many_certs()
+    srv = b.make_server("ours", certs=extra)
     adjust(b, srv)
     socks: list[ssl.SSLSocket] = []
     try:
@@ -239,8 +247,12 @@ def main() -> None:
                     help="also show who calls SYMBOL (e.g. memcpy), from the caller tree; repeatable")
     ap.add_argument("--inclusive", action="append", metavar="SYMBOL",
                     help="also show the instructions in functions named like SYMBOL, callees included; repeatable")
+    ap.add_argument("--certs", type=int, default=0, metavar="N",
+                    help="load N more certificates (as run.py's test 5) and send SNI = the middle one's "
+                         "name, e.g. --certs 10000 --handshakes 300 against --sni bench.test --handshakes 300")
+    ap.add_argument("--sni", help="the server name the clients send (default localhost)")
     ap.add_argument("--save", metavar="FILE", help="keep the keep-alive requests' callgrind dump here "
-                    "(for callgrind_annotate --inclusive=yes FILE)")
+                    "(for callgrind_annotate --inclusive=yes FILE; the handshakes' in FILE.handshakes)")
     a = ap.parse_args()
 
     def adjust(b: run.Bench, srv: run.Server) -> None:
@@ -253,7 +265,12 @@ def main() -> None:
         srv.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
                     f"--callgrind-out-file={srv.workdir / 'callgrind.out'}"] + srv.argv
 
-    with warm_proxy(adjust, a.conns, a.path, timeout=300) as (srv, ctx, conns):
+    global SNI
+    if a.certs:
+        SNI = f"site{a.certs // 2:05d}.bench.test"   # (run.py's middle name)
+    if a.sni:
+        SNI = a.sni
+    with warm_proxy(adjust, a.conns, a.path, timeout=900, certs=a.certs) as (srv, ctx, conns):
         out = srv.workdir / "callgrind.out"
         control(["-i", "on"], srv.pid)
         dump_ir(out, srv.pid)                 # start from zero
@@ -285,6 +302,8 @@ def main() -> None:
             print(f"handshakes: {ir_hs / a.handshakes:,.0f} instructions per connection "
                   f"(full handshake + close_notify both ways, no request, {a.handshakes} connections)")
             report(dump, a)
+            if a.save:
+                shutil.copyfile(dump, a.save + ".handshakes")
         if a.resumed:
             _, session = handshake_only(ctx, srv.port, want_session=True)
             time.sleep(1.0)

@@ -246,7 +246,7 @@ http {{
 
 
 class Bench:
-    def __init__(self, quick: bool, only: list[str], keep: bool):
+    def __init__(self, quick: bool, only: list[str], keep: bool, rounds: int = 0):
         self.quick = quick
         self.only = only
         self.keep = keep
@@ -262,8 +262,9 @@ class Bench:
         self.notes: list[str] = []
         self.loads: list[str] = []
         self.failed_start: dict[str, NA] = {}
-        self.samples: dict[str, dict[str, list[float]]] = {}
-        self.rounds = 2 if quick else 3
+        self.samples: dict[str, dict[str, list[float]]] = {}   # sorted, for the medians
+        self.by_round: dict[str, dict[str, list[float]]] = {}  # in round order, for paired ratios
+        self.rounds = rounds or (2 if quick else 3)
         self.extra: dict[str, object] = {}
         self.upstream: Optional[Server] = None
         self.d_keepalive = 3 if quick else 8
@@ -606,6 +607,8 @@ class Bench:
                     vals = sorted(f(x) for x in samples[name])
                     v = vals[len(vals) // 2]
                     self.samples.setdefault(metric, {})[name] = vals
+                    if name not in errors:   # (a failed round would shift the pairs)
+                        self.by_round.setdefault(metric, {})[name] = [f(x) for x in samples[name]]
                 else:
                     v = errors.get(name, NA("no sample"))
                 self.results.setdefault(metric, {})[name] = v
@@ -742,6 +745,8 @@ class Bench:
                     vals = sorted(x[field] for x in samples[k])
                     if vals:
                         self.samples.setdefault(metric, {})[name] = vals
+                        if k not in errors:
+                            self.by_round.setdefault(metric, {})[name] = [x[field] for x in samples[k]]
                     self.record(metric, name, lambda vals=vals, k=k: vals[len(vals) // 2] if vals
                                 else (_ for _ in ()).throw(errors.get(k, NA("no sample"))))
             if many is not None:
@@ -844,6 +849,49 @@ class Bench:
                          + f" | {ratio(vals[0], vals[1])} | {ratio(vals[0], vals[2])} |")
         return "\n".join(lines)
 
+    # The targets of issue 6: (label, metric, server, against: (metric, server) or a number,
+    # bound on ours/against, whether ours/against must be at least (True) or at most the bound)
+    TARGETS = [
+        ("keep-alive requests/s >= 0.5x nginx", "ka_rps", ("ka_rps", "nginx"), 0.5, True),
+        ("keep-alive requests/s >= 1.0x Caddy", "ka_rps", ("ka_rps", "caddy"), 1.0, True),
+        ("new TLS connections/s (full handshakes) >= 0.9x nginx", "hs_new", ("hs_new", "nginx"), 0.9, True),
+        ("1 MiB responses MB/s >= 1.0x nginx", "dl", ("dl", "nginx"), 1.0, True),
+        ("1 MiB uploads MB/s >= 1.0x nginx", "ul", ("ul", "nginx"), 1.0, True),
+        ("memory per idle TLS connection <= 1.5x nginx", "idle_mem", ("idle_mem", "nginx"), 1.5, False),
+        ("start-up with N certificates < 3 s", "start_n", 3.0, 1.0, False),
+        ("CPU per handshake with N certificates within 10 % of 1 certificate", "hs_n_cpu",
+         ("hs_1_cpu", "ours"), 1.1, False),
+    ]
+
+    def targets(self) -> list[str]:
+        """Each target: ours against its reference as the ratio of the medians (the table's
+        figure, which decides), and the ratios of the same rounds (each round runs the servers
+        back to back, so a pair shares the machine's state of that moment; their median and
+        spread show how much the verdict owes to the machine's noise)."""
+        lines = ["| target | ratio of medians | paired by round: median (min-max) | met |",
+                 "|---|---:|---:|---|"]
+        for label, metric, against, bound, at_least in self.TARGETS:
+            ours = self.results.get(metric, {}).get("ours")
+            if isinstance(against, tuple):
+                ref = self.results.get(against[0], {}).get(against[1])
+                mine, theirs = (self.by_round.get(metric, {}).get("ours"),
+                                self.by_round.get(against[0], {}).get(against[1]))
+            else:
+                ref, mine, theirs = against, None, None
+            label = label.replace("N certificates", f"{self.n_certs:,} certificates")
+            if not isinstance(ours, (int, float)) or not isinstance(ref, (int, float)) or not ref:
+                lines.append(f"| {label} | n/a | | not measured |")
+                continue
+            r = ours / ref
+            paired = ""
+            if mine and theirs and len(mine) == len(theirs) and all(theirs):
+                pr = sorted(a / b for a, b in zip(mine, theirs))
+                paired = f"{pr[len(pr) // 2]:.2f} ({pr[0]:.2f}-{pr[-1]:.2f})"
+            met = r >= bound if at_least else r <= bound
+            shown = f"{ours:.2f} s" if not isinstance(against, tuple) else f"{r:.3f}"
+            lines.append(f"| {label} | {shown} | {paired} | {'yes' if met else 'NO'} |")
+        return lines
+
     def failures(self) -> list[str]:
         out = []
         for key, label, *_ in self.ROWS:
@@ -898,7 +946,9 @@ class Bench:
                  "## Results", "", self.table(), "",
                  "Ratios are ours divided by the other server: above 1 is better for rates and "
                  "throughput, below 1 is better for latency, CPU per operation, memory and start-up time.",
-                 ""]
+                 "", "## Targets (issue 6)", ""] + self.targets() + [
+                 "", "The ratio of the medians decides; the paired ratios compare the servers' runs "
+                 "of the same round.", ""]
         details = []
         for name, (conns, reqs) in self.extra.get("upstream", {}).items():
             details.append(f"- {name}: {reqs:,} upstream requests over {conns:,} new upstream connections "
@@ -926,6 +976,7 @@ class Bench:
         fmt_of = {k: f for k, _, _, f, _ in self.ROWS}
         for metric in ("ka_rps", "ka_cpu", "hs_new_cpu", "hs_reuse_cpu", "dl", "ul", "hs_1_cpu", "hs_n_cpu"):
             for name, vals in self.samples.get(metric, {}).items():
+                vals = self.by_round.get(metric, {}).get(name) or vals   # (in round order when complete)
                 details.append(f"- rounds of {metric} [{name}]: " + ", ".join(fmt_of[metric].format(v) for v in vals))
         if self.loads:
             details.append("- 1-minute load average of the machine (other work running on it makes the "
@@ -951,6 +1002,7 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(SERVERS), help="comma-separated subset of ours,nginx,caddy")
     ap.add_argument("--keep", action="store_true", help="keep the work directory (configs, logs)")
     ap.add_argument("--no-write", action="store_true", help="print only; do not write benchmarks/results/")
+    ap.add_argument("--rounds", type=int, default=0, help="interleaved rounds per measurement (default 3, --quick 2)")
     args = ap.parse_args()
     only = [s for s in args.only.split(",") if s]
     for s in only:
@@ -959,7 +1011,7 @@ def main() -> None:
     for tool in ("wrk", "nginx", "caddy", "taskset", "cc"):
         if shutil.which(tool) is None:
             log(f"warning: {tool} not found; the measurements that need it will show n/a")
-    b = Bench(args.quick, only, args.keep)
+    b = Bench(args.quick, only, args.keep, args.rounds)
     try:
         b.run_all()
     finally:

@@ -634,3 +634,28 @@ async def test_primed_certificate_is_not_fetched_again_when_cached(ca, responder
     cache.replace_manual([])            # removed: forgotten, and not asked about
     await asyncio.sleep(0.2)
     assert cert not in stapler._states and fetcher.urls == [responder.url]
+
+
+async def test_a_certificate_obtained_while_running_is_stapled(ca, responder, run_stapler):
+    """Between changes of the cache a tick looks only at the certificates it can staple (with
+    thousands of certificates and no OCSP URL, at none): one obtained later (put_managed, as
+    the autocert manager does) must still be seen and stapled, and a renewal's replacement too."""
+    leaf = ca.issue(["got.test"], ocsp_url=responder.url)
+    renewed_leaf = ca.issue(["www.got.test", "got.test"], ocsp_url=responder.url)   # (another subject: the index keeps subjects unique)
+    responder.add(leaf)
+    responder.add(renewed_leaf)   # (both known to the responder before it is asked)
+    plain = [served(ca.issue([f"p{i}.test"]), ca) for i in range(20)]
+    cache = CertificateCache()
+    cache.replace_manual(plain)
+    stapler = run_stapler(stapler_for(cache))
+    await asyncio.sleep(0.2)            # several ticks with nothing to staple
+    assert stapler._stapleable == []
+    got = served(leaf, ca)
+    got.source = "managed"
+    cache.put_managed(got)
+    await wait_for(lambda: got.ocsp_staple is not None, what="the obtained certificate stapled")
+    renewed = served(renewed_leaf, ca)
+    renewed.source = "managed"
+    cache.put_managed(renewed)          # the renewal replaces it: stapled, the old one forgotten
+    await wait_for(lambda: renewed.ocsp_staple is not None, what="the renewed certificate stapled")
+    await wait_for(lambda: got not in stapler._states, what="the replaced certificate forgotten")

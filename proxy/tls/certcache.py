@@ -157,6 +157,7 @@ class CertificateCache:
         self._index: dict[str, tuple[Certificate, ...]] = {}
         self._default: Optional[Certificate] = None
         self._fallback: Optional[Certificate] = None
+        self.version = 0   # changes whenever the set of certificates changes (readers: cache.all)
 
     # --- reads (handshake path) ---
     def lookup(self, server_name: str) -> Optional[Certificate]:
@@ -249,3 +250,4 @@ class CertificateCache:
                 index.setdefault(n, []).append(c)
         self._index = {k: tuple(v) for k, v in index.items()}   # atomic swap for readers
         self._default = self._manual[0] if self._manual else self._fallback
+        self.version += 1
