@@ -188,6 +188,55 @@ def test_short_records_arriving_together_are_all_read(leaf):
     assert uvloop.run(go()) == b"".join(records)
 
 
+def test_a_large_write_leaves_the_socket_uncorked(leaf):
+    """Writes of more than a record are corked while OpenSSL writes their records: after
+    each, the socket is uncorked (else the kernel would hold the last partial segment back
+    for up to 200 ms), whether the socket took it all or kept some for later."""
+    payload = os.urandom(5 * 1024 * 1024 + 7)
+    corks = []
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        async def serve(stream):
+            await stream.wait_ready(10)
+            sock = socket.socket(fileno=os.dup(stream._fd))
+            try:
+                for off in range(0, len(payload), 300_000):
+                    stream.write(payload[off:off + 300_000])
+                    corks.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+                    if stream.must_drain:
+                        await stream.drain(10)
+                        corks.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK))
+            finally:
+                sock.close()
+            stream.close()
+            done.set_result(None)
+
+        server, port = await serve_tls(server_context(leaf), lambda st: loop.create_task(serve(st)))
+
+        def client() -> bytes:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                s = client_context().wrap_socket(raw, server_hostname="stream.test")
+                got = bytearray()
+                while len(got) < len(payload):
+                    time.sleep(0.001) if len(got) < 1 << 20 else None   # a slow start: the socket fills
+                    chunk = s.recv(1 << 20)
+                    if not chunk:
+                        break
+                    got += chunk
+                return bytes(got)
+
+        got = await asyncio.wait_for(in_thread(client), 30)
+        await done
+        server.close()
+        return got
+
+    assert uvloop.run(go()) == payload
+    assert corks and set(corks) == {0}
+
+
 def test_close_notify_both_ways(leaf):
     """The client's close_notify reads as EOF; the server's close answers with its own (the
     client's unwrap completes), tlsload's cycle."""
