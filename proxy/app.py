@@ -37,10 +37,13 @@ def settle_heap() -> None:
     Otherwise every full collection walks all of it, and under load full collections come
     every few hundred connections (with 10,000 certificates, about a tenth of a handshake's
     instructions, benchmarks/README.md). A reload first hands the previous ones back
-    (``gc.unfreeze``) and collects, so that the old configuration's cycles are freed."""
+    (``gc.unfreeze``) and collects, so that the old configuration's cycles are freed. The
+    collector runs again from here if start-up had paused it (``cli.main``: loading thousands
+    of certificates made it walk the growing heap again and again)."""
     gc.unfreeze()
     gc.collect()
     gc.freeze()
+    gc.enable()
 
 
 def tune_malloc(environ, mmap_threshold: int = 1 << 20, trim_threshold: int = 4 << 20) -> bool:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -49,11 +50,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    # No collections while the configuration and its certificates are loaded (they all stay):
+    # the server's start-up ends with app.settle_heap, which collects once and resumes it.
+    gc.disable()
     try:
         options = load_config(args.config, os.environ, full_key_check=args.check)
     except ConfigError as e:
         print(f"autocert-proxy: {e}", file=sys.stderr)
         return 2
+    finally:
+        if args.command != "run" or args.check:
+            gc.enable()
     if args.check:
         print(f"configuration OK: {len(options.routes)} routes, {len(options.certificates)} certificates")
         return 0
@@ -72,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from .app import App
     if options.workers > 1:
         from .workers import run_workers
+        gc.enable()   # (the supervisor; each worker's start ends with settle_heap)
         return run_workers(options, runner)
     from .storage import StorageError
     try:

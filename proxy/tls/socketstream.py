@@ -546,7 +546,10 @@ class TLSServerStream(ByteStream):
 def _cork(fd: int, on: int) -> None:
     """TCP_CORK on or off on a descriptor the caller keeps (best effort: a failure only
     costs the segments' size)."""
-    sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, fd)
+    try:
+        sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, fd)
+    except OSError:
+        return
     try:
         sock.setsockopt(_IPPROTO_TCP, _TCP_CORK, on)
     except OSError:
