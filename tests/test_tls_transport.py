@@ -221,7 +221,8 @@ def test_a_large_write_leaves_the_socket_uncorked(leaf):
                 s = client_context().wrap_socket(raw, server_hostname="stream.test")
                 got = bytearray()
                 while len(got) < len(payload):
-                    time.sleep(0.001) if len(got) < 1 << 20 else None   # a slow start: the socket fills
+                    if len(got) < 1 << 20:
+                        time.sleep(0.001)   # a slow start: the server's socket fills
                     chunk = s.recv(1 << 20)
                     if not chunk:
                         break
