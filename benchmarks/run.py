@@ -698,8 +698,15 @@ class Bench:
             for i in range(n):
                 ca.issue([f"site{i:05d}.bench.test"], filename=f"site{i:05d}")
             marker.write_text("ok")
-        return [(cache / f"site{i:05d}.pem", cache / f"site{i:05d}.key", f"site{i:05d}.bench.test")
-                for i in range(n)]
+        certs = [(cache / f"site{i:05d}.pem", cache / f"site{i:05d}.key", f"site{i:05d}.bench.test")
+                 for i in range(n)]
+        # Read once, so that every server's start-up finds them in the page cache: the first
+        # server to start would otherwise read 2N files from the disk alone (ours, 10,000
+        # certificates: 3.3 s from a cold cache against 0.9 s from a warm one).
+        for cert, key, _ in certs:
+            cert.read_bytes()
+            key.read_bytes()
+        return certs
 
     def bench_many(self, name: str, certs: list[tuple[Path, Path, str]]) -> None:
         """Start-up with N certificates, and the handshake cost with N certificates against
