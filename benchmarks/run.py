@@ -53,6 +53,11 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def median(vals: list[float]) -> float:
+    """The middle of the sorted values (of an even number, the upper of the two middle ones)."""
+    return sorted(vals)[len(vals) // 2]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -262,8 +267,8 @@ class Bench:
         self.notes: list[str] = []
         self.loads: list[str] = []
         self.failed_start: dict[str, NA] = {}
-        self.samples: dict[str, dict[str, list[float]]] = {}   # sorted, for the medians
-        self.by_round: dict[str, dict[str, list[float]]] = {}  # in round order, for paired ratios
+        self.samples: dict[str, dict[str, list[float]]] = {}   # metric -> server -> rounds, in order
+        self.partial: set[tuple[str, str]] = set()   # (metric, server) with a failed round
         self.rounds = rounds or (2 if quick else 3)
         self.extra: dict[str, object] = {}
         self.upstream: Optional[Server] = None
@@ -604,11 +609,11 @@ class Bench:
                 if name in self.failed_start:
                     v: object = NA(f"start failed: {self.failed_start[name]}")
                 elif samples.get(name):
-                    vals = sorted(f(x) for x in samples[name])
-                    v = vals[len(vals) // 2]
+                    vals = [f(x) for x in samples[name]]
+                    v = median(vals)
                     self.samples.setdefault(metric, {})[name] = vals
-                    if name not in errors:   # (a failed round would shift the pairs)
-                        self.by_round.setdefault(metric, {})[name] = [f(x) for x in samples[name]]
+                    if name in errors:
+                        self.partial.add((metric, name))
                 else:
                     v = errors.get(name, NA("no sample"))
                 self.results.setdefault(metric, {})[name] = v
@@ -749,12 +754,12 @@ class Bench:
                                                 sni=target if srv is many else "bench.test"), self.rounds)
             for k in runs:
                 for metric, field in ((f"hs_{k}", "rate"), (f"hs_{k}_cpu", "cpu_us")):
-                    vals = sorted(x[field] for x in samples[k])
+                    vals = [x[field] for x in samples[k]]
                     if vals:
                         self.samples.setdefault(metric, {})[name] = vals
-                        if k not in errors:
-                            self.by_round.setdefault(metric, {})[name] = [x[field] for x in samples[k]]
-                    self.record(metric, name, lambda vals=vals, k=k: vals[len(vals) // 2] if vals
+                        if k in errors:
+                            self.partial.add((metric, name))
+                    self.record(metric, name, lambda vals=vals, k=k: median(vals) if vals
                                 else (_ for _ in ()).throw(errors.get(k, NA("no sample"))))
             if many is not None:
                 self.extra.setdefault("many_rss", {})[name] = rss_kib(many.pid)
@@ -870,6 +875,13 @@ class Bench:
          ("hs_1_cpu", "ours"), 1.1, False),
     ]
 
+    def rounds_of_metric(self, metric: str, name: str) -> Optional[list[float]]:
+        """The rounds of ``metric`` for ``name`` in order, None unless every round gave one
+        (a failed round would shift the pairs)."""
+        if (metric, name) in self.partial:
+            return None
+        return self.samples.get(metric, {}).get(name)
+
     def targets(self) -> list[str]:
         """Each target: ours against its reference as the ratio of the medians (the table's
         figure, which decides), and the ratios of the same rounds (each round runs the servers
@@ -881,8 +893,7 @@ class Bench:
             ours = self.results.get(metric, {}).get("ours")
             if isinstance(against, tuple):
                 ref = self.results.get(against[0], {}).get(against[1])
-                mine, theirs = (self.by_round.get(metric, {}).get("ours"),
-                                self.by_round.get(against[0], {}).get(against[1]))
+                mine, theirs = self.rounds_of_metric(metric, "ours"), self.rounds_of_metric(*against)
             else:
                 ref, mine, theirs = against, None, None
             label = label.replace("N certificates", f"{self.n_certs:,} certificates")
@@ -963,7 +974,7 @@ class Bench:
         for key, (reused, conns) in self.extra.get("resumed", {}).items():
             details.append(f"- {key}: {reused:,} of {conns:,} client connections were resumed")
         for key in ("hs_new_busy", "hs_reuse_busy"):
-            busy = {name: v[len(v) // 2] for name, v in self.samples.get(key, {}).items() if v}
+            busy = {name: median(v) for name, v in self.samples.get(key, {}).items() if v}
             if busy:
                 details.append(f"- {key[:-5]}: each server's core busy " + ", ".join(
                     f"{name} {b:.0f} %" for name, b in busy.items())
@@ -983,7 +994,6 @@ class Bench:
         fmt_of = {k: f for k, _, _, f, _ in self.ROWS}
         for metric in ("ka_rps", "ka_cpu", "hs_new_cpu", "hs_reuse_cpu", "dl", "ul", "hs_1_cpu", "hs_n_cpu"):
             for name, vals in self.samples.get(metric, {}).items():
-                vals = self.by_round.get(metric, {}).get(name) or vals   # (in round order when complete)
                 details.append(f"- rounds of {metric} [{name}]: " + ", ".join(fmt_of[metric].format(v) for v in vals))
         if self.loads:
             details.append("- 1-minute load average of the machine (other work running on it makes the "

@@ -659,3 +659,22 @@ async def test_a_certificate_obtained_while_running_is_stapled(ca, responder, ru
     cache.put_managed(renewed)          # the renewal replaces it: stapled, the old one forgotten
     await wait_for(lambda: renewed.ocsp_staple is not None, what="the renewed certificate stapled")
     await wait_for(lambda: got not in stapler._states, what="the replaced certificate forgotten")
+
+
+async def test_a_primed_certificate_never_cached_is_forgotten_after_its_grace(ca, responder, run_stapler,
+                                                                                monkeypatch):
+    """A certificate primed for the cache (a must-staple one before it is published) keeps its
+    state while it may still arrive; one that never does is forgotten when its grace ends,
+    though the cache did not change meanwhile."""
+    monkeypatch.setattr(ocsp, "PRIMED_GRACE", 0.5)
+    leaf = ca.issue(["never.test"], ocsp_url=responder.url)
+    responder.add(leaf)
+    cert = served(leaf, ca)
+    cache = CertificateCache()
+    cache.replace_manual([served(ca.issue(["other.test"]), ca)])
+    stapler = run_stapler(stapler_for(cache))
+    await asyncio.sleep(0.1)            # the first full look is done
+    await stapler.prime(cert)
+    await asyncio.sleep(0.2)            # ticks within the grace: kept
+    assert cert in stapler._states
+    await wait_for(lambda: cert not in stapler._states, what="the primed certificate forgotten")

@@ -224,42 +224,34 @@ class ClientConnection:
                 await self._discard_input()
             stream.close()
 
-    async def _next_head(self, opts: Options, data: bytes, head_deadline: Optional[float]):
-        """The next request head, from ``data`` (its first bytes, read by ``run``) or, when
-        empty, from what the codec holds (a pipelined head, or part of one). The rest of a
-        head has the head timeout (a new connection: what is left of it)."""
-        side = self.side
-        conn = side.conn
-        head_buf = None
-        if CHECK_HEAD_BYTES:   # h11: the raw head is checked here (see CHECK_HEAD_BYTES)
-            head = data or _pending_bytes(conn)
-            head_buf = bytearray(head)
-            codec.check_head_bytes(head, MAX_HEAD)
-        if not data:
-            return await side.next_event(opts.timeout_read_header, head_buf)
-        conn.receive_data(data)
-        ev = conn.next_event()
-        if ev is NEED_DATA:
-            ev = await side.next_event(head_deadline - self.stream._loop.time() if head_deadline is not None
-                                       else opts.timeout_read_header, head_buf)
-        return ev
+    def _raw_head(self, data: bytes) -> bytearray:
+        """h11 only (see CHECK_HEAD_BYTES): the head's raw bytes so far, checked here, and
+        kept to check again as the rest arrives."""
+        head = data or _pending_bytes(self.side.conn)
+        codec.check_head_bytes(head, MAX_HEAD)
+        return bytearray(head)
 
     async def _one_request(self, data: bytes, head_deadline: Optional[float]) -> bool:
-        """Serve one request (``data``: its first bytes, see ``_next_head``). Returns whether
-        the connection stays open for another."""
+        """Serve one request. Returns whether the connection stays open for another.
+
+        ``data``: its first bytes, read by ``run``; the rest of the head has what is left of
+        the head timeout (a new connection: from the handshake). Empty: the head is in what
+        the codec holds (a pipelined head, or part of one), with the head timeout."""
         state = self.get_state()
         opts = state.options
         side = self.side
         conn = side.conn
         try:
-            if data and not CHECK_HEAD_BYTES:   # (usually the whole head: no coroutine for it)
+            head_buf = self._raw_head(data) if CHECK_HEAD_BYTES else None
+            if data:   # (usually the whole head: parsed here, no coroutine for it)
                 conn.receive_data(data)
                 ev = conn.next_event()
-                if ev is NEED_DATA:   # (the rest of the head: as in _next_head)
+                if ev is NEED_DATA:
                     ev = await side.next_event(head_deadline - self.stream._loop.time()
-                                               if head_deadline is not None else opts.timeout_read_header)
+                                               if head_deadline is not None else opts.timeout_read_header,
+                                               head_buf)
             else:
-                ev = await self._next_head(opts, data, head_deadline)
+                ev = await side.next_event(opts.timeout_read_header, head_buf)
         except TimeoutError:   # (a head had begun: an idle connection times out in run)
             self._raw_error(408, "the request head did not arrive in time")
             return False

@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import inspect
 import logging
+import math
 import random
 import re
 import urllib.parse
@@ -408,10 +409,12 @@ class Stapler:
         self._fetcher = fetcher
         self._rng = rng or random.Random()
         self._states: dict[Certificate, _State] = {}
-        # what the last full look at the cache found: the cache's version, the number of
-        # states after it, and the certificates that can be stapled (a tick between changes
-        # looks at these alone: with 10,000 certificates and no OCSP URL, at none)
-        self._seen: tuple = (None, -1)
+        # what the last full look at the cache found: the cache's version then, and the
+        # certificates that can be stapled (a tick between changes looks at these alone: with
+        # 10,000 certificates and no OCSP URL, at none); the next full look is due when the
+        # version changes, or when a primed certificate's grace ends (``_rescan_at``)
+        self._seen_version: Optional[int] = None
+        self._rescan_at = math.inf
         self._stapleable: list[tuple[Certificate, _State]] = []
         self._session = None
         self._stopping = False
@@ -497,6 +500,8 @@ class Stapler:
             st = self._states[cert] = self._new_state(cert)
             st.lock = asyncio.Lock()
             st.created = asyncio.get_running_loop().time()
+            # (one made outside a full look, by prime: forgotten then if the cache never has it)
+            self._rescan_at = min(self._rescan_at, st.created + PRIMED_GRACE)
             names = ",".join(cert.names)
             if st.url is None:
                 log.debug("OCSP: %s has no OCSP responder URL; not stapling", names)
@@ -521,6 +526,7 @@ class Stapler:
 
     def _rescan(self) -> None:
         """A full look at the cache: states for new certificates, none for those gone."""
+        version = self.cache.version   # (before the look: a change during it brings another)
         current = self.cache.all()
         alive = set(current)
         loop_now = asyncio.get_running_loop().time()
@@ -540,14 +546,14 @@ class Stapler:
             if st.url is not None and st.issuer is not None:
                 stapleable.append((cert, st))
         self._stapleable = stapleable
-        # a primed state not in the cache yet is looked at again next tick (its grace ends)
-        primed = any(not st.seen_in_cache for st in self._states.values())
-        self._seen = (None, -1) if primed else (self.cache.version, len(self._states))
+        self._seen_version = version
+        primed = [st.created for st in self._states.values() if not st.seen_in_cache]
+        self._rescan_at = min(primed) + PRIMED_GRACE if primed else math.inf
 
     def _tick(self) -> None:
         now = self.clock()
-        # (a state made outside a tick, by prime or refresh, also asks for a full look)
-        if self._seen != (self.cache.version, len(self._states)):
+        if self._seen_version != self.cache.version \
+                or asyncio.get_running_loop().time() > self._rescan_at:
             self._rescan()
         for cert, st in self._stapleable:
             if cert.revoked:

@@ -543,28 +543,26 @@ class TLSServerStream(ByteStream):
         self._gone(exc)
 
 
-def _cork(fd: int, on: int) -> None:
-    """TCP_CORK on or off on a descriptor the caller keeps (best effort: a failure only
-    costs the segments' size)."""
+def _on_fd(fd: int, method: Callable, *args):
+    """A socket method called on a descriptor the caller keeps (a C socket object for the
+    call, then let go; it checks the descriptor with getsockname)."""
+    sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, fd)   # (any family does for these)
     try:
-        sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, fd)
-    except OSError:
-        return
-    try:
-        sock.setsockopt(_IPPROTO_TCP, _TCP_CORK, on)
-    except OSError:
-        pass
+        return method(sock, *args)
     finally:
         sock.detach()
 
 
 def _recv(fd: int, n: int, flags: int = 0) -> bytes:
-    """recv on a descriptor the caller keeps (a C socket object for the call, then let go)."""
-    sock = _c_socket(socket.AF_INET, _SOCK_STREAM, 0, fd)   # (recv only: any family does)
+    return _on_fd(fd, _c_socket.recv, n, flags)
+
+
+def _cork(fd: int, on: int) -> None:
+    """TCP_CORK on or off (best effort: a failure only costs the segments' size)."""
     try:
-        return sock.recv(n, flags)
-    finally:
-        sock.detach()
+        _on_fd(fd, _c_socket.setsockopt, _IPPROTO_TCP, _TCP_CORK, on)
+    except OSError:
+        pass
 
 
 def _error_text() -> str:
