@@ -261,6 +261,8 @@ class App:
             if self.autocert is not None:
                 await self.autocert.reconfigure(new)
             settle_heap()
+            for w in new.warnings:
+                log.warning("%s", w)
             log.info("configuration reloaded: %d routes, %d manual certificates",
                      len(new.routes), len(new.certificates))
             return True

@@ -62,6 +62,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command != "run" or args.check:
             gc.enable()
     if args.check:
+        for w in options.warnings:   # what start-up would log as warnings
+            print(f"autocert-proxy: warning: {w}", file=sys.stderr)
         print(f"configuration OK: {len(options.routes)} routes, {len(options.certificates)} certificates")
         return 0
     setup_logging(options.log_level, options.access_log_format)

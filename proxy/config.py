@@ -27,6 +27,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
+from .pomerium_names import environment_refusals, refusal, route_refusal
+from .storage import ACCEPTED as STORAGE_ACCEPTED, LocationError, parse_location
 from .tls.keymatch import key_matches
 
 LETS_ENCRYPT_PRODUCTION = "https://acme-v02.api.letsencrypt.org/directory"
@@ -385,10 +387,15 @@ def parse_upstream(value: Any) -> Upstream:
     return Upstream("http", host, 80 if port is None else port)
 
 
-def _unknown_keys(label: str, mapping: Mapping, known: tuple[str, ...], problems: list[str]) -> None:
+def _unknown_keys(label: str, mapping: Mapping, known: tuple[str, ...], problems: list[str],
+                  pomerium: Optional[Callable[[str, tuple[str, ...]], Optional[str]]] = None) -> None:
     for k in mapping:
-        if k not in known:
-            problems.append(f"{label}.{k}: unknown key{_suggest(str(k), known)}; accepted: {', '.join(known)}")
+        if k in known:
+            continue
+        # a Pomerium key is named as such, never "corrected" to a different setting
+        refused = pomerium(str(k), known) if pomerium else None
+        problems.append(f"{label}.{k}: {refused}" if refused else
+                        f"{label}.{k}: unknown key{_suggest(str(k), known)}; accepted: {', '.join(known)}")
 
 
 def parse_routes(value: Any, label: str, problems: list[str]) -> tuple[Route, ...]:
@@ -404,7 +411,7 @@ def parse_routes(value: Any, label: str, problems: list[str]) -> tuple[Route, ..
             problems.append(f"{where}: expected a mapping with 'from' and 'to' or 'response', got {item!r}")
             continue
         before = len(problems)
-        _unknown_keys(where, item, ROUTE_KEYS, problems)
+        _unknown_keys(where, item, ROUTE_KEYS, problems, route_refusal)
 
         parsed_from = None
         if item.get("from") is None:
@@ -554,6 +561,9 @@ def load_pair(cert_where: str, cert_value: Any, key_where: str, key_value: Any, 
         warnings.append(f"{cert_where}: certificate from {origin} expired on "
                         f"{certs[0].not_valid_after_utc:%Y-%m-%d %H:%M} UTC; it is still served "
                         f"until a valid one replaces it")
+    elif certs[0].not_valid_before_utc > now:
+        warnings.append(f"{cert_where}: certificate from {origin} is not valid before "
+                        f"{certs[0].not_valid_before_utc:%Y-%m-%d %H:%M} UTC; clients reject it until then")
     return CertificatePair(cert_data, key_data, origin, tuple(certs))
 
 
@@ -569,10 +579,13 @@ def parse_certificates(value: Any, label: str, base_dir: str, problems: list[str
             problems.append(f"{where}: expected a mapping with 'cert' and 'key', got {item!r}")
             continue
         _unknown_keys(where, item, CERTIFICATE_KEYS, problems)
-        missing = [k for k in CERTIFICATE_KEYS if item.get(k) is None]
-        for k in missing:
-            problems.append(f"{where}.{k}: missing; expected a file path or inline PEM text")
-        if missing:
+        before = len(problems)
+        for k in CERTIFICATE_KEYS:   # every problem of the entry, not only the first
+            if item.get(k) is None:
+                problems.append(f"{where}.{k}: missing; expected a file path or inline PEM text")
+            elif not isinstance(item[k], str):
+                problems.append(f"{where}.{k}: {item[k]!r} is not a string; expected a file path or inline PEM text")
+        if len(problems) != before:
             continue
         pair = load_pair(f"{where}.cert", item["cert"], f"{where}.key", item["key"], base_dir,
                          f"{where} (inline)", problems, warnings, full_key_check=full_key_check)
@@ -663,13 +676,16 @@ def _home_from_passwd() -> str:
 
 
 def parse_autocert_dir(value: Any, base_dir: str) -> str:
-    text = _require_str(value, "a directory path, s3://bucket.s3.REGION.amazonaws.com/prefix or gs://bucket/prefix")
-    if text.startswith(("s3://", "gs://")):
-        return text  # the storage layer validates its own URLs
-    if "://" in text:
-        raise _Bad(f"{text!r}: storage scheme {text.split('://')[0]!r} is not supported; accepted: a directory "
-                   f"path, s3://bucket.s3.REGION.amazonaws.com/prefix or gs://bucket/prefix")
-    return _resolve(text, base_dir)
+    """A directory (resolved against ``base_dir``) or a bucket URL, checked by the same parser
+    start-up opens the storage with (``proxy.storage.parse_location``)."""
+    text = _require_str(value, STORAGE_ACCEPTED)
+    if "://" not in text:
+        text = _resolve(text, base_dir)
+    try:
+        parse_location(text)
+    except LocationError as e:
+        raise _Bad(f"{e.value!r}: {e.why}; accepted: {STORAGE_ACCEPTED}") from None
+    return text
 
 
 # --------------------------------------------------------------------------- loading
@@ -726,7 +742,9 @@ def read_sources(path: Optional[str], environ: Mapping[str, str],
             doc = {}
         for k, v in doc.items():
             if k not in KNOWN_KEYS:
-                problems.append(f"{k}: unknown key in {path!r}{_suggest(str(k), KNOWN_KEYS)}")
+                refused = refusal(str(k), KNOWN_KEYS)
+                problems.append(f"{k}: {refused}" if refused else
+                                f"{k}: unknown key in {path!r}{_suggest(str(k), KNOWN_KEYS)}")
             elif v is not None:  # "key:" with nothing after it means "use the default"
                 raw[k], labels[k] = v, k
     for k in KNOWN_KEYS:
@@ -742,10 +760,22 @@ def read_sources(path: Optional[str], environ: Mapping[str, str],
                 problems.append(f"{label}: not valid YAML/JSON: {e}")
                 raw.pop(k, None)
                 continue
+            if isinstance(raw[k], str) and _is_base64_yaml(text):
+                problems.append(f"{label}: holds base64-encoded YAML or JSON (Pomerium's form); autocert-proxy "
+                                f"takes the YAML or JSON text itself: decode it (base64 -d)")
+                raw.pop(k)
+                continue
         else:
             raw[k] = text
         labels[k] = label
     return raw, labels
+
+
+def _is_base64_yaml(text: str) -> bool:
+    try:
+        return isinstance(_yaml(base64.b64decode("".join(text.split()), validate=True).decode()), (list, dict))
+    except (binascii.Error, ValueError, yaml.YAMLError):
+        return False
 
 
 def _name_source(found: list[str], key: str, labels: Mapping[str, str]) -> list[str]:
@@ -768,6 +798,9 @@ def load_config(path: Optional[str], environ: Mapping[str, str], *, full_key_che
     problems: list[str] = []
     warnings: list[str] = []
     raw, labels = read_sources(path, environ, problems)
+    refused, noted = environment_refusals(environ, KNOWN_KEYS)
+    problems += refused
+    warnings += noted
     base_dir = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
     out: dict[str, Any] = {}
 
@@ -875,6 +908,9 @@ def load_config(path: Optional[str], environ: Mapping[str, str], *, full_key_che
             out["autocert_ca"] in (LETS_ENCRYPT_PRODUCTION, LETS_ENCRYPT_STAGING):
         warnings.append("autocert_must_staple: Let's Encrypt refuses must-staple orders since 2025; "
                         "issuance from it will fail")
+
+    if not out.get("routes"):
+        warnings.append("routes: none configured; the proxy starts and answers every request with 404")
 
     if problems:
         raise ConfigError(problems)

@@ -191,3 +191,109 @@ def test_environment_boolean_forms(tmp_path):
         cfg = dict(GOOD, routes=[dict(GOOD["routes"][0])])
         r = run("--config", write(tmp_path, cfg), "--check", env=clean_env(AUTOCERT_USE_STAGING=value))
         assert r.returncode == 0, (value, r.stderr)
+
+
+# --------------------------------------------------------------------------- issue 16: accepted, dropped
+
+NO_ROUTES_WARNING = "warning: routes: none configured; the proxy starts and answers every request with 404"
+
+
+def _refused_at_check_and_start(tmp_path, cfg: dict, env: dict) -> list[str]:
+    """--check and a plain start both exit 2 with the same problems, and nothing listens."""
+    port = free_port()
+    path = write(tmp_path, dict(cfg, address=f"127.0.0.1:{port}"))
+    checked = run("--config", path, "--check", env=clean_env(**env))
+    started = run("--config", path, env=clean_env(**env), timeout=20)   # would run (and time out) if accepted
+    assert checked.returncode == 2 and started.returncode == 2, (checked, started)
+    assert checked.stderr == started.stderr and "Traceback" not in started.stderr
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    return checked.stderr.splitlines()
+
+
+@pytest.mark.parametrize("value", ["s3://", "gs://"])
+def test_bucket_url_without_bucket_is_refused_by_check_and_start(tmp_path, value):
+    lines = _refused_at_check_and_start(tmp_path, GOOD, {"AUTOCERT_DIR": value})
+    assert lines[1] == (f"  - autocert_dir (from environment AUTOCERT_DIR): {value!r}: missing bucket name; "
+                        f"accepted: a directory path, s3://BUCKET/PREFIX, s3://BUCKET.s3.REGION.amazonaws.com/PREFIX "
+                        f"or gs://BUCKET/PREFIX"), lines
+
+
+def test_check_refuses_what_start_up_cannot_open(tmp_path):
+    # the storage parser's own refusals (bad bucket name, port) now stop --check too
+    for value, reason in (("s3://Not_A_Bucket!/p", "is not a valid S3 bucket name"),
+                          ("s3://bucket:9000/p", "port are not allowed"),
+                          ("gs:///only/a/prefix", "missing bucket name")):
+        r = run("--config", write(tmp_path, dict(GOOD, autocert_dir=value)), "--check")
+        assert r.returncode == 2 and f"autocert_dir: {value!r}: " in r.stderr and reason in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("when", ["expired", "not yet valid"])
+def test_check_warns_about_a_certificate_outside_its_validity(tmp_path, ca, when):
+    import datetime as dt
+    now = dt.datetime.now(dt.timezone.utc)
+    if when == "expired":
+        leaf = ca.issue(["app.example.com"], not_before=now - dt.timedelta(days=100), not_after=now - dt.timedelta(days=1))
+    else:
+        leaf = ca.issue(["app.example.com"], not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=90))
+    cfg = dict(GOOD, certificate_file=str(leaf.cert_path), certificate_key_file=str(leaf.key_path))
+    r = run("--config", write(tmp_path, cfg), "--check")
+    assert r.returncode == 0, r.stderr
+    assert "1 certificates" in r.stdout
+    expected = "expired on" if when == "expired" else "is not valid before"
+    warning = [ln for ln in r.stderr.splitlines() if ln.startswith("autocert-proxy: warning: certificate_file:")]
+    assert len(warning) == 1 and expected in warning[0] and str(leaf.cert_path) in warning[0], r.stderr
+
+
+def test_empty_file_checks_with_a_warning_and_the_proxy_answers_404(tmp_path, start_proxy):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    r = run("--config", empty, "--check")
+    assert r.returncode == 0 and "0 routes" in r.stdout, r.stderr
+    assert r.stderr == f"autocert-proxy: {NO_ROUTES_WARNING}\n"
+    p = start_proxy({})       # only the address the test needs
+    out = p.curl("anything.test", "/", "-o", "/dev/null", "-w", "%{http_code}")
+    assert out.stdout == b"404", out.stderr
+    assert "WARNING proxy: routes: none configured" in p.log(), p.log()
+
+
+def test_every_problem_of_a_certificate_entry_is_listed(tmp_path):
+    r = run("--config", write(tmp_path, GOOD), "--check", env=clean_env(CERTIFICATES="[{cert: 1}]"))
+    assert r.returncode == 2
+    assert "certificates[0].cert (from environment CERTIFICATES): 1 is not a string" in r.stderr, r.stderr
+    assert "certificates[0].key (from environment CERTIFICATES): missing" in r.stderr, r.stderr
+
+
+def test_pomerium_variables_are_refused_by_check_and_start(tmp_path, ca):
+    import base64
+    leaf = ca.issue(["app.example.com"])
+    routes = b"- from: https://app.example.com\n  to: http://127.0.0.1:9\n"
+    env = {"POLICY": base64.b64encode(routes).decode(),
+           "CERTIFICATE": base64.b64encode(leaf.cert_pem).decode(),
+           "CERTIFICATE_KEY": base64.b64encode(leaf.key_path.read_bytes()).decode(),
+           "AWS_REGION": "eu-west-1", "DEBUG": "1"}    # ordinary variables: not Pomerium's
+    lines = _refused_at_check_and_start(tmp_path, GOOD, env)
+    problems = [ln for ln in lines if ln.startswith("  - ")]
+    assert [ln.split(" ")[3] for ln in problems] == ["CERTIFICATE", "CERTIFICATE_KEY", "POLICY"], lines
+    assert "Pomerium setting 'certificate' is not supported by autocert-proxy: use certificate_file" in problems[0]
+    assert "use certificate_key_file" in problems[1]
+    assert "use 'routes' instead" in problems[2]
+
+
+def test_routes_in_pomerium_base64_form_are_refused(tmp_path):
+    import base64
+    routes = base64.b64encode(b"- from: https://app.example.com\n  to: http://127.0.0.1:9\n").decode()
+    lines = _refused_at_check_and_start(tmp_path, {}, {"ROUTES": routes})
+    assert lines[1].startswith("  - routes (from environment ROUTES): holds base64-encoded YAML"), lines
+
+
+def test_check_names_a_pomerium_route_key_instead_of_suggesting_another(tmp_path):
+    cfg = dict(GOOD, routes=[dict(GOOD["routes"][0], set_request_headers={"X-A": "b"},
+                                  allow_any_authenticated_user=True)])
+    r = run("--config", write(tmp_path, cfg), "--check")
+    assert r.returncode == 2
+    assert "did you mean" not in r.stderr and "preserve_host_header" not in r.stderr, r.stderr
+    assert ("routes[0].set_request_headers: Pomerium route setting 'set_request_headers' is not supported "
+            "by autocert-proxy") in r.stderr
+    assert ("routes[0].allow_any_authenticated_user: Pomerium route setting 'allow_any_authenticated_user' is not "
+            "supported by autocert-proxy: this proxy does not authenticate, the route would be public") in r.stderr

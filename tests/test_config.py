@@ -17,6 +17,7 @@ from proxy.config import (
     LETS_ENCRYPT_PRODUCTION,
     LETS_ENCRYPT_STAGING,
     KNOWN_KEYS,
+    ROUTE_KEYS,
     Address,
     ConfigError,
     DirectResponse,
@@ -24,10 +25,12 @@ from proxy.config import (
     load_config,
     parse_duration,
 )
+from proxy import pomerium_names
 from tests.infra.pki import TestCA
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {"HOME": "/home/tester"}  # a HOME so the default autocert_dir does not depend on the machine
+ONE_ROUTE = "routes: [{from: 'https://a.example.com', to: 'http://127.0.0.1:9'}]\n"
 
 
 def write(tmp_path: Path, text: str, name: str = "config.yaml") -> str:
@@ -548,9 +551,23 @@ def test_expired_certificate_is_accepted_with_warning(tmp_path, ca):
     now = dt.datetime.now(dt.timezone.utc)
     old = ca.issue(["old.example.com"], not_before=now - dt.timedelta(days=100),
                    not_after=now - dt.timedelta(days=10))
-    o = load_config(write(tmp_path, f"certificate_file: {old.cert_path}\ncertificate_key_file: {old.key_path}\n"), ENV)
+    o = load_config(write(tmp_path, f"certificate_file: {old.cert_path}\ncertificate_key_file: {old.key_path}\n"
+                                    + ONE_ROUTE), ENV)
     assert o.certificates[0].cert_pem == old.cert_pem
     assert len(o.warnings) == 1 and "expired" in o.warnings[0]
+
+
+def test_not_yet_valid_certificate_is_accepted_with_warning(tmp_path, ca):
+    now = dt.datetime.now(dt.timezone.utc)
+    new = ca.issue(["new.example.com"], not_before=now + dt.timedelta(days=2),
+                   not_after=now + dt.timedelta(days=90))
+    o = load_config(write(tmp_path, f"certificates:\n  - cert: {new.cert_path}\n    key: {new.key_path}\n"
+                                    + ONE_ROUTE), ENV)
+    assert o.certificates[0].cert_pem == new.cert_pem
+    assert len(o.warnings) == 1, o.warnings
+    w = o.warnings[0]
+    assert w.startswith("certificates[0].cert:") and "not valid before" in w and str(new.cert_path) in w
+    assert f"{new.cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC" in w
 
 
 def test_pkcs1_rsa_key_is_accepted_and_normalized(tmp_path, ca):
@@ -664,5 +681,172 @@ def test_autocert_dir_given(tmp_path):
 def test_must_staple_with_lets_encrypt_warns():
     o = load_config(None, {**ENV, "AUTOCERT": "1", "AUTOCERT_MUST_STAPLE": "1"})
     assert any("must-staple" in w for w in o.warnings)
-    o = load_config(None, {**ENV, "AUTOCERT": "1", "AUTOCERT_MUST_STAPLE": "1", "AUTOCERT_CA": "https://ca.example/d"})
+    o = load_config(None, {**ENV, "AUTOCERT": "1", "AUTOCERT_MUST_STAPLE": "1", "AUTOCERT_CA": "https://ca.example/d",
+                           "ROUTES": ONE_ROUTE[len("routes: "):]})
     assert o.warnings == ()
+
+
+# --------------------------------------------------------------------------- nothing accepted that should not be
+
+@pytest.mark.parametrize("value", ["s3://", "gs://", "s3:///prefix", "gs:///only/a/prefix"])
+def test_bucket_url_without_bucket_is_refused(value):
+    p = one_problem(None, {**ENV, "AUTOCERT_DIR": value})
+    assert p.startswith(f"autocert_dir (from environment AUTOCERT_DIR): {value!r}: missing bucket name"), p
+    assert "accepted: a directory path" in p and "s3://BUCKET/PREFIX" in p and "gs://BUCKET/PREFIX" in p
+
+
+@pytest.mark.parametrize("value", [
+    "s3://my-bucket/some/prefix", "s3://my-bucket", "s3://my.bucket.s3.eu-west-3.amazonaws.com/p/",
+    "gs://my-bucket/certs", "/data/autocert", "relative/dir",
+    "s3://", "gs://", "s3:///prefix", "gs://UPPER/x", "s3://b/a/../b", "s3://bk?x=1", "s3://user:pw@bkt/x",
+    "s3://bkt:9000/p", "s3://bkt.s3.a.b.amazonaws.com/p", "gs://x/p", "s3://Not_A_Bucket!/p", "ftp://host/x",
+])
+def test_autocert_dir_is_accepted_exactly_when_start_up_can_open_it(value, tmp_path):
+    # --check (load_config) and start-up (open_storage) must agree on every value
+    from proxy.storage import StorageError, open_storage
+    try:
+        resolved = load_config(write(tmp_path, f"autocert_dir: {value!r}\n"), ENV).autocert_dir
+    except ConfigError as e:
+        resolved = None
+        assert len(e.problems) == 1 and e.problems[0].startswith(f"autocert_dir: {value!r}: "), e.problems
+    try:
+        open_storage(resolved if resolved is not None else value)
+        opens = True
+    except StorageError:
+        opens = False
+    assert (resolved is not None) == opens, (value, resolved)
+
+
+def test_empty_file_warns_that_nothing_is_routed(tmp_path):
+    o = load_config(write(tmp_path, ""), ENV)
+    assert o.routes == () and o.warnings == ("routes: none configured; the proxy starts and answers every "
+                                             "request with 404",)
+    assert load_config(write(tmp_path, "routes: []\n"), ENV).warnings == o.warnings
+    assert load_config(write(tmp_path, ONE_ROUTE), ENV).warnings == ()
+
+
+def test_certificate_entry_reports_every_problem():
+    found = problems_of(None, {**ENV, "CERTIFICATES": "[{cert: 1}]"})
+    assert found == [
+        "certificates[0].cert (from environment CERTIFICATES): 1 is not a string; expected a file path or inline PEM text",
+        "certificates[0].key (from environment CERTIFICATES): missing; expected a file path or inline PEM text",
+    ]
+    found = problems_of(None, {**ENV, "CERTIFICATES": "[{cert: [a.pem], key: {k: 1}, keyfile: x}]"})
+    assert [p.split(" ", 1)[0] for p in found] == ["certificates[0].keyfile", "certificates[0].cert",
+                                                    "certificates[0].key"], found
+
+
+# --------------------------------------------------------------------------- Pomerium's names
+
+@pytest.mark.parametrize("name,value,needles", [
+    ("POLICY", base64.b64encode(b"- from: https://a.example.com\n  to: http://127.0.0.1:9\n").decode(),
+     ["POLICY (environment): Pomerium setting 'policy' is not supported by autocert-proxy", "'routes'", "ROUTES"]),
+    ("CERTIFICATE", base64.b64encode(b"-----BEGIN CERTIFICATE-----\n").decode(),
+     ["CERTIFICATE (environment): Pomerium setting 'certificate'", "certificate_file"]),
+    ("CERTIFICATE_KEY", base64.b64encode(b"-----BEGIN PRIVATE KEY-----\n").decode(),
+     ["CERTIFICATE_KEY (environment): Pomerium setting 'certificate_key'", "certificate_key_file"]),
+    ("HEADERS", "X-Frame-Options:DENY", ["HEADERS (environment): Pomerium setting 'headers'"]),
+    ("IDP_PROVIDER", "google", ["IDP_PROVIDER (environment)", "does not authenticate", "public"]),
+    ("DOWNSTREAM_MTLS_CA", "Zm9v", ["DOWNSTREAM_MTLS_CA (environment)", "'downstream_mtls.ca'",
+                                    "does not authenticate"]),
+    ("TIMEOUT_WRITE", "0s", ["TIMEOUT_WRITE (environment): Pomerium setting 'timeout_write'"]),
+])
+def test_pomerium_variable_this_proxy_does_not_take_is_refused(name, value, needles):
+    p = one_problem(None, {**ENV, name: value})
+    for n in needles:
+        assert n in p, (n, p)
+    assert f"unset {name}" in p
+
+
+def test_every_pomerium_variable_is_refused_or_read(tmp_path):
+    # the whole table, through load_config: each name set alone is read (ours), an error or
+    # (OpenTelemetry's own variables) a warning; never ignored without a word
+    silent = []
+    for name, key in sorted(pomerium_names.ENVIRONMENT.items()):
+        if key in KNOWN_KEYS:
+            continue
+        try:
+            o = load_config(write(tmp_path, ONE_ROUTE), {**ENV, name: "x"})
+            named = any(w.startswith(f"{name} (environment)") for w in o.warnings) and name.startswith("OTEL_")
+        except ConfigError as e:
+            named = any(p.startswith(f"{name} (environment): Pomerium setting") for p in e.problems)
+        if not named:
+            silent.append(name)
+    assert not silent
+    assert len(pomerium_names.ENVIRONMENT) > 150
+
+
+def test_ordinary_environment_is_not_pomerium_s():
+    env = {**ENV, "PATH": "/bin", "SHELL": "/bin/sh", "LANG": "C.UTF-8", "AWS_REGION": "eu-west-1",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_ENDPOINT_URL_S3": "http://127.0.0.1:1", "XDG_DATA_HOME": "/x",
+           "STORAGE_EMULATOR_HOST": "http://127.0.0.1:2", "HOSTNAME": "h", "TERM": "xterm", "USER": "u",
+           "DEBUG": "1", "PORT": "8080", "HOST": "0.0.0.0", "policy": "lower case is not Pomerium's",
+           "KUBERNETES_SERVICE_HOST": "10.0.0.1", "ROUTES_FILE": "x", "CERTIFICATE_PATH": "/x"}
+    assert load_config(None, env).warnings == ("routes: none configured; the proxy starts and answers every "
+                                               "request with 404",)
+
+
+def test_opentelemetry_variables_warn_instead_of_stopping_the_proxy():
+    o = load_config(None, {**ENV, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+                           "ROUTES": ONE_ROUTE[len("routes: "):]})
+    assert o.warnings == ("OTEL_EXPORTER_OTLP_ENDPOINT (environment): Pomerium reads it for tracing; "
+                          "autocert-proxy exports no traces, so it has no effect here",)
+
+
+def test_empty_pomerium_variable_counts_as_unset():
+    load_config(None, {**ENV, "POLICY": "", "CERTIFICATE": ""})
+
+
+def test_routes_in_pomerium_base64_form_are_named():
+    b64 = base64.b64encode(b"- from: https://a.example.com\n  to: http://127.0.0.1:9\n").decode()
+    p = one_problem(None, {**ENV, "ROUTES": b64})
+    assert p.startswith("routes (from environment ROUTES): holds base64-encoded YAML") and "YAML or JSON" in p
+
+
+def test_pomerium_key_in_file_is_named_not_corrected(tmp_path):
+    found = problems_of(write(tmp_path, """
+        policy: []
+        insecure_server: true
+        cookie_secret: abc
+        routes:
+          - from: https://a.example.com
+            to: http://127.0.0.1:9
+            set_request_headers: {X-A: b}
+            allowed_users: [me@example.com]
+            colour: red
+    """))
+    by_key = {p.split(":", 1)[0]: p for p in found}
+    assert by_key["policy"] == ("policy: Pomerium setting 'policy' is not supported by autocert-proxy: use 'routes' "
+                                "instead (the same list; in the environment ROUTES, as YAML or JSON text)")
+    assert by_key["insecure_server"].startswith("insecure_server: Pomerium setting 'insecure_server' is not supported")
+    assert "does not authenticate, every route would be public" in by_key["cookie_secret"]
+    p = by_key["routes[0].set_request_headers"]
+    assert p == "routes[0].set_request_headers: Pomerium route setting 'set_request_headers' is not supported by " \
+                "autocert-proxy: it has no equivalent here"
+    assert "preserve_host_header" not in p and "did you mean" not in p
+    assert by_key["routes[0].allowed_users"].endswith("this proxy does not authenticate, the route would be public")
+    assert by_key["routes[0].colour"].startswith("routes[0].colour: unknown key")   # not Pomerium's: as before
+    assert len(found) == 6, found
+
+
+def test_no_pomerium_key_is_ever_suggested_as_another_setting(tmp_path):
+    for key in sorted(pomerium_names.OPTIONS - set(KNOWN_KEYS)):
+        p = one_problem(write(tmp_path, f"{key}: 1\n"))
+        assert p.startswith(f"{key}: Pomerium setting {key!r} is not supported") and "did you mean" not in p, p
+    for key in sorted(pomerium_names.ROUTE_OPTIONS - set(ROUTE_KEYS)):
+        p = one_problem(write(tmp_path, f"routes: [{{from: 'https://a.example.com', to: 'http://h:1', {key}: 1}}]\n"))
+        assert p.startswith(f"routes[0].{key}: Pomerium route setting {key!r}") and "did you mean" not in p, p
+
+
+def test_refusals_are_the_table_minus_what_the_proxy_accepts():
+    # a key added to the accepted keys (issue 20 adds policy, certificate, ...) leaves the refusals by itself
+    assert pomerium_names.refusal("policy", KNOWN_KEYS) is not None
+    assert pomerium_names.refusal("policy", KNOWN_KEYS + ("policy",)) is None
+    assert pomerium_names.route_refusal("prefix", ROUTE_KEYS) is not None
+    assert pomerium_names.route_refusal("prefix", ROUTE_KEYS + ("prefix",)) is None
+    env = {"CERTIFICATE": "x", "POLICY": "y"}
+    assert [p.split(" ")[0] for p in pomerium_names.environment_refusals(env, KNOWN_KEYS)[0]] == \
+        ["CERTIFICATE", "POLICY"]
+    assert pomerium_names.environment_refusals(env, KNOWN_KEYS + ("certificate", "policy")) == ([], [])
+    assert pomerium_names.refusal("address", KNOWN_KEYS) is None          # ours
+    assert pomerium_names.refusal("workers", KNOWN_KEYS) is None          # not Pomerium's

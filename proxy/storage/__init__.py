@@ -25,7 +25,7 @@ from .base import KeyInfo, NotFound, Storage, StorageError
 
 __all__ = [
     "Storage", "StorageError", "NotFound", "KeyInfo", "LeaseHandle",
-    "open_storage", "check", "parse_location", "Location",
+    "open_storage", "check", "parse_location", "Location", "LocationError",
 ]
 
 log = logging.getLogger("proxy.storage")
@@ -71,12 +71,22 @@ class Location:
     region: str | None = None
 
 
-def _bad(value: str, why: str) -> StorageError:
-    return StorageError(f"{SETTING}={value!r}: {why}; accepted: {ACCEPTED}")
+class LocationError(StorageError):
+    """A malformed ``autocert_dir``; ``why`` is the reason alone (config names the key its own way)."""
+
+    def __init__(self, value: str, why: str):
+        self.value, self.why = value, why
+        super().__init__(f"{SETTING}={value!r}: {why}; accepted: {ACCEPTED}")
+
+
+_bad = LocationError
 
 
 def parse_location(location: str) -> Location:
-    """Parse an ``autocert_dir`` value. Raises StorageError naming the setting when malformed."""
+    """Parse an ``autocert_dir`` value. Raises LocationError naming the setting when malformed.
+
+    The one parser of storage locations: ``--check`` (through proxy.config) and start-up
+    (``open_storage``) both call it, so they accept exactly the same values."""
     if not isinstance(location, str) or not location.strip():
         raise _bad(str(location), "empty value")
     value = location.strip()
