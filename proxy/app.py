@@ -12,11 +12,13 @@ from . import __version__, metrics
 from ._source import compiled
 from .config import ConfigError, Options, load_config
 from .http.access_log import AccessLog
+from .http.metrics_listener import DRAINING, SERVING, STARTING, MetricsConnection
 from .http import proxy as proxy_module
 from .http.proxy import HTTP, ClientConnection, ProxyState
 from .http.redirect import RedirectConnection
 from .http.routes import RouteTable
 from .http.upstream import UpstreamPool
+from .listening import listen_error, unprivileged_port_start
 from .tls.certcache import MANUAL, Certificate, CertificateCache
 from .tls.engine import TLSEngine, self_signed_certificate
 from .tls.socketstream import TLSServerStream, Waiting, check_pyopenssl, start_tls_server
@@ -81,8 +83,12 @@ class App:
         self.pool = UpstreamPool()
         self.state = ProxyState(options=options, routes=RouteTable(options.routes), pool=self.pool,
                                 access_log=AccessLog(options.access_log_format))
-        self.servers: list[asyncio.AbstractServer] = []
+        self.servers: list[asyncio.AbstractServer] = []   # the traffic listeners
         self.connections: dict = {}   # the task serving each open connection -> the connection
+        # the metrics listener and its connections: they answer health probes while draining
+        self.metrics_server: Optional[asyncio.AbstractServer] = None
+        self.metrics_connections: dict = {}
+        self.phase = STARTING   # then SERVING when start() is done, DRAINING from shutdown() on
         # TLS connections without a request yet: made by start, before anything reads it
         self.waiting: Optional[Waiting] = None
         self.stopped = asyncio.Event()
@@ -162,34 +168,47 @@ class App:
         # Listeners before anything slow: they never wait for storage or a CA (a handshake
         # for a managed name waits briefly for the first look into storage).
         check_pyopenssl()   # a clear error now, not on every connection
-        self.servers.append(await start_tls_server(
+        self.servers.append(await self._listen(opts.address, start_tls_server(
             self._tls_protocol, opts.address.host or None, opts.address.port,
-            reuse_address=True, reuse_port=opts.workers > 1, backlog=2048))
+            reuse_address=True, reuse_port=opts.workers > 1, backlog=2048)))
         log.info("listening for HTTPS on %s", opts.address)
         if opts.http_redirect_addr is not None:
             a = opts.http_redirect_addr
-            self.servers.append(await loop.create_server(
+            self.servers.append(await self._listen(a, loop.create_server(
                 self._redirect_protocol, a.host or None, a.port,
-                reuse_address=True, reuse_port=opts.workers > 1, backlog=1024))
+                reuse_address=True, reuse_port=opts.workers > 1, backlog=1024)))
             log.info("listening for HTTP (redirect, HTTP-01) on %s", a)
         if opts.metrics_address is not None:
-            from .http.metrics_listener import MetricsConnection
             m = opts.metrics_address
-
-            def metrics_protocol() -> Stream:
-                stream = Stream(loop)
-                self._track(MetricsConnection(stream))
-                return stream
-            self.servers.append(await loop.create_server(metrics_protocol, m.host or None, m.port,
-                                                         reuse_address=True, reuse_port=opts.workers > 1))
-            log.info("serving metrics on http://%s/metrics", m)
+            self.metrics_server = await self._listen(m, loop.create_server(
+                self._metrics_protocol, m.host or None, m.port,
+                reuse_address=True, reuse_port=opts.workers > 1))
+            log.info("serving metrics on http://%s/metrics, health probes on /healthz and /readyz", m)
         self._stapler_task = loop.create_task(self.stapler.run())
         if self.autocert is not None:
             await self.autocert.start()
         settle_heap()
+        if self.phase == STARTING:   # (a SIGTERM may have come during start-up)
+            self.phase = SERVING
+
+    @staticmethod
+    async def _listen(address, opening):
+        try:
+            return await opening
+        except OSError as e:
+            raise listen_error(address, e, unprivileged_port_start()) from None
+
+    def _metrics_protocol(self) -> Stream:
+        stream = Stream(self._loop)
+        conn = MetricsConnection(stream, lambda: self.phase)
+        task = self._loop.create_task(conn.run())
+        self.metrics_connections[task] = conn
+        task.add_done_callback(lambda t: self.metrics_connections.pop(t, None))
+        return stream
 
     def _gauges(self):
-        yield "autocert_proxy_connections_open", {}, float(len(self.connections) + len(self.waiting))
+        yield ("autocert_proxy_connections_open", {},
+               float(len(self.connections) + len(self.waiting) + len(self.metrics_connections)))
         for c in self.cache.all():
             yield ("autocert_proxy_certificate_not_after_seconds",
                    {"name": c.names[0] if c.names else "", "source": c.source}, c.not_after.timestamp())
@@ -275,6 +294,7 @@ class App:
         log.info("shutting down: draining %d connections (up to %ss)",
                  len(self.connections) + len(self.waiting), self.state.options.shutdown_timeout)
         self.state.draining = True
+        self.phase = DRAINING
         for s in self.servers:
             s.close()
         if self.stapler is not None:
@@ -297,6 +317,10 @@ class App:
                 break
             await asyncio.sleep(0.05)
         self.pool.close()
+        if self.metrics_server is not None:   # probes said 503 until here
+            self.metrics_server.close()
+        for c in list(self.metrics_connections.values()):
+            c.stream.close()
         self.stopped.set()
 
     async def run_forever(self) -> None:

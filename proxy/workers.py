@@ -12,8 +12,10 @@ import time
 from typing import Callable
 
 from .config import Options
+from .listening import ListenError
 
 log = logging.getLogger("proxy.workers")
+CANNOT_LISTEN = 3   # a worker's exit code: restarting it would fail the same way
 
 
 def _child(options: Options, runner: Callable) -> None:
@@ -25,7 +27,7 @@ def _child(options: Options, runner: Callable) -> None:
         runner(App(options).run_forever())
     except OSError as e:
         log.error("worker %d cannot start: %s", os.getpid(), e)
-        code = 1
+        code = CANNOT_LISTEN if isinstance(e, ListenError) else 1
     except BaseException:
         log.exception("worker %d crashed", os.getpid())
         code = 1
@@ -69,6 +71,10 @@ def run_workers(options: Options, runner: Callable) -> int:
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             exit_code = exit_code or (code if code > 0 else 0)
+            continue
+        if code == CANNOT_LISTEN:   # stop them all, as a single process would exit
+            forward(signal.SIGTERM, None)
+            exit_code = 1
             continue
         log.error("worker %d exited with %d; restarting it", pid, code)
         if started is not None and time.monotonic() - started < 1.0:

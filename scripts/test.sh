@@ -1,13 +1,14 @@
 #!/bin/sh
 # Installs everything the tests need on a fresh Debian 12 machine (as root) and runs the whole suite.
 # Debian packages: pebble (ACME CA), curl + openssl (clients, OCSP responder), caddy + nginx (peers
-# for the Caddy-storage test and the benchmarks), wrk. Python packages: the project with its test extra
+# for the Caddy-storage test and the benchmarks), wrk, systemd (systemd-analyze, systemd-sysusers)
+# and prometheus (promtool) for the packaging tests. Python packages: the project with its test extra
 # (moto server for S3, fake-gcs-server for GCS) in .venv.
 set -eu
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     missing=""
-    for pkg in pebble curl openssl caddy nginx wrk python3-venv; do
+    for pkg in pebble curl openssl caddy nginx wrk python3-venv systemd prometheus; do
         dpkg -s "$pkg" >/dev/null 2>&1 || missing="$missing $pkg"
     done
     if [ -n "$missing" ]; then
@@ -15,8 +16,8 @@ if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing
     fi
 fi
-# Debian's caddy and nginx packages start system services; the tests start their own.
-systemctl stop caddy nginx 2>/dev/null || true
+# Debian's caddy, nginx and prometheus packages start system services; the tests start their own.
+systemctl stop caddy nginx prometheus 2>/dev/null || true
 PY="${PYTHON:-python3}"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/pip install -q --upgrade pip

@@ -2,13 +2,24 @@
 from __future__ import annotations
 
 import subprocess
+import time
 
 from tests.infra.proxyproc import free_port
 
 
+def curl(*args: str) -> subprocess.CompletedProcess:
+    """curl, again while the connection is refused: the metrics listener opens a moment after
+    the TLS listener that start_proxy waits for (curl's own --retry would also repeat a 503)."""
+    deadline = time.monotonic() + 5
+    while True:
+        out = subprocess.run(["curl", "-sS", "--max-time", "5", *args], capture_output=True, timeout=10)
+        if out.returncode != 7 or time.monotonic() > deadline:
+            return out
+        time.sleep(0.05)
+
+
 def scrape(port: int) -> str:
-    out = subprocess.run(["curl", "-sS", "--max-time", "5", f"http://127.0.0.1:{port}/metrics"],
-                         capture_output=True, timeout=10)
+    out = curl(f"http://127.0.0.1:{port}/metrics")
     assert out.returncode == 0, out.stderr
     return out.stdout.decode()
 
@@ -87,3 +98,46 @@ def test_open_connections_count_those_without_a_request(start_proxy):
     for s in (raw, quiet, served):
         s.close()
     wait_for(base)
+
+
+def probe(port: int, path: str) -> tuple[int, bytes]:
+    out = curl("-o", "-", "-w", "\n%{http_code}", f"http://127.0.0.1:{port}{path}")
+    assert out.returncode == 0, out.stderr
+    body, _, code = out.stdout.rpartition(b"\n")
+    return int(code), body
+
+
+def test_health_probes_answer_200_while_serving_and_503_while_draining(start_proxy, upstream):
+    """/healthz and /readyz (Pomerium's probe names) on the metrics listener: 200 while the
+    listeners are open; once SIGTERM has closed them, 503 for as long as requests in flight
+    are drained, so that a load balancer stops sending traffic before the process is gone."""
+    import signal
+    from tests.test_lifecycle import _curl_bg, _refused, _wait
+    mport = free_port()
+    p = start_proxy({"metrics_address": f"127.0.0.1:{mport}",
+                     "routes": [{"from": "https://a.test", "to": upstream.url}]})
+    assert probe(mport, "/healthz") == (200, b"ok\n")
+    _wait(lambda: probe(mport, "/readyz") == (200, b"ok\n"), what="/readyz 200")
+    slow = _curl_bg(p, "a.test", "/slow?s=3")
+    _wait(lambda: any(r["path"].startswith("/slow") for r in upstream.requests), what="slow request at upstream")
+    p.signal(signal.SIGTERM)
+    _wait(lambda: _refused(p.port), timeout=2.5, what="TLS listener closed")
+    assert probe(mport, "/healthz") == (503, b"draining\n")
+    assert probe(mport, "/readyz") == (503, b"draining\n")
+    assert "autocert_proxy_connections_open" in scrape(mport)   # metrics still scraped
+    assert slow.poll() is None, "the request in flight ended before the probes were asked"
+    out, err = slow.communicate(timeout=15)
+    assert out.endswith(b"\n200"), (out, err)
+    assert p.proc.wait(15) == 0
+    assert _refused(mport)
+
+
+def test_probe_answers_by_phase():
+    """Start-up (listeners open, certificates in storage still loading) cannot be held from
+    outside long enough to probe it: the mapping itself, without sockets."""
+    from proxy.http.metrics_listener import DRAINING, SERVING, STARTING, probe as answer
+    assert answer(b"/healthz", STARTING) == (200, b"ok\n")
+    assert answer(b"/readyz", STARTING) == (503, b"starting\n")
+    assert answer(b"/healthz", SERVING) == answer(b"/readyz", SERVING) == (200, b"ok\n")
+    assert answer(b"/healthz", DRAINING) == answer(b"/readyz", DRAINING) == (503, b"draining\n")
+    assert answer(b"/metrics", SERVING) is None and answer(b"/healthz/x", SERVING) is None

@@ -48,8 +48,11 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
 class ProxyProcess:
     """A running ``autocert-proxy --config FILE``; ``config`` is the dict written as YAML."""
 
-    def __init__(self, workdir: Path, config: dict, env: Optional[dict] = None, name: str = "proxy"):
+    def __init__(self, workdir: Path, config: dict, env: Optional[dict] = None, name: str = "proxy",
+                 command: Optional[list] = None):
         self.workdir = Path(workdir)
+        # what runs before ``--config FILE`` (e.g. the installed command under setpriv)
+        self.command = list(command or [sys.executable, "-m", "proxy"])
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
         # a port we chose ourselves may be taken by another process before the proxy binds it
@@ -90,7 +93,7 @@ class ProxyProcess:
     def _start(self, wait: bool, timeout: float) -> "ProxyProcess":
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "--config", str(self.config_path)],
+            [*self.command, "--config", str(self.config_path)],
             cwd=str(REPO), env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         if wait:
             deadline = time.monotonic() + timeout
