@@ -23,6 +23,8 @@ PY="${PYTHON:-python3}"
 .venv/bin/pip install -q --upgrade pip
 # (the editable install also compiles the request path in place with Cython: setup.py)
 .venv/bin/pip install -q -e '.[test]'
+# sslyze in an environment of its own (it pins an older cryptography): tests/infra/sslyze.py
+.venv/bin/python -m tests.infra.sslyze >/dev/null
 status=0
 .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
 if [ $# -eq 0 ]; then

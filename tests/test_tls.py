@@ -5,6 +5,7 @@ import os
 import warnings
 import socket
 import ssl
+import struct
 import time
 
 import pytest
@@ -13,6 +14,7 @@ from cryptography.x509.oid import NameOID
 
 from tests.infra.pki import TestCA
 from tests.infra.proxyproc import ProxyProcess, s_client, served_certificate, tls_client_context
+from tests.infra.sslyze import scan as sslyze_scan
 
 
 def _names(cert: x509.Certificate) -> list[str]:
@@ -295,3 +297,149 @@ def test_certificate_whose_key_fails_late_is_not_served_and_says_why(start_proxy
     line = next(ln for ln in log.splitlines() if "broken.test" in ln and "ERROR" in ln)
     assert str(broken.cert_path) in line and "replace the key" in line, line
     assert served_certificate(p.port, "good.test").serial_number == good.cert.serial_number
+
+
+# --------------------------------------------------------------------------- TLS 1.2 session IDs
+
+def _tls12_session_ids_only() -> ssl.SSLContext:
+    """A TLS 1.2 client that can resume only by session ID (no tickets), as sslyze tries it."""
+    ctx = tls_client_context()
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_TICKET
+    return ctx
+
+
+def _resumes(port: int, ctx: ssl.SSLContext, session: ssl.SSLSession, name: str) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname=name, session=session) as s:
+            return s.session_reused
+
+
+def _close_without_close_notify(s: ssl.SSLSocket) -> None:
+    """End the TCP connection as a client that never unwraps: FIN (no close_notify), then wait
+    for the proxy's end, so that the next connection comes after the proxy has seen this one close."""
+    socket.socket.shutdown(s, socket.SHUT_WR)   # the TCP half of close(), under TLS
+    try:
+        while s.recv(4096):
+            pass
+    except (ssl.SSLError, OSError):
+        pass
+    s.close()
+
+
+@pytest.mark.parametrize("request_first", [False, True], ids=["after-handshake", "after-request"])
+def test_tls12_session_id_resumes_after_a_close_without_close_notify(sni_proxy, request_first):
+    ctx = _tls12_session_ids_only()
+    for _ in range(5):
+        raw = socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5)
+        s = ctx.wrap_socket(raw, server_hostname="a.example.com")
+        assert s.version() == "TLSv1.2" and not s.session_reused
+        if request_first:
+            s.sendall(b"GET / HTTP/1.1\r\nHost: a.example.com\r\n\r\n")
+            got = b""
+            while not got.endswith(b"hello a.example.com"):
+                got += s.recv(4096)
+        session = s.session
+        _close_without_close_notify(s)
+        assert _resumes(sni_proxy.port, ctx, session, "a.example.com")
+
+
+def test_tls12_session_id_resumes_after_the_proxy_cuts_the_connection(start_proxy, ca):
+    """The proxy ends a connection without close_notify (an upstream broke off mid-response): the
+    client's session is still good."""
+    from tests.test_proxy import RawUpstream
+    up = RawUpstream(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789", hold=0)
+    leaf = ca.issue(["cut.test"])
+    try:
+        p = start_proxy({"certificates": [{"cert": str(leaf.cert_path), "key": str(leaf.key_path)}],
+                         "routes": [{"from": "https://cut.test", "to": up.url}]})
+        ctx = _tls12_session_ids_only()
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", p.port), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname="cut.test") as s:
+                    s.sendall(b"GET / HTTP/1.1\r\nHost: cut.test\r\n\r\n")
+                    got = b""
+                    try:
+                        while chunk := s.recv(4096):
+                            got += chunk
+                    except ssl.SSLError:
+                        pass   # (the cut: EOF without close_notify)
+                    assert got.endswith(b"0123456789"), got
+                    session = s.session
+            assert _resumes(p.port, ctx, session, "cut.test")
+        assert "broke off" in p.log()
+    finally:
+        up.stop()
+
+
+def test_tls12_session_is_not_resumed_after_a_corrupt_record(sni_proxy):
+    """What keeps a session (above) is only for connections that end without a TLS error: a
+    record that fails to decrypt ends the connection with an alert and its session."""
+    ctx = _tls12_session_ids_only()
+    raw = socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5)
+    s = ctx.wrap_socket(raw, server_hostname="a.example.com")
+    session = s.session
+    socket.socket.sendall(s, b"\x17\x03\x03\x00\x40" + os.urandom(0x40))   # application data no key opens
+    try:
+        while s.recv(4096):
+            pass
+    except (ssl.SSLError, OSError):
+        pass   # bad_record_mac
+    s.close()
+    assert not _resumes(sni_proxy.port, ctx, session, "a.example.com")
+
+
+# --------------------------------------------------------------------------- key exchange groups
+
+_TEMP_KEY = {"X25519": "X25519", "X448": "X448", "P-256": "ECDH, prime256v1",
+             "P-384": "ECDH, secp384r1", "P-521": "ECDH, secp521r1"}
+
+
+@pytest.mark.parametrize("group,offered", [("X25519", True), ("P-256", True), ("P-384", True),
+                                           ("X448", False), ("P-521", False), ("ffdhe2048", False)])
+def test_key_exchange_groups_are_mozilla_intermediate(sni_proxy, group, offered):
+    # TLS 1.3, the client offering this group alone
+    out = s_client(sni_proxy.port, "a.example.com", "-tls1_3", "-groups", group)
+    if offered:
+        assert f"Server Temp Key: {_TEMP_KEY[group]}," in out, out
+    else:
+        assert "alert handshake failure" in out and "BEGIN CERTIFICATE" not in out, out
+    if group.startswith("ffdhe"):
+        return   # (no DHE suite for TLS 1.2)
+    # TLS 1.2, the group first, then P-256: without it the client could not take the P-256
+    # certificate at all (in TLS 1.2 the groups list also limits the certificate's curve)
+    out = s_client(sni_proxy.port, "a.example.com", "-tls1_2", "-groups", ":".join(dict.fromkeys([group, "P-256"])))
+    assert f"Server Temp Key: {_TEMP_KEY[group if offered else 'P-256']}," in out, out
+
+
+def test_post_quantum_key_exchange_is_kept(sni_proxy):
+    """X25519MLKEM768, where the OpenSSL in use has it (a pyOpenSSL client on the same OpenSSL)."""
+    from OpenSSL import SSL
+    from OpenSSL.SSL import _lib
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    if _lib.SSL_CTX_set1_curves_list(ctx._context, b"X25519MLKEM768") != 1:
+        _lib.ERR_clear_error()
+        pytest.skip(f"{SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()} has no X25519MLKEM768")
+    with socket.create_connection(("127.0.0.1", sni_proxy.port), timeout=5) as raw:
+        raw.settimeout(None)   # OpenSSL reads the descriptor itself: blocking, with a kernel timeout
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 5, 0))
+        conn = SSL.Connection(ctx, raw)
+        conn.set_tlsext_host_name(b"a.example.com")
+        conn.set_connect_state()
+        conn.do_handshake()
+        assert conn.get_group_name() == "X25519MLKEM768"
+        assert conn.get_protocol_version_name() == "TLSv1.3"
+
+
+def test_sslyze_finds_mozilla_intermediate_and_session_id_resumption(sni_proxy, module_ca, tmp_path):
+    """sslyze (tests/infra/sslyze.py: its own environment) checks the proxy against Mozilla's
+    "intermediate" configuration (groups included) and resumes TLS 1.2 sessions by ID 5 times
+    with a client that never sends close_notify."""
+    status, text, result = sslyze_scan("a.example.com", sni_proxy.port, module_ca.cert_path, tmp_path,
+                                       "--mozilla_config=intermediate", "--resum")
+    assert f"a.example.com:{sni_proxy.port}: OK - Compliant." in text, text
+    assert status == 0, text
+    curves = result["scan_result"]["elliptic_curves"]["result"]
+    assert {c["name"] for c in curves["supported_curves"]} == {"X25519", "secp256r1", "secp384r1"}, curves
+    resumption = result["scan_result"]["session_resumption"]["result"]
+    assert resumption["session_id_successful_resumptions_count"] == 5, resumption

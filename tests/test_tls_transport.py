@@ -878,9 +878,11 @@ def test_a_connection_that_asks_nothing_is_ended_by_its_stream(leaf):
     assert after <= before, (before, after)
 
 
-def test_a_request_followed_by_close_notify_is_handed_over_whole(leaf):
+@pytest.mark.parametrize("end", ["close_notify", "fin"])
+def test_a_request_followed_by_close_notify_is_handed_over_whole(leaf, end):
     """Bytes and the client's close_notify in one read: the HTTP layer is started, reads the
-    bytes, then EOF, and can still answer."""
+    bytes, then EOF, and can still answer. The same when the client ends with a TCP FIN and no
+    close_notify (after the handshake an EOF is an end of input, as in nginx)."""
     async def go():
         server, port, started, waiting, made = await serve_waiting(server_context(leaf))
 
@@ -892,7 +894,10 @@ def test_a_request_followed_by_close_notify_is_handed_over_whole(leaf):
                 c.set_tlsext_host_name(b"stream.test")
                 c.do_handshake()
                 c.sendall(b"question")
-                c.shutdown()   # close_notify sent, reading goes on
+                if end == "fin":
+                    raw.shutdown(socket.SHUT_WR)   # no close_notify, reading goes on
+                else:
+                    c.shutdown()   # close_notify sent, reading goes on
                 got = b""
                 try:
                     while True:

@@ -45,7 +45,8 @@ REQUIRED = ("SSL_CTX_set_alpn_select_cb", "SSL_CTX_set_tlsext_servername_callbac
             "SSL_CTX_set_tlsext_status_cb", "SSL_CTX_set_tlsext_status_arg",
             "SSL_set_tlsext_status_ocsp_resp", "OPENSSL_malloc", "TLSEXT_NAMETYPE_host_name",
             "SSL_TLSEXT_ERR_OK", "SSL_TLSEXT_ERR_NOACK", "SSL_TLSEXT_ERR_ALERT_FATAL",
-            "SSL_set_SSL_CTX", "SSL_use_certificate", "SSL_use_PrivateKey", "SSL_set_tlsext_status_type")
+            "SSL_set_SSL_CTX", "SSL_use_certificate", "SSL_use_PrivateKey", "SSL_set_tlsext_status_type",
+            "SSL_CTX_set1_curves_list")
 _SERVERNAME_CB = "int (*)(SSL *, int *, void *)"
 _ALPN_CB = "int (*)(SSL *, unsigned char **, unsigned char *, const unsigned char *, unsigned int, void *)"
 _STATUS_CB = "int (*)(SSL *, void *)"
@@ -70,6 +71,11 @@ INTERMEDIATE_CIPHERS = (
     "ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-RSA-AES256-GCM-SHA384:"
     "ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
 )
+
+# Mozilla "intermediate" key exchange groups, in OpenSSL 3.5+'s tuple syntax with the
+# post-quantum X25519MLKEM768 first (as OpenSSL's defaults rank it); the plain list where the
+# library lacks either. OpenSSL's defaults also offer X448, secp521r1 and ffdhe groups.
+GROUPS = (b"X25519MLKEM768/X25519:prime256v1/secp384r1", b"X25519:prime256v1:secp384r1")
 
 # Returns (certificate, private key) as cryptography objects for a name with a pending
 # TLS-ALPN-01 challenge, else None.
@@ -99,6 +105,16 @@ def self_signed_certificate(name: str = "autocert-proxy.invalid") -> Certificate
     )
 
 
+def _set_groups(ctx: SSL.Context) -> None:
+    """Offer ``GROUPS`` on ``ctx``: the first form this OpenSSL accepts."""
+    for groups in GROUPS:
+        if _lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1:   # (set1_groups_list)
+            return
+        _lib.ERR_clear_error()
+    raise RuntimeError(f"{SSL.SSLeay_version(SSL.SSLEAY_VERSION).decode()} accepts none of the "
+                       f"key exchange group lists {', '.join(g.decode() for g in GROUPS)}")
+
+
 class TLSEngine:
     def __init__(self, cache: CertificateCache, challenge_lookup: Optional[ChallengeLookup] = None):
         refuse_missing_internals([f for f in REQUIRED if not hasattr(_lib, f)], "the TLS engine's callbacks use")
@@ -124,6 +140,7 @@ class TLSEngine:
         ctx.set_cipher_list(INTERMEDIATE_CIPHERS.encode())
         ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        _set_groups(ctx)
         _lib.SSL_CTX_set_alpn_select_cb(ctx._context, self._alpn_cb, _NULL)
         ctx._alpn_select_callback = self._alpn_cb
         return ctx

@@ -56,6 +56,10 @@ _SSL_do_handshake = _lib.SSL_do_handshake
 _SSL_shutdown = _lib.SSL_shutdown
 _SSL_new = _lib.SSL_new
 _SSL_free = _lib.SSL_free
+_SSL_set_options = _lib.SSL_set_options
+_SSL_set_shutdown = _lib.SSL_set_shutdown
+_KEEP_SESSION = _lib.SSL_SENT_SHUTDOWN | _lib.SSL_RECEIVED_SHUTDOWN
+_IGNORE_UNEXPECTED_EOF = getattr(_lib, "SSL_OP_IGNORE_UNEXPECTED_EOF", 0)   # (OpenSSL 3.0 on)
 _NULL = _ffi.NULL
 _ERR_clear_error = _lib.ERR_clear_error
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
@@ -276,6 +280,8 @@ class TLSServerStream(ByteStream):
         r = _SSL_do_handshake(ssl)
         if r == 1:
             self._handshaked = True
+            # an EOF without close_notify: the end of input, not a fatal alert that uncaches the session
+            _SSL_set_options(ssl, _IGNORE_UNEXPECTED_EOF)
             self._opened()
             if self._waiting is not None:   # now the first byte's deadline
                 self._waiting.add(self, self.opened_at)
@@ -378,11 +384,10 @@ class TLSServerStream(ByteStream):
                 self.close()
                 return
         self._feed_eof()
-        if err == _ZERO_RETURN:   # close_notify: the end of what the peer sends (no more reading)
+        if err == _ZERO_RETURN:   # close_notify or EOF: the end of what the peer sends (no more reading)
             self._update_watch()
             return
-        # the peer closed or reset without close_notify, or a record failed: the connection
-        # ends (OpenSSL sent an alert if there was one to send)
+        # the peer reset, or a record failed: the connection ends (OpenSSL sent any alert due)
         if err != _SYSCALL:
             log.debug("TLS connection from %s: %s", self.peer, _error_text())
         _ERR_clear_error()
@@ -535,6 +540,8 @@ class TLSServerStream(ByteStream):
         self._fd = -1
         ssl, self._ssl = self._ssl, None
         if ssl is not None:
+            if self._handshaked:   # SSL_free uncaches a session not shut down (RFC 5246 7.2.1: needless)
+                _SSL_set_shutdown(ssl, _KEEP_SESSION)
             _SSL_free(ssl)
         self._out = None
         if self._waiting is not None:
