@@ -16,6 +16,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable, Mapping, Optional
@@ -31,7 +32,7 @@ from ..tls.clienthello import parse_client_hello
 from . import layout
 from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, storage_key
 from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
-from .schedule import renewal_time, retry_delay
+from .schedule import DEFAULT_RETRY_CAP, renewal_time, retry_delay
 
 log = logging.getLogger("proxy.autocert")
 
@@ -81,11 +82,26 @@ class NameState:
 
     @classmethod
     def from_json(cls, data: bytes) -> "NameState":
+        """Fields of the wrong type or out of range (an edited or foreign file) get their defaults."""
+        state = cls()
         try:
             obj = json.loads(data)
-            return cls(**{k: obj[k] for k in cls.__dataclass_fields__ if k in obj})
-        except (ValueError, TypeError):
-            return cls()
+        except (ValueError, RecursionError):
+            return state
+        if not isinstance(obj, dict):
+            return state
+        for f in dataclasses.fields(cls):
+            v, default = obj.get(f.name), getattr(state, f.name)
+            if type(v) is not type(default) and not (type(default) is float and type(v) is int):
+                continue   # missing, or another type (a boolean is no number here)
+            if type(v) in (int, float):
+                try:
+                    if not 0 <= float(v) < math.inf:   # negative, NaN or infinite
+                        continue
+                except OverflowError:                  # an integer beyond any float
+                    continue
+            setattr(state, f.name, type(default)(v))
+        return state
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -488,10 +504,14 @@ class AutocertManager:
 
     async def _failed(self, name: str, state: NameState, error: str, retry_after: Optional[float]) -> None:
         state.failures += 1
-        delay = retry_delay(state.failures, base=self.retry_base, retry_after=retry_after)
-        state.next_attempt = time.time() + delay
         state.last_error = error
         state.last_error_at = time.time()
+        try:
+            delay = retry_delay(state.failures, base=self.retry_base, retry_after=retry_after)
+        except Exception:   # without a next attempt the name would be retried at every check
+            log.exception("autocert: computing the retry delay for %s failed; waiting the cap", name)
+            delay = DEFAULT_RETRY_CAP
+        state.next_attempt = time.time() + delay
         metrics.inc("autocert_proxy_acme_orders_total", result="failed")
         log.error("autocert: obtaining a certificate for %s failed (attempt %d); next attempt in %.0fs: %s",
                   name, state.failures, delay, error)

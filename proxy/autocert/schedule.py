@@ -28,8 +28,10 @@ def renewal_time(not_before: dt.datetime, not_after: dt.datetime,
 
 def retry_delay(failures: int, *, base: float = DEFAULT_RETRY_BASE, cap: float = DEFAULT_RETRY_CAP,
                 retry_after: Optional[float] = None, rng: random.Random = random) -> float:
-    """Seconds to wait after the ``failures``-th consecutive failure (failures >= 1)."""
-    exp = min(cap, base * (2 ** max(0, failures - 1)))
+    """Seconds to wait after the ``failures``-th consecutive failure (failures >= 1); any count
+    gives a capped, jittered delay."""
+    # 2.0 ** 1024 overflows a float; any base reaches the cap long before 1023 doublings
+    exp = min(cap, base * 2.0 ** min(max(0, failures - 1), 1023))
     delay = exp * (0.8 + 0.4 * rng.random())          # +-20 % jitter: instances spread out
     if retry_after is not None:
         delay = max(delay, retry_after)
