@@ -48,6 +48,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import josepy as jose
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
@@ -294,6 +295,39 @@ def must_staple_refused(problem: Optional[dict]) -> bool:
                                    "1.3.6.1.5.5.7.1.24"))
 
 
+def unusable_chain(certs: Sequence[x509.Certificate], names: Sequence[str], key_pem: bytes,
+                   now: Optional[dt.datetime] = None) -> str:
+    """Why a chain the CA sent for ``names`` and our key cannot be served ("" if it can): the
+    leaf must carry our key, name every name and not be expired, and the next certificate
+    (when there is one) must have issued it."""
+    if not certs:
+        return "no certificate"
+    leaf = certs[0]
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(serialization.Encoding.DER, spki) != \
+            load_private_key(key_pem).public_key().public_bytes(serialization.Encoding.DER, spki):
+        return "it is not for the key we sent"
+    try:
+        san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        listed = {str(n).lower() for n in san.get_values_for_type(x509.DNSName)}
+        listed |= {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    except x509.ExtensionNotFound:
+        listed = set()
+    missing = [n for n in names if (str(ipaddress.ip_address(n)) if _is_ip(n) else n) not in listed]
+    if missing:
+        return f"it does not name {', '.join(missing)} (it names {', '.join(sorted(listed)) or 'nothing'})"
+    now = now or dt.datetime.now(dt.timezone.utc)
+    if leaf.not_valid_after_utc <= now:
+        return f"it expired on {leaf.not_valid_after_utc.isoformat()}"
+    if len(certs) > 1:
+        try:
+            leaf.verify_directly_issued_by(certs[1])
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            return (f"the chain's second certificate ({certs[1].subject.rfc4514_string()}) "
+                    "did not issue it")
+    return ""
+
+
 MUST_STAPLE_REFUSED_MESSAGE = (
     "the CA refuses must-staple certificates (it will not issue a certificate carrying the "
     "OCSP must-staple / TLS Feature extension); turn off autocert_must_staple")
@@ -356,9 +390,10 @@ class _Response:
         return json.loads(self.content)
 
 
-# a reused keep-alive connection the CA closed while idle: reopen once and resend
+# a reused keep-alive connection the CA closed while idle: reopen once and resend (a CA whose
+# process ended closes without a TLS close_notify: SSLEOFError)
 _STALE_CONNECTION = (http.client.RemoteDisconnected, http.client.BadStatusLine, ConnectionResetError,
-                     ConnectionAbortedError, BrokenPipeError)
+                     ConnectionAbortedError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError)
 
 
 class _Transport:
@@ -440,7 +475,7 @@ class _Transport:
                 conn.close()
                 if reused:
                     continue   # the CA closed the idle connection: a fresh one, once per stale one
-                raise _NetworkError("connect", e) from e
+                raise _NetworkError("tls" if isinstance(e, ssl.SSLError) else "connect", e) from e
             except ssl.SSLError as e:
                 conn.close()
                 raise _NetworkError("tls", e) from e
@@ -824,6 +859,10 @@ class AcmeIssuer:
             cresp = self._post(net, directory, cert_url, None)
             chain_pem = cresp.content
             certs = x509.load_pem_x509_certificates(chain_pem)
+            problem = unusable_chain(certs, names, cert_key_pem)
+            if problem:
+                raise AcmeError(f"the CA sent an unusable certificate: {problem}", ca=self.ca,
+                                domains=names)
         except Exception as e:
             raise self._error(e, stage, names, net) from e
         finally:
