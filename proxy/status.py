@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
+import socket
 import sys
+import time
+import uuid
 from typing import Mapping, Optional, Sequence
 
 from cryptography.x509.oid import NameOID
@@ -169,7 +173,9 @@ async def request_renewal(options: Options, names: Sequence[str]) -> int:
     issuer = issuer_id(options.autocert_ca)
     try:
         for n in targets:
-            await storage.store(layout.renew_request_key(issuer, n), b"requested")
+            # unique: each request brings one attempt at once, even one made before
+            request = f"requested at {time.time():.3f} by {socket.gethostname()}:{os.getpid()} {uuid.uuid4().hex}"
+            await storage.store(layout.renew_request_key(issuer, n), request.encode())
             print(f"renewal requested: {n}")
     except StorageError as e:
         print(f"autocert-proxy: {e}", file=sys.stderr)

@@ -52,8 +52,13 @@ async def load_stored_certificate(storage: Storage, issuer_key: str, name: str) 
     Raises NotFound, StorageError, or CertificateProblem for unusable data."""
     chain = await storage.load(layout.cert_key(issuer_key, name))
     key = await storage.load(layout.private_key_key(issuer_key, name))
-    return Certificate(chain_pem=chain, key_pem=key, source=ACME,
-                       origin=layout.cert_key(issuer_key, name), issuer_id=issuer_key)
+    try:
+        return Certificate(chain_pem=chain, key_pem=key, source=ACME,
+                           origin=layout.cert_key(issuer_key, name), issuer_id=issuer_key)
+    except CertificateProblem:
+        raise
+    except ValueError as e:   # a field cryptography parses lazily (an extension) is malformed
+        raise CertificateProblem(f"the certificate cannot be parsed: {e}") from None
 
 
 def wanted_names(options: Options, cache: CertificateCache, now: Optional[dt.datetime] = None) -> list[str]:
@@ -78,6 +83,7 @@ class NameState:
     last_error: str = ""
     last_error_at: float = 0.0
     renew_requested: bool = False      # `autocert-proxy renew`, or the certificate was revoked
+    renew_request: str = ""            # the stored request acted on (one attempt per request)
     last_success_at: float = 0.0
 
     @classmethod
@@ -105,6 +111,20 @@ class NameState:
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
+
+
+def _last_event(state: NameState) -> float:
+    return max(state.last_error_at, state.last_success_at)
+
+
+@dataclass
+class _Unstored:
+    """A certificate obtained and served but not yet in storage: stored at the next checks."""
+    issuer_key: str
+    serial: int
+    key_pem: bytes
+    meta: bytes
+    chain_pem: bytes
 
 
 def new_certificate_key() -> bytes:
@@ -144,6 +164,7 @@ class AutocertManager:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._warned_manual_expired: set[str] = set()
         self._store_down = False
+        self._unstored: dict[str, _Unstored] = {}
 
     def _apply(self, options: Options) -> None:
         self.options = options
@@ -366,9 +387,16 @@ class AutocertManager:
         for n in names:
             if layout.renew_request_key(self.issuer_key, n).rsplit("/", 1)[-1] in requested:
                 st = self._states.setdefault(n, await self._load_state(n))
-                if not st.renew_requested:
-                    log.info("autocert: renewal of %s requested", n)
+                try:
+                    request = (await self.storage.load(layout.renew_request_key(self.issuer_key, n))
+                               ).decode("utf-8", "replace")
+                except StorageError:   # NotFound too: done meanwhile
+                    continue
+                if st.renew_requested and request == st.renew_request:
+                    continue   # acted on: if that attempt failed, the next one waits its backoff
+                log.info("autocert: renewal of %s requested", n)
                 st.renew_requested = True
+                st.renew_request = request
                 st.next_attempt = 0.0
 
     def _due(self, cert: Certificate, now: dt.datetime) -> bool:
@@ -379,6 +407,9 @@ class AutocertManager:
         return renewal_time(cert.not_before, cert.not_after, self._ari.get(cert.leaf.serial_number))
 
     async def _ensure(self, name: str) -> None:
+        unstored = self._unstored.get(name)
+        if unstored is not None:
+            await self._store_later(name, unstored)
         now = dt.datetime.now(dt.timezone.utc)
         state = self._states.get(name)
         if state is None:
@@ -409,7 +440,9 @@ class AutocertManager:
             # Another instance may have finished while we waited for the lock.
             stored_state = await self._load_state(name)
             local = self._states.get(name) or NameState()
-            state = local if local.renew_requested else stored_state
+            # the newer of the two: ours when saving it failed (a read-only store keeps backing off)
+            state = local if local.renew_requested or _last_event(local) >= _last_event(stored_state) \
+                else stored_state
             self._states[name] = state
             before = self.cache.managed(name)
             stored = await self._sync_from_storage(name)
@@ -439,21 +472,30 @@ class AutocertManager:
             key_pem = new_certificate_key()
             types = list(settings.challenge_types)
             issued = None
-            for i, first in enumerate(types):
+            i, registered_again = 0, False
+            while issued is None:
                 # Each challenge type in turn: a CA that cannot reach one port may reach the other.
+                first = types[i]
                 try:
                     issued = await asyncio.to_thread(
                         by_type[first].obtain, [name], key_pem, self._present, self._cleanup)
-                    break
                 except AcmeError as e:
                     short = e.problem_type.rsplit(":", 1)[-1]
+                    if short == "accountDoesNotExist" and not registered_again:
+                        # the CA forgot our account (a reset, an expiry): register again, once
+                        log.warning("autocert: %s no longer knows our ACME account; registering it again", ca)
+                        registered_again = True
+                        _, by_type, settings = await self._get_issuer(forget=by_type[first])
+                        ikey, ca = issuer_id(settings.directory_url), settings.directory_url
+                        types, i = list(settings.challenge_types), 0
+                        continue
                     subs = [str((s.get("type") or "")).rsplit(":", 1)[-1] for s in (e.problem or {}).get("subproblems") or []]
                     validation = short in _VALIDATION_PROBLEMS or any(s in _VALIDATION_PROBLEMS for s in subs)
                     if validation and i + 1 < len(types):
                         log.warning("autocert: %s validation failed for %s (%s); trying %s", first, name, e, types[i + 1])
+                        i += 1
                         continue
                     raise
-            assert issued is not None
         except AcmeError as e:
             if ikey == self.issuer_key:
                 await self._failed(name, state, str(e), e.retry_after)
@@ -475,14 +517,8 @@ class AutocertManager:
             return
         meta = json.dumps({"sans": list(issued.domains),
                            "issuer_data": {"url": issued.cert_url, "ca": ca}}, indent=1).encode()
-        try:
-            # key first, certificate last: a reader that sees the certificate finds its key
-            await self.storage.store(layout.private_key_key(ikey, name), key_pem, private=True)
-            await self.storage.store(layout.meta_key(ikey, name), meta)
-            await self.storage.store(layout.cert_key(ikey, name), issued.chain_pem)
-        except StorageError as e:
-            metrics.inc("autocert_proxy_storage_errors_total", op="store")
-            log.error("autocert: certificate for %s obtained but not stored (%s); serving it from memory", name, e)
+        unstored = _Unstored(ikey, cert.leaf.serial_number, key_pem, meta, issued.chain_pem)
+        stored = await self._store_issued(name, unstored, first_try=True)
         metrics.inc("autocert_proxy_acme_orders_total", result="valid")
         log.info("autocert: obtained a certificate for %s from %s in %.2fs (valid until %s)",
                  name, ca, issued.elapsed, issued.not_after.isoformat())
@@ -490,6 +526,8 @@ class AutocertManager:
             log.info("autocert: the CA changed to %s while %s was being obtained from %s: not serving it",
                      self.ca, name, ca)
             return
+        if not stored:
+            self._unstored[name] = unstored
         state.failures = 0
         state.next_attempt = 0.0
         state.last_error = ""
@@ -501,6 +539,81 @@ class AutocertManager:
         except StorageError:
             pass
         await self._publish(cert)
+
+    async def _store_issued(self, name: str, c: _Unstored, first_try: bool) -> bool:
+        """Store an obtained certificate (an unusable one stored before is kept aside first)."""
+        ikey = c.issuer_key
+        try:
+            await self._keep_aside_unusable(ikey, name)
+            # key first, certificate last: a reader that sees the certificate finds its key
+            await self.storage.store(layout.private_key_key(ikey, name), c.key_pem, private=True)
+            await self.storage.store(layout.meta_key(ikey, name), c.meta)
+            await self.storage.store(layout.cert_key(ikey, name), c.chain_pem)
+            return True
+        except StorageError as e:
+            metrics.inc("autocert_proxy_storage_errors_total", op="store")
+            if first_try:
+                log.error("autocert: certificate for %s obtained but not stored (%s); serving it from "
+                          "memory and storing it at the next checks", name, e)
+            return False
+
+    async def _keep_aside_unusable(self, ikey: str, name: str) -> None:
+        """Copy a stored certificate that cannot be used (unreadable, or not matching its key)
+        to ``<file>.unusable-<time>`` before a new one replaces it: it is evidence, not ours to lose."""
+        keys = (layout.cert_key(ikey, name), layout.private_key_key(ikey, name), layout.meta_key(ikey, name))
+        found: dict[str, bytes] = {}
+        for k in keys:
+            try:
+                found[k] = await self.storage.load(k)
+            except NotFound:
+                pass
+        if keys[0] not in found:
+            return
+        try:
+            Certificate(chain_pem=found[keys[0]], key_pem=found.get(keys[1], b""), source=ACME)
+            return
+        except ValueError as e:   # CertificateProblem, or a field cryptography cannot parse
+            why = e
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        for k, data in found.items():
+            await self.storage.store(f"{k}.unusable-{stamp}", data, private=k == keys[1])
+        log.warning("autocert: the stored certificate for %s was unusable (%s); kept aside as %s.unusable-%s",
+                    name, why, keys[0], stamp)
+
+    async def _store_later(self, name: str, c: _Unstored) -> None:
+        """Store a certificate that is served from memory since storing it failed."""
+        served = self.cache.managed(name)
+        if c.issuer_key != self.issuer_key or served is None or served.leaf.serial_number != c.serial:
+            del self._unstored[name]   # replaced since (renewed, another instance's, another CA)
+            return
+        lock = layout.lock_name(name)
+        try:
+            await self.storage.lock(lock)
+        except StorageError:
+            return   # the store is still down: the next check tries again
+        try:
+            try:
+                other = await load_stored_certificate(self.storage, c.issuer_key, name)
+            except (NotFound, CertificateProblem):
+                other = None
+            if other is not None and other.leaf.serial_number != c.serial and other.covers(name) \
+                    and not other.expired():
+                del self._unstored[name]   # another instance stored one meanwhile: it stays
+                await self._sync_from_storage(name)
+                return
+            if await self._store_issued(name, c, first_try=False):
+                del self._unstored[name]
+                log.info("autocert: certificate for %s stored in %s (it was served from memory until now)",
+                         name, self.storage.describe())
+                if name in self._states:
+                    await self._save_state(name, self._states[name])
+        except StorageError:
+            return
+        finally:
+            try:
+                await self.storage.unlock(lock)
+            except StorageError:
+                pass
 
     async def _failed(self, name: str, state: NameState, error: str, retry_after: Optional[float]) -> None:
         state.failures += 1
@@ -565,10 +678,15 @@ class AutocertManager:
             metrics.inc("autocert_proxy_storage_errors_total", op="store")
             log.warning("autocert: saving the retry state for %s failed: %s", name, e)
 
-    async def _get_issuer(self) -> tuple[AcmeIssuer, dict[str, AcmeIssuer], IssuerSettings]:
-        """The account's issuer, one issuer per challenge type, and the settings they were built with."""
+    async def _get_issuer(self, forget: Optional[AcmeIssuer] = None
+                          ) -> tuple[AcmeIssuer, dict[str, AcmeIssuer], IssuerSettings]:
+        """The account's issuer, one issuer per challenge type, and the settings they were built with.
+        ``forget``: an issuer whose account the CA no longer knows; if still current, the account
+        is looked up (and registered again) as at the first order."""
         async with self._issuer_lock:
             settings = self.settings
+            if forget is not None and forget in self._by_type.values():
+                self._issuer = None
             if self._issuer is not None and self._issuer_settings == settings:
                 return self._issuer, self._by_type, settings
             email = settings.email
