@@ -291,11 +291,10 @@ class GCSStorage(LeaseLocks, Storage):
     async def _objects(self, raw_prefix: str, delimiter: bool,
                        max_results: int | None = None) -> tuple[list[str], list[str]]:
         url = f"{self.endpoint}/storage/v1/b/{quote(self.bucket, safe='')}/o"
-        params = {"prefix": raw_prefix}
+        # GCS never sends more than 1000 per page; asking for that makes emulators page too
+        params = {"prefix": raw_prefix, "maxResults": str(max_results or 1000)}
         if delimiter:
             params["delimiter"] = "/"
-        if max_results:
-            params["maxResults"] = str(max_results)
         names: list[str] = []
         dirs: list[str] = []
         while True:
