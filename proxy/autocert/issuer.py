@@ -858,7 +858,11 @@ class AcmeIssuer:
                 raise AcmeError("the valid order has no certificate URL", ca=self.ca, domains=names)
             cresp = self._post(net, directory, cert_url, None)
             chain_pem = cresp.content
-            certs = x509.load_pem_x509_certificates(chain_pem)
+            try:
+                certs = x509.load_pem_x509_certificates(chain_pem)
+            except ValueError:
+                raise AcmeError(f"the CA sent an unusable certificate: not a PEM certificate chain "
+                                f"(it begins {chain_pem[:60]!r})", ca=self.ca, domains=names) from None
             problem = unusable_chain(certs, names, cert_key_pem)
             if problem:
                 raise AcmeError(f"the CA sent an unusable certificate: {problem}", ca=self.ca,
