@@ -127,15 +127,89 @@ def _cert_id(leaf: x509.Certificate, issuer: x509.Certificate,
     return req.serial_number, req.issuer_name_hash, req.issuer_key_hash
 
 
+# DER contents of the hash OIDs RSASSA-PSS parameters name (RFC 4055), and of id-mgf1
+_PSS_HASHES = {
+    bytes.fromhex("2b0e03021a"): hashes.SHA1,
+    bytes.fromhex("608648016503040204"): hashes.SHA224,
+    bytes.fromhex("608648016503040201"): hashes.SHA256,
+    bytes.fromhex("608648016503040202"): hashes.SHA384,
+    bytes.fromhex("608648016503040203"): hashes.SHA512,
+}
+_MGF1 = bytes.fromhex("2a864886f70d010108")
+
+
+def _der(data: bytes, i: int, end: int) -> tuple[int, int, int]:
+    """(tag, start, end) of the value of the DER element at ``i``, which must end by ``end``."""
+    if i + 2 > end:
+        raise ValueError("truncated DER")
+    tag, n, i = data[i], data[i + 1], i + 2
+    if n & 0x80:
+        k = n & 0x7F
+        if not 0 < k <= 4 or i + k > end:
+            raise ValueError("bad DER length")
+        n, i = int.from_bytes(data[i:i + k], "big"), i + k
+    if i + n > end:
+        raise ValueError("truncated DER")
+    return tag, i, i + n
+
+
+def _der_children(data: bytes, start: int, end: int) -> list[tuple[int, int, int]]:
+    out = []
+    while start < end:
+        out.append(_der(data, start, end))
+        start = out[-1][2]
+    return out
+
+
+def _der_hash(data: bytes, start: int, end: int) -> hashes.HashAlgorithm:
+    """The hash an AlgorithmIdentifier (the SEQUENCE's contents at start..end) names."""
+    kids = _der_children(data, start, end)
+    if not kids or kids[0][0] != 0x06 or data[kids[0][1]:kids[0][2]] not in _PSS_HASHES:
+        raise ValueError("unknown hash algorithm")
+    return _PSS_HASHES[data[kids[0][1]:kids[0][2]]]()
+
+
+def pss_parameters(der: bytes, tbs: bytes) -> tuple[hashes.HashAlgorithm, hashes.HashAlgorithm, int]:
+    """(hash, MGF1 hash, salt length) of an RSASSA-PSS signed OCSP response, read from the
+    signatureAlgorithm that follows ``tbs`` (cryptography does not parse them for OCSP).
+    Absent fields take RFC 4055's defaults (SHA-1, MGF1 with SHA-1, 20). ValueError if malformed."""
+    at = der.find(tbs)
+    if at < 0:
+        raise ValueError("no tbsResponseData")
+    tag, start, end = _der(der, at + len(tbs), len(der))
+    kids = _der_children(der, start, end) if tag == 0x30 else []
+    if not kids or kids[0][0] != 0x06:
+        raise ValueError("no signatureAlgorithm")
+    hash_alg, mgf_hash, salt = hashes.SHA1(), hashes.SHA1(), 20
+    if len(kids) > 1 and kids[1][0] == 0x30:
+        for tag, vs, ve in _der_children(der, kids[1][1], kids[1][2]):
+            inner = _der(der, vs, ve)                   # [n] EXPLICIT: one element inside
+            if tag == 0xA0 and inner[0] == 0x30:
+                hash_alg = _der_hash(der, inner[1], inner[2])
+            elif tag == 0xA1 and inner[0] == 0x30:
+                mgf = _der_children(der, inner[1], inner[2])
+                if len(mgf) != 2 or der[mgf[0][1]:mgf[0][2]] != _MGF1 or mgf[1][0] != 0x30:
+                    raise ValueError("mask generation is not MGF1")
+                mgf_hash = _der_hash(der, mgf[1][1], mgf[1][2])
+            elif tag == 0xA2 and inner[0] == 0x02 and 0 < inner[2] - inner[1] <= 4:
+                salt = int.from_bytes(der[inner[1]:inner[2]], "big", signed=True)
+    if salt < 0:
+        raise ValueError("negative salt length")
+    return hash_alg, mgf_hash, salt
+
+
 def _verify_signature(public_key, signature: bytes, data: bytes,
-                      hash_alg: Optional[hashes.HashAlgorithm], sig_oid) -> None:
+                      hash_alg: Optional[hashes.HashAlgorithm], sig_oid,
+                      pss: Optional[tuple[hashes.HashAlgorithm, hashes.HashAlgorithm, int]] = None) -> None:
     """Raise InvalidSignature (or UnsupportedAlgorithm / TypeError) unless it verifies."""
     if isinstance(public_key, ec.EllipticCurvePublicKey):
         public_key.verify(signature, data, ec.ECDSA(hash_alg))
     elif isinstance(public_key, rsa.RSAPublicKey):
         if sig_oid == SignatureAlgorithmOID.RSASSA_PSS:
-            public_key.verify(signature, data, padding.PSS(padding.MGF1(hash_alg),
-                                                            padding.PSS.AUTO), hash_alg)
+            if pss is None:
+                raise InvalidSignature("RSASSA-PSS without its parameters")
+            pss_hash, mgf_hash, salt = pss
+            public_key.verify(signature, data, padding.PSS(padding.MGF1(mgf_hash), salt), pss_hash)
         else:
             public_key.verify(signature, data, padding.PKCS1v15(), hash_alg)
     elif isinstance(public_key, (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey)):
@@ -146,14 +220,17 @@ def _verify_signature(public_key, signature: bytes, data: bytes,
         raise UnsupportedAlgorithm(f"unsupported key type {type(public_key).__name__}")
 
 
-def _signed_by(resp: ocsp.OCSPResponse, cert: x509.Certificate) -> bool:
+def _signed_by(resp: ocsp.OCSPResponse, cert: x509.Certificate, der: bytes) -> bool:
     try:
         hash_alg = resp.signature_hash_algorithm
-    except UnsupportedAlgorithm:
+    except UnsupportedAlgorithm:   # RSASSA-PSS among others: its hash is in its parameters
         hash_alg = None
     try:
+        pss = None
+        if resp.signature_algorithm_oid == SignatureAlgorithmOID.RSASSA_PSS:
+            pss = pss_parameters(der, resp.tbs_response_bytes)
         _verify_signature(cert.public_key(), resp.signature, resp.tbs_response_bytes, hash_alg,
-                          resp.signature_algorithm_oid)
+                          resp.signature_algorithm_oid, pss)
         return True
     except (InvalidSignature, UnsupportedAlgorithm, TypeError, ValueError):
         return False
@@ -216,11 +293,11 @@ def _verify(der: bytes, leaf: x509.Certificate, issuer: x509.Certificate,
     responders = list(resp.certificates)
 
     # Signature: the issuer itself, or a delegated responder certificate it authorised.
-    if not _signed_by(resp, issuer):
+    if not _signed_by(resp, issuer, der):
         problems = []
         for rc in responders:
             problem = _delegation_problem(rc, issuer, now)
-            if problem is None and _signed_by(resp, rc):
+            if problem is None and _signed_by(resp, rc, der):
                 break
             problems.append(problem or
                             f"signature does not verify with {_subject(rc)}")

@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -65,17 +65,21 @@ class OpenSSLResponder:
     """``openssl ocsp`` for ``ca`` on 127.0.0.1:<free port>. Use ``url`` in issued certs."""
 
     def __init__(self, ca: TestCA, directory: Path, port: Optional[int] = None,
-                 nmin: Optional[int] = None):
+                 nmin: Optional[int] = None, signer: Optional[Issued] = None,
+                 signing_args: Sequence[str] = ()):
         """``nmin``: responses valid for that many minutes (``-nmin``) instead of a day
-        (``-ndays 1``), so a proxy refreshing at half-validity asks again soon."""
+        (``-ndays 1``), so a proxy refreshing at half-validity asks again soon.
+        ``signer``: the responder certificate and key (default: an EC one the CA issues);
+        ``signing_args``: more ``openssl ocsp`` arguments, e.g. ``-rsigopt rsa_padding_mode:pss``."""
         self.ca = ca
         self.nmin = nmin
+        self.signing_args = list(signing_args)
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.index_path = self.dir / "index.txt"
         self.log_path = self.dir / "ocsp-responder.log"
-        self.signer = ca.issue(["OCSP Responder"], filename="ocsp-responder", ocsp_signing=True)
+        self.signer = signer or ca.issue(["OCSP Responder"], filename="ocsp-responder", ocsp_signing=True)
         self._entries: dict[int, tuple[x509.Certificate, Optional[dt.datetime]]] = {}
         self._last_mtime = 0
         self.proc: Optional[subprocess.Popen] = None
@@ -104,6 +108,13 @@ class OpenSSLResponder:
         self._write_index()
         if self.proc is not None and wait:
             self.wait_status(issued, ocsp.OCSPCertStatus.REVOKED, wait)
+
+    def forget(self, issued: Issued, wait: float = 10.0) -> None:
+        """Remove from the CA database: the running responder then says "unknown"."""
+        self._entries.pop(issued.cert.serial_number, None)
+        self._write_index()
+        if self.proc is not None and wait:
+            self.wait_status(issued, ocsp.OCSPCertStatus.UNKNOWN, wait)
 
     def wait_status(self, issued: Issued, status: ocsp.OCSPCertStatus, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -145,6 +156,7 @@ class OpenSSLResponder:
             [OPENSSL, "ocsp", "-index", str(self.index_path), "-port", str(self.port),
              "-rsigner", str(self.signer.cert_path), "-rkey", str(self.signer.key_path),
              "-CA", str(self.ca.cert_path),
+             *self.signing_args,
              *(["-nmin", str(self.nmin)] if self.nmin else ["-ndays", "1"]), "-ignore_err"],
             stdout=self._logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
