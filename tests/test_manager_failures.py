@@ -357,3 +357,43 @@ def test_a_renew_request_brings_one_attempt_not_one_per_check(start_proxy, tmp_p
         proxy.wait_log(f"obtaining a certificate for again.test failed (attempt {n})")
         time.sleep(1.0)   # ten maintenance checks, the request still in storage
         assert [a for a, _ in attempts(proxy, "again.test")] == list(range(1, n + 1)), proxy.log()[-3000:]
+
+
+def test_s3_stopped_mid_order_the_certificate_is_served_then_stored(shared_ca, start_proxy, tmp_path):
+    """moto (S3) stops while the order is at finalization and comes back (empty) later: the
+    certificate is served from memory, and stored once the store answers again.
+
+    The MisbehavingCA front changes nothing here: it only holds Pebble's finalize answer until
+    moto is down (a labelled double used as a gate, so that "mid-order" is deterministic)."""
+    import threading
+
+    from tests.test_shared import Bucket
+
+    bucket = Bucket("s3", tmp_path)
+    front = MisbehavingCA(shared_ca)
+    at_finalize, go_on = threading.Event(), threading.Event()
+
+    def hold(ex: Exchange) -> None:
+        if ex.path.startswith("/finalize-order/"):
+            at_finalize.set()
+            go_on.wait(30)
+    front.rewrite = hold
+    try:
+        cfg = ac_config(shared_ca, tmp_path / "unused", ["s3mid.test"], autocert_ca=front.directory_url,
+                        autocert_dir=bucket.url("p"))
+        proxy = start_proxy(cfg, env={**FAST, **bucket.env})
+        assert at_finalize.wait(20), proxy.log()[-3000:]
+        bucket.stop()
+        go_on.set()
+        served = wait_pebble_cert(proxy, "s3mid.test")
+        proxy.wait_log("certificate for s3mid.test obtained but not stored", timeout=30)
+        bucket.restart()                        # same port, the bucket created again, empty
+        proxy.wait_log("certificate for s3mid.test stored in", timeout=30)
+        key = f"p/certificates/{issuer_id(front.directory_url)}/s3mid.test/s3mid.test.crt"
+        assert x509.load_pem_x509_certificate(bucket.get(key)).serial_number == served.serial_number
+        assert served_certificate(proxy.port, "s3mid.test").serial_number == served.serial_number
+        assert front.count(r"^/certZ/") == 1    # one order all along
+    finally:
+        go_on.set()
+        front.close()
+        bucket.stop()
