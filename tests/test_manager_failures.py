@@ -197,7 +197,20 @@ def _other_key_pem() -> bytes:
     return new_certificate_key()
 
 
-@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-key"])
+def _spoil_san(chain_pem: bytes) -> bytes:
+    """The chain with its leaf's subjectAltName made unparseable (a SET where its SEQUENCE is):
+    the certificate still loads; cryptography fails only when the extensions are read."""
+    import base64
+    leaf = x509.load_pem_x509_certificates(chain_pem)[0]
+    der = bytearray(leaf.public_bytes(serialization.Encoding.DER))
+    at = der.find(bytes.fromhex("0603551d11")) + 5        # id-ce-subjectAltName, then OCTET STRING
+    assert der[at] == 0x04 and der[at + 2] == 0x30
+    der[at + 2] = 0x31
+    pem = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(der)) + b"-----END CERTIFICATE-----\n"
+    return pem + chain_pem.partition(b"-----END CERTIFICATE-----\n")[2]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "other-key", "bad-extension"])
 def test_an_unusable_stored_certificate_is_replaced_and_kept_aside(shared_ca, start_proxy, tmp_path, damage):
     store = tmp_path / "ac"
     first = start_proxy(ac_config(shared_ca, store, ["bad.test"]), env=FAST, name="first")
@@ -209,6 +222,8 @@ def test_an_unusable_stored_certificate_is_replaced_and_kept_aside(shared_ca, st
         crt.write_bytes(b"-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
     elif damage == "truncated":
         crt.write_bytes(crt.read_bytes()[:300])
+    elif damage == "bad-extension":
+        crt.write_bytes(_spoil_san(crt.read_bytes()))
     else:
         key.write_bytes(_other_key_pem())
     bad_crt, bad_key = crt.read_bytes(), key.read_bytes()

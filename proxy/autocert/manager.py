@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable, Mapping, Optional
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -52,12 +53,17 @@ async def load_stored_certificate(storage: Storage, issuer_key: str, name: str) 
     Raises NotFound, StorageError, or CertificateProblem for unusable data."""
     chain = await storage.load(layout.cert_key(issuer_key, name))
     key = await storage.load(layout.private_key_key(issuer_key, name))
+    return stored_certificate(chain, key, issuer_key, name)
+
+
+def stored_certificate(chain: bytes, key: bytes, issuer_key: str, name: str) -> Certificate:
+    """The certificate from stored bytes; CertificateProblem for anything unusable."""
     try:
         return Certificate(chain_pem=chain, key_pem=key, source=ACME,
                            origin=layout.cert_key(issuer_key, name), issuer_id=issuer_key)
     except CertificateProblem:
         raise
-    except ValueError as e:   # a field cryptography parses lazily (an extension) is malformed
+    except (ValueError, TypeError, UnsupportedAlgorithm) as e:   # a field parsed lazily (an extension)
         raise CertificateProblem(f"the certificate cannot be parsed: {e}") from None
 
 
@@ -570,9 +576,9 @@ class AutocertManager:
         if keys[0] not in found:
             return
         try:
-            Certificate(chain_pem=found[keys[0]], key_pem=found.get(keys[1], b""), source=ACME)
+            stored_certificate(found[keys[0]], found.get(keys[1], b""), ikey, name)
             return
-        except ValueError as e:   # CertificateProblem, or a field cryptography cannot parse
+        except CertificateProblem as e:
             why = e
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         for k, data in found.items():
