@@ -17,20 +17,18 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from proxy.autocert.challenges import ChallengeStore
 from proxy.autocert.issuer import AcmeError, AcmeIssuer, IssuerSettings, unusable_chain
 from tests.infra.ca_front import Exchange, MisbehavingCA, NginxFront
-from tests.infra.pebble import Pebble, pebble, pebble_factory  # noqa: F401  (fixtures)
+from tests.infra.pebble import pebble, pebble_factory  # noqa: F401  (fixtures)
 from tests.infra.pki import TestCA
 from tests.test_issuer import Recorder, new_key, servers, settings_for, store, verify_chain  # noqa: F401
 
 ACCOUNT_GONE = "urn:ietf:params:acme:error:accountDoesNotExist"
 
 
-def fast(ca, **kw) -> IssuerSettings:
-    """Settings for ``ca`` (a Pebble or something in front of one) with the given changes."""
-    return IssuerSettings(directory_url=ca.directory_url, trusted_ca_pem=ca.pebble.trusted_ca_pem
-                          if hasattr(ca, "pebble") else ca.trusted_ca_pem, **kw)
+def via(front, **kw) -> IssuerSettings:
+    """Settings for the CA behind ``front`` (NginxFront or MisbehavingCA)."""
+    return IssuerSettings(directory_url=front.directory_url, trusted_ca_pem=front.pebble.trusted_ca_pem, **kw)
 
 
 # --------------------------------------------------------------------------------------------
@@ -74,7 +72,7 @@ def test_connection_closed_by_the_ca_while_idle_is_reopened(pebble, servers, sto
     front = NginxFront(pebble, tmp_path / "nginx", keepalive_timeout="300ms").start()
     try:
         rec = Recorder(store)
-        with AcmeIssuer(fast(front, challenge_types=("tls-alpn-01",))) as issuer:
+        with AcmeIssuer(via(front, challenge_types=("tls-alpn-01",))) as issuer:
             first = issuer.obtain(["idle1.example"], new_key(), rec.present, rec.cleanup)
             used = set(front.connections())
             time.sleep(0.8)   # nginx closes our idle connection
@@ -155,7 +153,7 @@ def test_an_order_the_ca_fails_at_finalization(misbehaving, servers, store):
             ex.set_json({**ex.json(), "status": "invalid", "error": problem})
     misbehaving.rewrite = fail
     rec = Recorder(store)
-    with AcmeIssuer(fast(misbehaving, challenge_types=("tls-alpn-01",))) as issuer:
+    with AcmeIssuer(via(misbehaving, challenge_types=("tls-alpn-01",))) as issuer:
         with pytest.raises(AcmeError) as ei:
             issuer.obtain(["caa.example"], new_key(), rec.present, rec.cleanup)
     assert "the order failed" in str(ei.value)
@@ -175,7 +173,7 @@ def test_an_order_that_never_becomes_valid_times_out(misbehaving, servers, store
     misbehaving.rewrite = stall
     rec = Recorder(store)
     started = time.monotonic()
-    with AcmeIssuer(fast(misbehaving, challenge_types=("tls-alpn-01",), timeout=1.5)) as issuer:
+    with AcmeIssuer(via(misbehaving, challenge_types=("tls-alpn-01",), timeout=1.5)) as issuer:
         with pytest.raises(AcmeError) as ei:
             issuer.obtain(["stall.example"], new_key(), rec.present, rec.cleanup)
     assert "waiting for the order to become valid (last state: processing)" in str(ei.value)

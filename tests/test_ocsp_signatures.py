@@ -8,7 +8,6 @@ signed by the issuer or an authorised responder": a revocation signed so was nev
 """
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 
 import pytest
