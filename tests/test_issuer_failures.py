@@ -184,7 +184,8 @@ def test_an_order_that_never_becomes_valid_times_out(misbehaving, servers, store
 # --------------------------------------------------------------------------------------------
 # an unusable certificate from the CA
 # --------------------------------------------------------------------------------------------
-def _cert_for(ca: TestCA, public_key, names, *, days_left: float = 30) -> x509.Certificate:
+def cert_for(ca: TestCA, public_key, names, *, days_left: float = 30) -> x509.Certificate:
+    """A certificate from ``ca`` for any key and names, expiring in ``days_left`` days."""
     now = dt.datetime.now(dt.timezone.utc)
     return (x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
@@ -200,16 +201,16 @@ def test_unusable_chain_rules(tmp_path):
     other_ca = TestCA(tmp_path / "other", name="Other CA")
     key_pem = new_key()
     pub = serialization.load_pem_private_key(key_pem, None).public_key()
-    good = _cert_for(ca, pub, ["a.example", "b.example"])
+    good = cert_for(ca, pub, ["a.example", "b.example"])
     assert unusable_chain([good, ca.cert], ("a.example", "b.example"), key_pem) == ""
     assert unusable_chain([good], ("a.example",), key_pem) == ""   # no chain at all is allowed
     assert unusable_chain([], ("a.example",), key_pem) == "no certificate"
     stranger = ec.generate_private_key(ec.SECP256R1()).public_key()
-    assert unusable_chain([_cert_for(ca, stranger, ["a.example"])], ("a.example",), key_pem) == \
+    assert unusable_chain([cert_for(ca, stranger, ["a.example"])], ("a.example",), key_pem) == \
         "it is not for the key we sent"
     assert unusable_chain([good], ("a.example", "c.example"), key_pem) == \
         "it does not name c.example (it names a.example, b.example)"
-    expired = _cert_for(ca, pub, ["a.example"], days_left=-1)
+    expired = cert_for(ca, pub, ["a.example"], days_left=-1)
     assert unusable_chain([expired], ("a.example",), key_pem).startswith("it expired on ")
     assert unusable_chain([good, other_ca.cert], ("a.example",), key_pem) == \
         "the chain's second certificate (CN=Other CA) did not issue it"

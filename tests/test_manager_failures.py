@@ -5,7 +5,6 @@ only where no real component can misbehave so (a CA sending an unusable certific
 """
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
 import time
@@ -13,20 +12,20 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from proxy.autocert import layout
 from proxy.autocert.issuer import issuer_id
 from proxy.autocert.manager import new_certificate_key
 from proxy.autocert.schedule import DEFAULT_RETRY_CAP
 from tests.infra.ca_front import Exchange, MisbehavingCA
-from tests.infra.pebble import Pebble, pebble_factory  # noqa: F401  (fixture)
+from tests.infra.pebble import pebble_factory  # noqa: F401  (fixture)
 from tests.infra.pki import TestCA
 from tests.infra.proxyproc import ProxyProcess, free_port, served_certificate
 from tests.infra.readonly import read_only
 from tests.test_autocert import (FAST, ac_config, assert_self_signed, certs_rows, cli, from_pebble,
-                                 wait_pebble_cert, wait_served, write_root)
+                                 shared_ca, wait_pebble_cert, wait_served, write_root)  # noqa: F401
+from tests.test_issuer_failures import cert_for
 
 CAP = DEFAULT_RETRY_CAP
 
@@ -114,14 +113,6 @@ async def test_the_next_attempt_is_set_even_if_the_delay_cannot_be_computed(tmp_
 # --------------------------------------------------------------------------------------------
 # storage failing while obtaining (a storage directory made read-only for real)
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def shared_ca(tmp_path_factory):
-    ca = Pebble(tmp_path_factory.mktemp("pebble"), tls_port=free_port(), http_port=free_port())
-    ca.start()
-    yield ca
-    ca.stop()
-
-
 def cert_files(store: Path, ca_url: str, name: str) -> Path:
     return store / "certificates" / issuer_id(ca_url) / name
 
@@ -263,14 +254,7 @@ def test_an_invalid_authorization_is_backed_off_with_the_cas_reason(start_proxy,
 
 
 def _cert_for(issuer: TestCA, public_key, names, days_left: float = 30) -> bytes:
-    now = dt.datetime.now(dt.timezone.utc)
-    return (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(issuer.cert.subject).public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=60)).not_valid_after(now + dt.timedelta(days=days_left))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
-            .sign(issuer.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+    return cert_for(issuer, public_key, names, days_left=days_left).public_bytes(serialization.Encoding.PEM)
 
 
 UNUSABLE = {

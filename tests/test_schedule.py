@@ -11,17 +11,9 @@ import random
 import pytest
 
 from proxy.autocert.schedule import DEFAULT_RETRY_CAP, retry_delay
+from tests.test_autocert_units import FixedRandom
 
 CAP = DEFAULT_RETRY_CAP
-
-
-class FixedRandom(random.Random):
-    def __init__(self, value: float):
-        super().__init__()
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
 
 
 @pytest.mark.parametrize("failures", [1024, 1025, 1026, 5000, 10 ** 6])
