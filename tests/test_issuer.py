@@ -517,6 +517,8 @@ def test_parse_retry_after():
     assert parse_retry_after("", now) is None
     assert parse_retry_after(None, now) is None
     assert parse_retry_after("-5", now) is None
+    assert parse_retry_after("9" * 400, now) == 365 * 86400   # capped, no OverflowError
+    assert parse_retry_after("\u00b2", now) is None              # a digit, but not an ASCII one
 
 
 def _cert_with(aki: bytes, serial: int) -> bytes:

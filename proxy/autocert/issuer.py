@@ -173,6 +173,9 @@ def issuer_id(directory_url: str) -> str:
     return safe_key(key)
 
 
+RETRY_AFTER_MAX = 365 * 86400
+
+
 def parse_retry_after(value: Optional[str], now: Optional[dt.datetime] = None) -> Optional[float]:
     """Seconds to wait from a Retry-After header (delta-seconds or HTTP-date); None if absent/bad."""
     if value is None:
@@ -180,8 +183,9 @@ def parse_retry_after(value: Optional[str], now: Optional[dt.datetime] = None) -
     value = value.strip()
     if not value:
         return None
-    if value.isdigit():
-        return float(int(value))
+    if value.isascii() and value.isdigit():
+        # (hundreds of digits would overflow a float: capped at a year, longer than any backoff)
+        return float(min(int(value), RETRY_AFTER_MAX))
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
