@@ -81,7 +81,7 @@ class App:
         self.cache.set_fallback(self_signed_certificate())
         self.engine = TLSEngine(self.cache)
         self.pool = UpstreamPool()
-        self.state = ProxyState(options=options, routes=RouteTable(options.routes), pool=self.pool,
+        self.state = ProxyState(options=options, routes=RouteTable(options.routes, options.address.port), pool=self.pool,
                                 access_log=AccessLog(options.access_log_format))
         self.servers: list[asyncio.AbstractServer] = []   # the traffic listeners
         self.connections: dict = {}   # the task serving each open connection -> the connection
@@ -273,7 +273,7 @@ class App:
                 log.warning("listener addresses changed in the configuration: restart to apply them")
             await self._install_manual(manual_certificates(new))
             set_log_level(new.log_level)
-            self.state = ProxyState(options=new, routes=RouteTable(new.routes), pool=self.pool,
+            self.state = ProxyState(options=new, routes=RouteTable(new.routes, new.address.port), pool=self.pool,
                                     access_log=AccessLog(new.access_log_format))
             self.options = new
             self.waiting.timeout = new.timeout_read_header

@@ -88,11 +88,17 @@ class DirectResponse:
 class Route:
     from_url: str            # as written, e.g. "https://app.example.com/api"
     scheme: str              # "https" or "http"
-    host: str                # lower case, no port; may start with "*." (wildcard)
+    host: str                # lower case, no port; "*" anywhere = wildcard
     path_prefix: str         # "/" when the route has no path
     to: tuple[Upstream, ...]  # empty when ``response`` is set
     preserve_host_header: bool = False
     response: Optional[DirectResponse] = None
+    port: Optional[int] = None       # from's port: the route matches only requests to it
+    prefix: Optional[str] = None     # Pomerium's path rules: at most one of these three
+    path: Optional[str] = None
+    regex: Optional[str] = None      # compiled once by the route table
+    regex_priority_order: int = 0
+    upgrades: frozenset = frozenset()   # Upgrade values forwarded; "*" = any
 
 
 @dataclass(frozen=True)
@@ -185,7 +191,15 @@ KNOWN_KEYS: tuple[str, ...] = (
 # Keys whose environment value is YAML (or JSON) text rather than a plain string.
 STRUCTURED_KEYS = frozenset({"routes", "certificates"})
 
-ROUTE_KEYS = ("from", "to", "preserve_host_header", "response")
+ROUTE_KEYS = ("from", "to", "preserve_host_header", "response", "prefix", "path", "regex",
+              "regex_priority_order", "allow_websockets", "allow_spdy", "allow_upgrades",
+              "allow_public_unauthenticated_access", "cors_allow_preflight", "name",
+              "description", "logo_url")
+# Accepted for Pomerium's sake; they change nothing here (every route is public already).
+_NO_OP_ROUTE_KEYS = ("allow_public_unauthenticated_access", "cors_allow_preflight", "name",
+                     "description", "logo_url")
+# Python's re constructs RE2 refuses (lookaround, backreferences): refused so a rule means the same in both.
+_NOT_RE2 = re.compile(r"(?:^|[^\\])(?:\\\\)*\\[1-9]|\(\?<?[=!]|\(\?P=")
 RESPONSE_KEYS = ("status", "body")
 CERTIFICATE_KEYS = ("cert", "key")
 
@@ -295,19 +309,22 @@ def normalize_hostname(host: str, *, allow_wildcard: bool) -> str:
     except ValueError:
         pass
     host = host.lower().rstrip(".")  # "example.com." is the same name written fully qualified
-    wildcard = host.startswith("*.")
-    if wildcard and not allow_wildcard:
+    if "*" in host and not allow_wildcard:
         raise _Bad(f"host {host!r} may not be a wildcard here")
-    rest = host[2:] if wildcard else host
+    # Pomerium's rule: '*' anywhere in the host stands for one or more characters
+    rest = host.replace("*", "x")
     try:
         ascii_host = rest if rest.isascii() else rest.encode("idna").decode("ascii")
     except UnicodeError as e:
         raise _Bad(f"host {host!r} is not a valid international domain name ({e})") from None
     labels = ascii_host.split(".")
     if not ascii_host or len(ascii_host) > 253 or not all(_LABEL.fullmatch(l) for l in labels):
-        hint = "; a wildcard is only allowed as the whole first label, like *.example.com" if "*" in ascii_host else ""
-        raise _Bad(f"host {host!r} is not a valid DNS name{hint}")
-    return ("*." if wildcard else "") + ascii_host
+        raise _Bad(f"host {host!r} is not a valid DNS name")
+    if "*" not in host:
+        return ascii_host
+    if not host.isascii():
+        raise _Bad(f"host {host!r}: a wildcard host must be written in ASCII (punycode)")
+    return host
 
 
 def parse_address(value: Any) -> Address:
@@ -358,18 +375,15 @@ def _parse_url_common(label: str, text: str):
     return parts, port
 
 
-def parse_from_url(value: Any) -> tuple[str, str, str]:
-    """-> (scheme, host, path_prefix)."""
+def parse_from_url(value: Any) -> tuple[str, str, str, Optional[int]]:
+    """-> (scheme, host, path_prefix, port)."""
     text = _require_str(value, 'a URL like "https://app.example.com" or "https://*.example.com/api"')
     parts, port = _parse_url_common("from", text)
     scheme = parts.scheme.lower()
     if scheme not in ("https", "http"):
         raise _Bad(f"{text!r}: scheme {parts.scheme!r} is not accepted; accepted: https, http")
-    if port is not None:
-        raise _Bad(f"{text!r} has a port; a route matches by host only (the port is set by 'address'), "
-                   f"remove ':{port}'")
     host = normalize_hostname(parts.hostname, allow_wildcard=True)
-    return scheme, host, parts.path or "/"
+    return scheme, host, parts.path or "/", port
 
 
 def parse_upstream(value: Any) -> Upstream:
@@ -450,18 +464,67 @@ def parse_routes(value: Any, label: str, problems: list[str]) -> tuple[Route, ..
             except _Bad as e:
                 problems.append(f"{where}.preserve_host_header: {e}")
 
+        rules = _parse_route_rules(item, where, problems)
         if len(problems) != before or parsed_from is None:
             continue
-        scheme, host, path = parsed_from
-        key = (host, path)
-        if key in seen:
+        scheme, host, path, port = parsed_from
+        if path != "/" and any(item.get(k) is not None for k in ("prefix", "path", "regex")):
+            problems.append(f"{where}.from: a path in 'from' ({path!r}) is this proxy's own form; with "
+                            f"'prefix', 'path' or 'regex' give the path there only")
+            continue
+        key = (host, path, port)
+        if path != "/" and key in seen:
             problems.append(f"{where}.from: {item['from']!r} duplicates {label}[{seen[key]}] "
                             f"(same host {host!r} and path {path!r})")
             continue
         seen[key] = i
         routes.append(Route(from_url=str(item["from"]).strip(), scheme=scheme, host=host, path_prefix=path,
-                            to=tuple(upstreams), preserve_host_header=preserve, response=response))
+                            to=tuple(upstreams), preserve_host_header=preserve, response=response,
+                            port=port, **rules))
     return tuple(routes)
+
+
+def _parse_route_rules(item: Mapping, where: str, problems: list[str]) -> dict:
+    """Pomerium's matching and upgrade keys of one route -> Route fields."""
+    out: dict = {}
+    given = [k for k in ("prefix", "path", "regex") if item.get(k) is not None]
+    if len(given) > 1:
+        problems.append(f"{where}: give at most one of 'prefix', 'path', 'regex'; got {', '.join(given)}")
+    for k in given:
+        v = item[k]
+        if not isinstance(v, str) or not v:
+            problems.append(f"{where}.{k}: expected a non-empty string like \"/api\", got {v!r}")
+        elif k != "regex" and not v.startswith("/"):
+            problems.append(f"{where}.{k}: {v!r} must start with '/'")
+        elif k == "regex":
+            try:
+                re.compile(v)
+            except re.error as e:
+                problems.append(f"{where}.regex: {v!r} is not a valid regular expression ({e})")
+                continue
+            if _NOT_RE2.search(v):
+                problems.append(f"{where}.regex: {v!r} uses a lookaround or backreference, which RE2 "
+                                f"(Pomerium's regex syntax) does not accept")
+                continue
+            out[k] = v
+        else:
+            out[k] = v
+    order = item.get("regex_priority_order")
+    if order is not None:
+        if isinstance(order, bool) or not isinstance(order, int):
+            problems.append(f"{where}.regex_priority_order: expected a whole number, got {order!r}")
+        else:
+            out["regex_priority_order"] = order
+    upgrades = set()
+    for k, value in (("allow_websockets", "websocket"), ("allow_spdy", "spdy/3.1"), ("allow_upgrades", "*")):
+        if item.get(k) is not None:
+            try:
+                if parse_bool(item[k]):
+                    upgrades.add(value)
+            except _Bad as e:
+                problems.append(f"{where}.{k}: {e}")
+    out["upgrades"] = frozenset(upgrades)
+    return out
 
 
 def _parse_response(value: Any, where: str, problems: list[str]) -> Optional[DirectResponse]:

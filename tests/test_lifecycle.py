@@ -181,7 +181,7 @@ def test_websocket_survives_sighup(start_proxy):
     from tests.infra.upstream import WebSocketEchoServer
     ws_server = WebSocketEchoServer()
     try:
-        p = start_proxy({"routes": [{"from": "https://ws.test", "to": ws_server.url}]})
+        p = start_proxy({"routes": [{"from": "https://ws.test", "to": ws_server.url, "allow_websockets": True}]})
         sock = socket.create_connection(("127.0.0.1", p.port), timeout=10)
         with connect(f"wss://ws.test:{p.port}/", ssl=tls_client_context(), sock=sock,
                      server_hostname="ws.test", open_timeout=10, close_timeout=5) as ws:

@@ -276,7 +276,7 @@ def test_websocket_echo_through_proxy(start_proxy):
     from websockets.sync.client import connect
     ws_server = WebSocketEchoServer()
     try:
-        p = start_proxy({"routes": [route(ws_server.url)]})
+        p = start_proxy({"routes": [{**route(ws_server.url), "allow_websockets": True}]})
         ctx = tls_client_context()
         sock = socket.create_connection(("127.0.0.1", p.port), timeout=10)
         with connect(f"wss://{HOST}:{p.port}/chat", ssl=ctx, sock=sock, server_hostname=HOST,
@@ -423,6 +423,86 @@ def test_route_by_path_prefix(start_proxy):
     finally:
         a.stop()
         b.stop()
+
+
+
+def _paths(up) -> list:
+    return [r["path"] for r in up.requests]
+
+
+def test_pomerium_path_rules_first_match_in_file_order(start_proxy):
+    """prefix is a raw string prefix, path exact, regex the whole path; duplicate froms are
+    tried in file order unless regex_priority_order lifts one."""
+    ups = [UpstreamServer() for _ in range(5)]
+    try:
+        p = start_proxy({"routes": [
+            route(ups[0].url, prefix="/api"),
+            route(ups[1].url, path="/exact"),
+            route(ups[2].url, regex="/v[0-9]+/.*"),
+            route(ups[3].url, regex="/exact.*", regex_priority_order=10),
+            route(ups[4].url),
+        ]})
+        for path in ("/api", "/apix/1", "/exact", "/exact/y", "/v2/a", "/vx/a", "/", "/v2/a?q=/exact"):
+            assert p.curl(HOST, path).returncode == 0
+        assert _paths(ups[0]) == ["/api", "/apix/1"]
+        assert _paths(ups[1]) == []   # lifted above it by regex_priority_order
+        assert _paths(ups[2]) == ["/v2/a", "/v2/a?q=/exact"]
+        assert _paths(ups[3]) == ["/exact", "/exact/y"]
+        assert _paths(ups[4]) == ["/vx/a", "/"]
+    finally:
+        for u in ups:
+            u.stop()
+
+
+def test_pomerium_wildcard_anywhere_and_from_port(start_proxy):
+    a, b, c, d = UpstreamServer(), UpstreamServer(), UpstreamServer(), UpstreamServer()
+    try:
+        port = free_port()
+        p = start_proxy({"_port": port, "routes": [
+            {"from": "https://ported.test:1", "to": a.url},   # another port: never this listener
+            {"from": f"https://ported.test:{port}", "to": b.url},
+            {"from": "https://*.wild.test", "to": c.url},
+            {"from": "https://app-*.test", "to": d.url},
+        ]})
+        assert p.curl("ported.test", "/with-port").returncode == 0
+        raw, _ = raw_exchange(p.port, b"GET /no-port HTTP/1.1\r\nHost: ported.test\r\nConnection: close\r\n\r\n",
+                              host="ported.test")
+        assert raw.startswith(b"HTTP/1.1 200"), raw[:100]
+        for host in ("a.wild.test", "a.b.wild.test", "app-1.test"):
+            assert p.curl(host, f"/{host}").returncode == 0
+        assert p.curl("wild.test", "/", "-o", "/dev/null", "-w", "%{http_code}").stdout == b"404"
+        assert _paths(a) == []
+        assert _paths(b) == ["/with-port", "/no-port"]
+        assert _paths(c) == ["/a.wild.test", "/a.b.wild.test"]
+        assert _paths(d) == ["/app-1.test"]
+    finally:
+        for u in (a, b, c, d):
+            u.stop()
+
+
+def test_upgrade_forwarded_only_where_the_route_allows_it(start_proxy):
+    """Pomerium's allow_websockets/allow_spdy/allow_upgrades are off by default: elsewhere the
+    upstream sees a plain request without Upgrade (as Envoy sends it)."""
+    up = UpstreamServer()
+    try:
+        p = start_proxy({"routes": [
+            {"from": "https://plain.test", "to": up.url},
+            {"from": "https://spdy.test", "to": up.url, "allow_spdy": True},
+        ]})
+        for host in ("plain.test", "spdy.test"):
+            raw, _ = raw_exchange(p.port, f"GET /{host} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\n"
+                                  f"Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+                                  f"Sec-WebSocket-Version: 13\r\n\r\n".encode(), host=host, timeout=3)
+            assert raw.startswith(b"HTTP/1.1 200"), raw[:200]
+        raw, _ = raw_exchange(p.port, b"GET /spdy HTTP/1.1\r\nHost: spdy.test\r\nConnection: Upgrade\r\n"
+                              b"Upgrade: spdy/3.1\r\n\r\n", host="spdy.test", timeout=3)
+        seen = [dict(r["headers"]) for r in up.requests]
+        assert len(seen) == 3
+        assert "upgrade" not in seen[0] and "upgrade" not in seen[1]
+        assert "upgrade" not in seen[0].get("connection", "").lower()
+        assert seen[2].get("upgrade") == "spdy/3.1"
+    finally:
+        up.stop()
 
 
 # --------------------------------------------------------------------------- errors

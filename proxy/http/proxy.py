@@ -23,7 +23,7 @@ from ..tls.transport import Stream, StreamClosed
 from . import codec, fastcodec
 from .codec import end_to_end, request_facts
 from .access_log import AccessLog, Entry
-from .routes import RouteTable
+from .routes import RouteTable, upgrade_allowed
 from .upstream import UpstreamPool, UpstreamRefused
 
 log = logging.getLogger("proxy.http")
@@ -284,7 +284,7 @@ class ClientConnection:
         host = facts.host_name
         entry.host = host
         path = ev.target.split(b"?", 1)[0].decode("latin-1")
-        route = state.routes.match(host, path) if host else None
+        route = state.routes.match(host, path, facts.host) if host else None
         try:
             if route is None:
                 await self._drain_body(opts)
@@ -395,13 +395,14 @@ class ClientConnection:
         host_header = facts.host or b""
         authority = host_header if route.preserve_host_header else up.authority_bytes
         key = None
+        upgrade = facts.upgrade is not None and upgrade_allowed(route, facts.upgrade)
         if facts.shared:   # the same client headers as before: the same headers to send
-            key = (facts, authority, self.stream.peer, self.scheme)
+            key = (facts, authority, self.stream.peer, self.scheme, upgrade)
             seen = _UPSTREAM_HEADERS.get(key)
             if seen is not None:
                 return _REQUEST(method=req.method, target=req.target, headers=list(seen))
         headers = [(b"host", authority)]
-        headers += end_to_end(req.headers, keep_upgrade=facts.upgrade is not None,
+        headers += end_to_end(req.headers, keep_upgrade=upgrade,
                                     drop=_NOT_FORWARDED, tokens=facts.tokens)
         xffs = facts.forwarded_for
         if xffs and b"x-forwarded-for" in facts.tokens:
