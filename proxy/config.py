@@ -166,6 +166,7 @@ KNOWN_KEYS: tuple[str, ...] = (
     "http_redirect_addr",
     "metrics_address",
     "routes",
+    "policy",
     "certificates",
     "certificate_file",
     "certificate_key_file",
@@ -189,7 +190,7 @@ KNOWN_KEYS: tuple[str, ...] = (
 )
 
 # Keys whose environment value is YAML (or JSON) text rather than a plain string.
-STRUCTURED_KEYS = frozenset({"routes", "certificates"})
+STRUCTURED_KEYS = frozenset({"routes", "policy", "certificates"})
 
 ROUTE_KEYS = ("from", "to", "preserve_host_header", "response", "prefix", "path", "regex",
               "regex_priority_order", "allow_websockets", "allow_spdy", "allow_upgrades",
@@ -886,10 +887,13 @@ def load_config(path: Optional[str], environ: Mapping[str, str], *, full_key_che
     scalar("workers", parse_workers)
 
     # routes
-    if "routes" in raw:
-        found: list[str] = []
-        out["routes"] = parse_routes(raw["routes"], "routes", found)
-        problems += _name_source(found, "routes", labels)
+    if "routes" in raw and "policy" in raw:
+        problems.append(f"{labels['policy']}: 'policy' is the older name of 'routes'; give one of them, not both")
+    for key in ("routes", "policy"):
+        if key in raw:
+            found: list[str] = []
+            out["routes"] = parse_routes(raw[key], key, found)
+            problems += _name_source(found, key, labels)
 
     # certificates: the list first, then certificate_file + certificate_key_file
     pairs: list[CertificatePair] = []

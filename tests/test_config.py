@@ -187,7 +187,7 @@ def test_several_problems_reported_at_once(tmp_path):
         workers: -2
         autocert_eab_key_id: kid
         routes:
-          - from: https://a.example.com:8443
+          - from: ftp://a.example.com
             to: https://b.example.com
     """))
     keys = [p.split(":")[0] for p in found]
@@ -323,13 +323,12 @@ def test_route_fields(tmp_path):
 
 
 @pytest.mark.parametrize("from_url,fragment", [
-    ("https://a.example.com:8443", "has a port"),
     ("ftp://a.example.com", "'ftp'"),
     ("https:///path", "no host"),
     ("https://a.example.com/?q=1", "query"),
     ("https://a.example.com/#x", "query or fragment"),
     ("https://user@a.example.com", "user information"),
-    ("https://a.*.example.com", "wildcard"),
+    ("https://a.*.bücher.example", "ASCII"),
     ("https://a_b..example.com", "not a valid DNS name"),
 ])
 def test_bad_from(tmp_path, from_url, fragment):
@@ -739,8 +738,6 @@ def test_certificate_entry_reports_every_problem():
 # --------------------------------------------------------------------------- Pomerium's names
 
 @pytest.mark.parametrize("name,value,needles", [
-    ("POLICY", base64.b64encode(b"- from: https://a.example.com\n  to: http://127.0.0.1:9\n").decode(),
-     ["POLICY (environment): Pomerium setting 'policy' is not supported by autocert-proxy", "'routes'", "ROUTES"]),
     ("CERTIFICATE", base64.b64encode(b"-----BEGIN CERTIFICATE-----\n").decode(),
      ["CERTIFICATE (environment): Pomerium setting 'certificate'", "certificate_file"]),
     ("CERTIFICATE_KEY", base64.b64encode(b"-----BEGIN PRIVATE KEY-----\n").decode(),
@@ -805,7 +802,6 @@ def test_routes_in_pomerium_base64_form_are_named():
 
 def test_pomerium_key_in_file_is_named_not_corrected(tmp_path):
     found = problems_of(write(tmp_path, """
-        policy: []
         insecure_server: true
         cookie_secret: abc
         routes:
@@ -816,8 +812,6 @@ def test_pomerium_key_in_file_is_named_not_corrected(tmp_path):
             colour: red
     """))
     by_key = {p.split(":", 1)[0]: p for p in found}
-    assert by_key["policy"] == ("policy: Pomerium setting 'policy' is not supported by autocert-proxy: use 'routes' "
-                                "instead (the same list; in the environment ROUTES, as YAML or JSON text)")
     assert by_key["insecure_server"].startswith("insecure_server: Pomerium setting 'insecure_server' is not supported")
     assert "does not authenticate, every route would be public" in by_key["cookie_secret"]
     p = by_key["routes[0].set_request_headers"]
@@ -826,7 +820,7 @@ def test_pomerium_key_in_file_is_named_not_corrected(tmp_path):
     assert "preserve_host_header" not in p and "did you mean" not in p
     assert by_key["routes[0].allowed_users"].endswith("this proxy does not authenticate, the route would be public")
     assert by_key["routes[0].colour"].startswith("routes[0].colour: unknown key")   # not Pomerium's: as before
-    assert len(found) == 6, found
+    assert len(found) == 5, found
 
 
 def test_no_pomerium_key_is_ever_suggested_as_another_setting(tmp_path):
@@ -840,13 +834,61 @@ def test_no_pomerium_key_is_ever_suggested_as_another_setting(tmp_path):
 
 def test_refusals_are_the_table_minus_what_the_proxy_accepts():
     # a key added to the accepted keys (issue 20 adds policy, certificate, ...) leaves the refusals by itself
-    assert pomerium_names.refusal("policy", KNOWN_KEYS) is not None
-    assert pomerium_names.refusal("policy", KNOWN_KEYS + ("policy",)) is None
-    assert pomerium_names.route_refusal("prefix", ROUTE_KEYS) is not None
-    assert pomerium_names.route_refusal("prefix", ROUTE_KEYS + ("prefix",)) is None
-    env = {"CERTIFICATE": "x", "POLICY": "y"}
+    assert pomerium_names.refusal("certificate", KNOWN_KEYS) is not None
+    assert pomerium_names.refusal("certificate", KNOWN_KEYS + ("certificate",)) is None
+    assert pomerium_names.route_refusal("prefix_rewrite", ROUTE_KEYS) is not None
+    assert pomerium_names.route_refusal("prefix_rewrite", ROUTE_KEYS + ("prefix_rewrite",)) is None
+    env = {"CERTIFICATE": "x", "HEADERS": "y"}
     assert [p.split(" ")[0] for p in pomerium_names.environment_refusals(env, KNOWN_KEYS)[0]] == \
-        ["CERTIFICATE", "POLICY"]
-    assert pomerium_names.environment_refusals(env, KNOWN_KEYS + ("certificate", "policy")) == ([], [])
+        ["CERTIFICATE", "HEADERS"]
+    assert pomerium_names.environment_refusals(env, KNOWN_KEYS + ("certificate", "headers")) == ([], [])
     assert pomerium_names.refusal("address", KNOWN_KEYS) is None          # ours
     assert pomerium_names.refusal("workers", KNOWN_KEYS) is None          # not Pomerium's
+
+
+def test_pomerium_route_matching_keys(tmp_path):
+    [a, b, c] = routes_of(tmp_path, """
+        policy:
+          - from: https://a.example.com:8443
+            to: http://127.0.0.1:9000
+            prefix: /api
+            allow_websockets: true
+            name: A
+            description: the A app
+            logo_url: https://a.example.com/logo.png
+            cors_allow_preflight: true
+            allow_public_unauthenticated_access: true
+          - from: https://app-*.example.com
+            to: http://127.0.0.1:9000
+            regex: "/v[0-9]+/.*"
+            regex_priority_order: 5
+            allow_upgrades: true
+          - from: https://app-*.example.com
+            to: http://127.0.0.1:9000
+            path: /exact
+    """)
+    assert (a.host, a.port, a.prefix, a.upgrades) == ("a.example.com", 8443, "/api", frozenset({"websocket"}))
+    assert (b.host, b.regex, b.regex_priority_order, b.upgrades) == ("app-*.example.com", "/v[0-9]+/.*", 5,
+                                                                    frozenset({"*"}))
+    assert (c.path, c.port, c.upgrades) == ("/exact", None, frozenset())
+
+
+@pytest.mark.parametrize("extra,fragment", [
+    ("regex: '/a(b'", "routes[0].regex: '/a(b' is not a valid regular expression"),
+    ("regex: '/a(?=b)'", "routes[0].regex: '/a(?=b)' uses a lookaround or backreference"),
+    ("regex: '/(a)\\1'", "RE2"),
+    ("prefix: api", "routes[0].prefix: 'api' must start with '/'"),
+    ("path: 3", "routes[0].path: expected a non-empty string"),
+    ("{prefix: /a, path: /a}", "at most one of 'prefix', 'path', 'regex'"),
+    ("regex_priority_order: high", "routes[0].regex_priority_order: expected a whole number"),
+    ("allow_websockets: maybe", "routes[0].allow_websockets:"),
+])
+def test_bad_route_matching_keys(tmp_path, extra, fragment):
+    extra = extra.strip("{}").replace(", ", "\n    ")
+    p = one_problem(write(tmp_path, f"routes:\n  - from: https://a.example.com\n    to: http://h:1\n    {extra}\n"))
+    assert fragment in p, p
+
+
+def test_policy_and_routes_together_refused(tmp_path):
+    p = one_problem(write(tmp_path, "routes: []\npolicy: [{from: 'https://a.example.com', to: 'http://h:1'}]\n"))
+    assert p.startswith("policy: 'policy' is the older name of 'routes'"), p
