@@ -274,10 +274,11 @@ def test_pomerium_variables_are_refused_by_check_and_start(tmp_path, ca):
            "AWS_REGION": "eu-west-1", "DEBUG": "1"}    # ordinary variables: not Pomerium's
     lines = _refused_at_check_and_start(tmp_path, GOOD, env)
     problems = [ln for ln in lines if ln.startswith("  - ")]
-    assert [ln.split(" ")[3] for ln in problems] == ["CERTIFICATE", "CERTIFICATE_KEY", "POLICY"], lines
-    assert "Pomerium setting 'certificate' is not supported by autocert-proxy: use certificate_file" in problems[0]
-    assert "use certificate_key_file" in problems[1]
-    assert "use 'routes' instead" in problems[2]
+    # POLICY is read (the older name of ROUTES), in YAML or JSON; its base64 form is named
+    assert problems[0].startswith("  - policy (from environment POLICY): holds base64-encoded YAML"), lines
+    assert [ln.split(" ")[3] for ln in problems[1:]] == ["CERTIFICATE", "CERTIFICATE_KEY"], lines
+    assert "Pomerium setting 'certificate' is not supported by autocert-proxy: use certificate_file" in problems[1]
+    assert "use certificate_key_file" in problems[2]
 
 
 def test_routes_in_pomerium_base64_form_are_refused(tmp_path):
