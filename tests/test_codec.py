@@ -109,24 +109,65 @@ def test_connection_tokens_case_and_spaces():
     (b"Example.COM", "example.com"),
     (b"example.com:8443", "example.com"),
     (b"example.com.", "example.com"),
+    (b"example.com:", "example.com"),
+    (b"192.0.2.1:80", "192.0.2.1"),
     (b"[::1]:443", "[::1]"),
-    (b"example.com:abc", ""),
-    (b"\xff", ""),
+    (b"[2001:DB8::1]", "[2001:db8::1]"),
+    (b"xn--bcher-kva.example", "xn--bcher-kva.example"),
+    (b"a%2Db.example", "a%2db.example"),
     (b"", ""),
 ])
-def test_split_host(host, expected):
-    assert codec.split_host(host) == expected
+def test_host_name(host, expected):
+    assert codec.host_name(host) == expected
+
+
+@pytest.mark.parametrize("host", [
+    b"a<svg/onload=alert(1)>", b'a"b', b"a b", b"example.com:abc", b"example.com:80:80", b"\xff",
+    b"user@example.com", b"example.com/x", b"[::1", b"[not-ipv6]", b"[1.2.3.4]", b"[fe80::1%25eth0]",
+    b"a%zz",
+])
+def test_host_name_rejects_what_is_not_host_port(host):
+    with pytest.raises(codec.BadRequest):
+        codec.host_name(host)
+
+
+def test_request_facts_rejects_an_invalid_host():
+    with pytest.raises(codec.BadRequest):
+        codec.request_facts([(b"host", b"a<svg/onload=alert(1)>")])
+
+
+@pytest.mark.parametrize("method,target,expected", [
+    (b"GET", b"/x?y=1", (None, b"/x?y=1")),
+    (b"GET", b"http://internal.test/x?y=1", (b"internal.test", b"/x?y=1")),
+    (b"GET", b"HTTPS://Internal.Test:8443", (b"Internal.Test:8443", b"/")),
+    (b"GET", b"http://internal.test?x=1", (b"internal.test", b"/?x=1")),
+    (b"POST", b"http://[::1]:80/p", (b"[::1]:80", b"/p")),
+])
+def test_origin_form(method, target, expected):
+    assert codec.origin_form(method, target) == expected
+
+
+@pytest.mark.parametrize("method,target", [
+    (b"OPTIONS", b"*"), (b"CONNECT", b"internal.test:443"), (b"CONNECT", b"/"),
+    (b"GET", b"internal.test/x"), (b"GET", b"ftp://internal.test/"), (b"GET", b"http:///x"),
+    (b"GET", b"http://user@internal.test/"), (b"GET", b"http://a<svg>/"), (b"GET", b"http://:80/"),
+])
+def test_origin_form_refuses_other_targets(method, target):
+    with pytest.raises(codec.BadRequest):
+        codec.origin_form(method, target)
+
+
+@pytest.mark.parametrize("connection", [b"Content-Length", b"keep-alive, content-length", b"Transfer-Encoding"])
+def test_connection_naming_a_framing_header_is_refused(connection):
+    with pytest.raises(codec.BadRequest):
+        codec.request_facts([(b"host", b"a"), (b"connection", connection), (b"content-length", b"5")])
 
 
 def test_redirect_location():
     assert redirect_location(b"a.example.com", b"/x?y=1", 443) == b"https://a.example.com/x?y=1"
     assert redirect_location(b"a.example.com:80", b"/x", 8443) == b"https://a.example.com:8443/x"
-    # absolute-form: the path and query are kept, the authority in it is not trusted.
-    assert redirect_location(b"a", b"http://evil/", 443) == b"https://a/"
-    assert redirect_location(b"a", b"http://evil/p/q?x=1", 443) == b"https://a/p/q?x=1"
-    assert redirect_location(b"a", b"HTTP://evil?x=1", 443) == b"https://a/?x=1"
-    assert redirect_location(b"a", b"http://evil", 443) == b"https://a/"
-    assert redirect_location(b"a", b"*", 443) == b"https://a/"
+    with pytest.raises(codec.BadRequest):
+        redirect_location(b"a<svg>", b"/", 443)
 
 
 # --------------------------------------------------------------------------- routes

@@ -554,6 +554,83 @@ def test_direct_response_route(start_proxy):
     assert r.stdout.endswith(b"teapot")
 
 
+# --------------------------------------------------------------------------- request targets and hosts
+
+def _upstream_saw(up: UpstreamServer) -> list:
+    return [(r["path"], dict(r["headers"])["host"], dict(r["headers"])["x-forwarded-host"]) for r in up.requests]
+
+
+def test_absolute_form_target_is_routed_by_its_authority(start_proxy):
+    """RFC 9112 3.2.2: the authority of an absolute-form target, not Host, names the host; the
+    upstream gets origin-form (as from nginx), whichever of the two hosts is routed."""
+    judge, internal = UpstreamServer(), UpstreamServer()
+    try:
+        p = start_proxy({"routes": [{"from": "https://judge.test", "to": judge.url},
+                                    {"from": "https://internal.test", "to": internal.url,
+                                     "preserve_host_header": True}]})
+        get = b"GET %s HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+        # Host names judge.test, the target internal.test
+        out, _ = raw_exchange(p.port, get % (b"http://internal.test/x?y=1", b"judge.test"), host="judge.test")
+        assert out.startswith(b"HTTP/1.1 200"), out[:300]
+        assert _upstream_saw(internal) == [("/x?y=1", "internal.test", "internal.test")]
+        assert judge.requests == []
+        # the reverse: Host names internal.test, the target judge.test
+        out, _ = raw_exchange(p.port, get % (b"https://judge.test/c24", b"internal.test"), host="internal.test")
+        assert out.startswith(b"HTTP/1.1 200"), out[:300]
+        assert _upstream_saw(judge) == [("/c24", f"127.0.0.1:{judge.port}", "judge.test")]
+        assert len(internal.requests) == 1
+        # no path, a port and upper case in the target
+        out, _ = raw_exchange(p.port, get % (b"HTTP://Internal.Test:8443?q=1", b"judge.test"))
+        assert out.startswith(b"HTTP/1.1 200"), out[:300]
+        assert _upstream_saw(internal)[-1] == ("/?q=1", "Internal.Test:8443", "Internal.Test:8443")
+        # a target host without a route: 404 for it, though Host has one
+        out, _ = raw_exchange(p.port, get % (b"https://nowhere.test/c24", b"judge.test"))
+        assert out.startswith(b"HTTP/1.1 404"), out[:300]
+        assert b"No route for nowhere.test/c24." in out
+        assert len(judge.requests) == 1 and len(internal.requests) == 2
+    finally:
+        judge.stop()
+        internal.stop()
+
+
+@pytest.mark.parametrize("request_line", [
+    b"OPTIONS * HTTP/1.1",                         # asterisk-form
+    b"CONNECT app.test:443 HTTP/1.1",              # authority-form
+    b"CONNECT /echo HTTP/1.1",
+    b"GET app.test/echo HTTP/1.1",                 # no scheme
+    b"GET ftp://app.test/echo HTTP/1.1",
+    b"GET http://user@app.test/echo HTTP/1.1",     # userinfo (RFC 9110 4.2.4)
+    b"GET http:///echo HTTP/1.1",                  # no host
+    b"GET http://app.test:https/echo HTTP/1.1",    # not a port
+])
+def test_targets_a_reverse_proxy_does_not_forward_are_400(proxy, upstream, request_line):
+    out, closed = raw_exchange(proxy.port, request_line + f"\r\nHost: {HOST}\r\n\r\n".encode())
+    assert closed
+    assert out.startswith(b"HTTP/1.1 400"), out[:300]
+    assert out.count(b"HTTP/1.1") == 1, out
+    time.sleep(0.2)   # the upstream thread would have recorded by now
+    assert upstream.requests == []
+
+
+MARKUP = b"<svg/onload=alert(1)>"
+
+
+@pytest.mark.parametrize("sent, status", [
+    (b"GET /" + MARKUP + b"?q=" + MARKUP + b" HTTP/1.1\r\nHost: nowhere.test\r\nConnection: close\r\n\r\n", 404),
+    (b"GET / HTTP/1.1\r\nHost: a" + MARKUP + b"\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: app.test:" + MARKUP + b"\r\n\r\n", 400),
+    (b"GET http://a" + MARKUP + b"/ HTTP/1.1\r\nHost: app.test\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: app.test\r\n" + MARKUP + b": 1\r\n\r\n", 400),
+])
+def test_what_a_client_sent_is_escaped_in_error_pages(proxy, upstream, sent, status):
+    out, _ = raw_exchange(proxy.port, sent)
+    assert out.startswith(b"HTTP/1.1 %d" % status), out[:300]
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"text/html" in head and b"<svg" not in out, out
+    time.sleep(0.2)
+    assert upstream.requests == []
+
+
 # --------------------------------------------------------------------------- smuggling
 
 SMUGGLING = {
@@ -614,6 +691,27 @@ def test_smuggling_on_direct_response_route(start_proxy):
     out, closed = raw_exchange(p.port, SMUGGLING["cl_and_te"] % HOST.encode())
     assert closed and out.startswith(b"HTTP/1.1 400"), out
     assert b"/smuggled" not in out and out.count(b"HTTP/1.1") == 1
+
+
+@pytest.mark.parametrize("connection, framing, body", [
+    (b"Content-Length", b"Content-Length: 5", b"hello"),
+    (b"keep-alive, content-length", b"Content-Length: 5", b"hello"),
+    (b"Transfer-Encoding", b"Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+])
+def test_connection_naming_a_framing_header_is_400_not_502(proxy, upstream, connection, framing, body):
+    """A framing header named in Connection is hop-by-hop by that rule; removing it would
+    change the body's framing. The client's mistake is answered 400, not blamed on the upstream."""
+    marker = f"framing-{time.monotonic_ns()}"
+    req = b"POST /echo?%s HTTP/1.1\r\nHost: %s\r\nConnection: %s\r\n%s\r\n\r\n%s" % (
+        marker.encode(), HOST.encode(), connection, framing, body)
+    out, closed = raw_exchange(proxy.port, req)
+    assert closed
+    assert out.startswith(b"HTTP/1.1 400"), out[:300]
+    assert out.count(b"HTTP/1.1") == 1, out
+    proxy.wait_log(marker)   # (its access log line)
+    time.sleep(0.2)
+    assert upstream.requests == []
+    assert not [l for l in proxy.log().splitlines() if "WARNING" in l and "upstream" in l]
 
 
 # --------------------------------------------------------------------------- timeouts
@@ -742,6 +840,21 @@ def test_redirect_post_308(redirect_proxy):
 def test_redirect_to_port_443_has_no_port():
     from proxy.http.redirect import redirect_location
     assert redirect_location(b"www.example.com:80", b"/p?q", 443) == b"https://www.example.com/p?q"
+
+
+def test_redirect_refuses_an_invalid_host(redirect_proxy):
+    resp, body = _plain(redirect_proxy.redirect_port, "GET", "/x", host="a<svg/onload=alert(1)>")
+    assert resp.status == 400
+    assert resp.getheader("location") is None and b"<svg" not in body
+
+
+def test_redirect_of_absolute_form_uses_its_authority(redirect_proxy):
+    p = redirect_proxy
+    with socket.create_connection(("127.0.0.1", p.redirect_port), timeout=10) as s:
+        s.sendall(b"GET http://other.example/p?q=1 HTTP/1.1\r\nHost: www.example.com\r\nConnection: close\r\n\r\n")
+        out, _ = read_until_close(s)
+    assert out.startswith(b"HTTP/1.1 301"), out
+    assert f"\r\nlocation: https://other.example:{p.port}/p?q=1\r\n".encode() in out, out
 
 
 def test_redirect_acme_challenge_is_404(redirect_proxy):
@@ -886,6 +999,24 @@ def test_client_that_stops_reading_is_dropped(start_proxy, upstream):
             pass
     assert got < 100 * 1024 * 1024
     assert p.curl(HOST, "/echo").returncode == 0
+    p.wait_log("client stopped reading")   # the client's doing, not the upstream's
+    assert not [l for l in p.log().splitlines() if "WARNING" in l], p.log()[-3000:]
+
+
+def test_client_leaving_mid_response_is_not_blamed_on_the_upstream(start_proxy, upstream):
+    """A client that closes while a large response trickles in from the upstream: logged as
+    the client's doing at INFO, with no warning about the upstream."""
+    p = start_proxy({"routes": [route(upstream.url)]})
+    with tls_socket(p.port) as s:
+        s.sendall(f"GET /big?mb=16&ms=20 HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+        got = b""
+        while len(got) < 300_000:
+            got += s.recv(65536)
+        assert got.startswith(b"HTTP/1.1 200")
+    p.wait_log("client closed the connection")
+    line = next(l for l in p.log().splitlines() if "client closed the connection" in l)
+    assert " INFO " in line and "https://app.test" in line, line
+    assert not [l for l in p.log().splitlines() if "WARNING" in l], p.log()[-3000:]
 
 
 @pytest.mark.parametrize("size", [70_000, 100_000, 300_000])
@@ -974,7 +1105,7 @@ def test_upstream_stalling_mid_body_cuts_the_client(start_proxy, raw_upstream):
     assert closed, out                       # cut, not left hanging with a short body
     assert out.startswith(b"HTTP/1.1 200") and out.endswith(b"0123456789")
     assert time.monotonic() - started < 6
-    assert "broke off" in p.log()
+    assert "WARNING proxy.http: upstream" in p.log() and "broke off" in p.log()
 
 
 def test_bad_chunk_after_good_ones_is_400(proxy, upstream):

@@ -4,11 +4,13 @@ h11 parses and frames messages; these functions add what a proxy must enforce be
 because a message that two parsers could read differently is a smuggling vector:
 - a head with a bare LF where CRLF is required (h11 tolerates it),
 - both Content-Length and Transfer-Encoding (h11 lets Transfer-Encoding win),
-- hop-by-hop headers, which are meaningful for one connection only.
+- hop-by-hop headers, which are meaningful for one connection only,
+- a host that is not host[:port], and request targets other than origin-form and absolute-form.
 """
 from __future__ import annotations
 
 import re
+from ipaddress import IPv6Address
 from itertools import chain
 from typing import Iterable, Optional
 
@@ -51,7 +53,7 @@ class RequestFacts:
 
     def __init__(self, host, tokens, upgrade, forwarded_for, chunked):
         self.host: Optional[bytes] = host                 # the first Host value
-        self.host_name: str = split_host(host) if host else ""   # it as routing sees it
+        self.host_name: str = host_name(host) if host else ""   # it as routing sees it
         self.tokens: set[bytes] = tokens                  # Connection tokens, lower case
         self.upgrade: Optional[bytes] = upgrade           # the Upgrade value, if Connection names it
         self.forwarded_for: list[bytes] = forwarded_for   # X-Forwarded-For values, in order
@@ -59,6 +61,10 @@ class RequestFacts:
         # kept by request_facts: this object stands for these headers (while it is kept), so
         # it can key what callers derive from them
         self.shared = False
+
+    def with_host(self, host: bytes) -> "RequestFacts":
+        """These facts for a request whose host is ``host`` (its target's authority), not shared."""
+        return RequestFacts(host, self.tokens, self.upgrade, self.forwarded_for, self.chunked)
 
 
 _FACT_NAMES = frozenset((b"host", b"connection", b"upgrade", b"x-forwarded-for",
@@ -108,6 +114,9 @@ def _request_facts(headers) -> RequestFacts:
     if lengths and (te or len(lengths) > 1):
         raise BadRequest("both Content-Length and Transfer-Encoding" if te else "conflicting Content-Length values")
     tokens = _tokens(connection) if connection else set()
+    # One rule, the simplest safe one: a framing header named in Connection is refused, never removed.
+    if b"content-length" in tokens or b"transfer-encoding" in tokens:
+        raise BadRequest("Connection names Content-Length or Transfer-Encoding")
     if b"upgrade" not in tokens:
         upgrade = None
     return RequestFacts(host, tokens, upgrade, xff, te)
@@ -202,16 +211,44 @@ def _end_to_end(headers, keep_upgrade, drop, tokens) -> Headers:
     return out
 
 
-def split_host(host: bytes) -> str:
-    """Host header -> lower-case name without port ("" when unusable)."""
-    try:
-        text = host.decode("ascii").strip().lower()
-    except UnicodeDecodeError:
-        return ""
-    if text.startswith("["):
-        end = text.find("]")
-        return text[: end + 1] if end > 0 else ""
-    name, _, port = text.partition(":")
-    if port and not port.isdigit():
-        return ""
-    return name.rstrip(".")
+# RFC 3986 host [":" port]: an IP-literal (IPv6, checked further in host_name, or IPvFuture) or
+# a reg-name (which an IPv4 address also is).
+_HOST_PORT = re.compile(rb"(\[(?:[0-9A-Fa-f:.]+|[vV][0-9A-Fa-f]+\.[-A-Za-z0-9._~!$&'()*+,;=:]+)\]"
+                        rb"|(?:[-A-Za-z0-9._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*)(?::[0-9]*)?")
+# absolute-form (RFC 9112 3.2.2): scheme "://" authority, then the origin-form part
+_ABSOLUTE_FORM = re.compile(rb"[hH][tT][tT][pP][sS]?://([^/?]*)(.*)", re.DOTALL)
+
+
+def host_name(authority: bytes) -> str:
+    """A Host value or a target's authority -> the lower-case name routing sees (no port, no
+    trailing dot). Raises BadRequest when it is not host[:port] (RFC 3986), e.g. one with markup."""
+    m = _HOST_PORT.fullmatch(authority)
+    if m is not None:
+        host = m.group(1).decode("ascii")
+        if not host.startswith("[") or host[1] in "vV":
+            return host.lower().rstrip(".")
+        try:
+            IPv6Address(host[1:-1])
+            return host.lower()
+        except ValueError:
+            pass
+    raise BadRequest("the host is not a valid host[:port]")
+
+
+def origin_form(method: bytes, target: bytes) -> tuple[Optional[bytes], bytes]:
+    """A request's target -> (the authority that names its host, None for origin-form: Host
+    does; the origin-form target, which is what goes upstream, as nginx sends it). RFC 9112
+    3.2.2: the authority of an absolute-form target wins over Host. Raises BadRequest for
+    asterisk-form ("OPTIONS *"), CONNECT, other schemes and an authority with userinfo or
+    without a valid host[:port]: a reverse proxy has nothing else to send upstream."""
+    if method == b"CONNECT":
+        raise BadRequest("CONNECT is not supported")
+    if target[:1] == b"/":
+        return None, target
+    m = _ABSOLUTE_FORM.fullmatch(target)
+    if m is None:
+        raise BadRequest("the request target is neither origin-form nor http(s) absolute-form")
+    authority, rest = m.groups()
+    if not host_name(authority):
+        raise BadRequest("the request target has no host")
+    return authority, rest if rest[:1] == b"/" else b"/" + rest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from html import escape
 from time import monotonic
 from http import HTTPStatus
 from dataclasses import dataclass
@@ -60,9 +61,10 @@ class ClientTimeout(Exception):
 
 
 def error_page(status: int, detail: str = "") -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """A page the proxy writes itself; ``detail`` is escaped (it may carry what a client sent)."""
     reason = _REASONS.get(status, "Error")
     body = (f"<!doctype html><title>{status} {reason}</title>\n"
-            f"<h1>{status} {reason}</h1>\n<p>{detail}</p>\n<hr><small>autocert-proxy</small>\n").encode()
+            f"<h1>{status} {reason}</h1>\n<p>{escape(detail)}</p>\n<hr><small>autocert-proxy</small>\n").encode()
     return [(b"content-type", b"text/html; charset=utf-8"), (b"content-length", str(len(body)).encode())], body
 
 
@@ -272,9 +274,14 @@ class ClientConnection:
             return False
         self.busy = True
         started = monotonic()
-        entry = Entry(self.stream.peer, ev.method, ev.target, ev.http_version)
+        method, target = ev.method, ev.target
+        entry = Entry(self.stream.peer, method, target, ev.http_version)
         try:
             facts = request_facts(ev.headers)
+            if target[:1] != b"/" or method == b"CONNECT":   # (rare: absolute-form, or refused)
+                authority, target = codec.origin_form(method, target)
+                facts = facts.with_host(authority)
+                ev = _REQUEST(method=method, target=target, headers=ev.headers, http_version=ev.http_version)
         except codec.BadRequest as e:
             self._raw_error(400, str(e))
             log.info("rejected request from %s: %s", self.stream.peer, e)
@@ -283,7 +290,7 @@ class ClientConnection:
             return False
         host = facts.host_name
         entry.host = host
-        path = ev.target.split(b"?", 1)[0].decode("latin-1")
+        path = target.split(b"?", 1)[0].decode("latin-1")
         route = state.routes.match(host, path, facts.host) if host else None
         try:
             if route is None:
@@ -501,19 +508,29 @@ class ClientConnection:
                     client.send(ev)   # h11 events are immutable: the received Data goes out as it is
                     sent += len(ev.data)
                     if self.stream.must_drain:
-                        await self.stream.drain(opts.timeout_idle)
+                        try:
+                            await self.stream.drain(opts.timeout_idle)
+                        except TimeoutError:
+                            raise ClientTimeout() from None
                 elif type(ev) is EndOfMessage:
                     client.send(END)
                     break
                 else:
                     raise RemoteProtocolError("upstream closed mid-response")
-        except (TimeoutError, RemoteProtocolError, StreamClosed, ConnectionError) as e:
+        except (TimeoutError, ClientTimeout, RemoteProtocolError, StreamClosed, ConnectionError) as e:
             # The response has started: the only honest signal left is to cut the connection.
             stream.abort()
             entry.bytes_sent = sent
-            log.warning("upstream %s broke off the response for %s: %s", entry.upstream, route.from_url, e)
+            # Whose side ended it: a client going away is routine, an upstream breaking off is not.
+            if type(e) is ClientTimeout:
+                log.info("client stopped reading the response for %s (from %s)", route.from_url, self.stream.peer)
+            elif self.stream.is_closing:
+                log.info("client closed the connection during the response for %s (from %s)", route.from_url,
+                         self.stream.peer)
+            else:
+                log.warning("upstream %s broke off the response for %s: %s", entry.upstream, route.from_url, e)
             self.stream.abort()
-            raise StreamClosed("upstream broke off") from None
+            raise StreamClosed("response cut off") from None
         entry.bytes_sent = sent
         try:
             upstream.conn.start_next_cycle()   # both sides done, or LocalProtocolError

@@ -23,26 +23,12 @@ async def _no_challenges(host: str, token: str) -> Optional[str]:
     return None
 
 
-def redirect_location(host_header: bytes, target: bytes, https_port: int) -> bytes:
-    authority = codec.split_host(host_header)
+def redirect_location(authority: bytes, target: bytes, https_port: int) -> bytes:
+    """https:// URL for a request's host (its valid authority) and origin-form target."""
+    host = codec.host_name(authority)
     if https_port != 443:
-        authority = f"{authority}:{https_port}"
-    if not target.startswith(b"/"):
-        target = _origin_form(target)
-    return b"https://" + authority.encode("ascii") + target
-
-
-def _origin_form(target: bytes) -> bytes:
-    """absolute-form "http://host/p?q" (RFC 9112 3.2.2) -> "/p?q"; its authority is not
-    trusted (the Host header decides); anything else ("*") -> "/"."""
-    scheme, sep, rest = target.partition(b"://")
-    if not sep or scheme.lower() not in (b"http", b"https"):
-        return b"/"
-    cuts = [i for i in (rest.find(b"/"), rest.find(b"?")) if i >= 0]
-    if not cuts:
-        return b"/"
-    tail = rest[min(cuts):]
-    return tail if tail.startswith(b"/") else b"/" + tail
+        host = f"{host}:{https_port}"
+    return b"https://" + host.encode("ascii") + target
 
 
 class RedirectConnection(LocalConnection):
@@ -55,9 +41,15 @@ class RedirectConnection(LocalConnection):
         self.http01 = http01
 
     async def answer(self, side: Side, req: h11.Request) -> None:
-        host_header = codec.header_value(req.headers, b"host")
-        host = codec.split_host(host_header or b"")
-        path = req.target.split(b"?", 1)[0].decode("latin-1")
+        try:   # the proxy's rule: the authority of an absolute-form target, else a valid Host
+            authority, target = codec.origin_form(req.method, req.target)
+            authority = authority or codec.header_value(req.headers, b"host") or b""
+            host = codec.host_name(authority)
+        except codec.BadRequest as e:
+            headers, body = error_page(400, str(e))
+            self.send(side, req, 400, headers, body)
+            return
+        path = target.split(b"?", 1)[0].decode("latin-1")
         if path.startswith(CHALLENGE_PREFIX):
             token = path[len(CHALLENGE_PREFIX):]
             key_auth = await self.http01(host, token) if token and "/" not in token else None
@@ -74,6 +66,6 @@ class RedirectConnection(LocalConnection):
             self.send(side, req, 400, headers, body)
             return
         status = 301 if req.method in (b"GET", b"HEAD") else 308
-        location = redirect_location(host_header, req.target, self.https_port())
+        location = redirect_location(authority, target, self.https_port())
         headers, body = error_page(status, "Moved to HTTPS.")
         self.send(side, req, status, headers + [(b"location", location)], body)

@@ -1,7 +1,8 @@
 """A real upstream HTTP/1.1 server for proxy tests (stdlib http.server, in a thread).
 
 Endpoints: ``/echo`` (any method; JSON of method, path, headers, body length and sha256),
-``/slow?s=N`` (answers after N seconds), ``/big?mb=N`` (N MiB, Content-Length),
+``/slow?s=N`` (answers after N seconds), ``/big?mb=N`` (N MiB, Content-Length; ``&ms=M``:
+M milliseconds between 64 KiB blocks),
 ``/chunked?n=N`` (N chunks), anything else -> echo. Every request is recorded in
 ``requests`` so tests can assert what the upstream saw.
 """
@@ -67,11 +68,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(size))
             self.end_headers()
             block = b"x" * 65536
+            pause = float(q.get("ms", "0")) / 1000
             left = size
             while left:
                 part = block[: min(left, len(block))]
                 self.wfile.write(part)
                 left -= len(part)
+                if pause:
+                    time.sleep(pause)
             return
         if url.path == "/chunked":
             self._body()
