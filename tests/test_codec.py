@@ -177,12 +177,13 @@ def _route(host, prefix="/", to=("10.0.0.1",)):
                  to=tuple(Upstream("http", h, 80) for h in to))
 
 
-def test_route_exact_host_beats_wildcard():
+def test_route_hosts_match_in_file_order_as_in_pomerium():
     exact, wild = _route("a.example.com"), _route("*.example.com")
+    assert RouteTable([exact, wild]).match("a.example.com", "/") is exact
     t = RouteTable([wild, exact])
-    assert t.match("a.example.com", "/") is exact
+    assert t.match("a.example.com", "/") is wild         # first match in file order wins
     assert t.match("b.example.com", "/") is wild
-    assert t.match("x.b.example.com", "/") is None      # a wildcard covers one label only
+    assert t.match("x.b.example.com", "/") is wild       # Pomerium's * is (.*): several labels
     assert t.match("example.com", "/") is None
     assert t.match("other.org", "/") is None
 
