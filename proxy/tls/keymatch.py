@@ -80,7 +80,7 @@ def _bit_string(content: bytes) -> bytes:
 def certificate_spki(tbs: bytes) -> bytes:
     """The SubjectPublicKeyInfo element (DER) of a TBSCertificate."""
     tag, i, end = _tlv(tbs, 0, len(tbs))
-    if tag != _SEQUENCE:
+    if tag != _SEQUENCE or i == end:
         raise _Malformed
     if tbs[i] == 0xA0:                 # [0] version
         i = _tlv(tbs, i, end)[2]
