@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from proxy.tls import keymatch
 from proxy.tls.keymatch import certificate_spki, key_matches, key_spki
 
 DER = serialization.Encoding.DER
@@ -173,8 +174,9 @@ def test_forms_the_matcher_accepts_beyond_the_usual_layout(p384, p256):
     text = b"Bag Attributes\r\n" + pem("EC PRIVATE KEY", key.sec1()).replace(b"\n", b"\r\n") + b"trailer\n"
     assert key_matches(text, key.cert) is True
     body = content(key.sec1())
-    long_len = bytes((SEQUENCE, 0x82)) + len(body).to_bytes(2, "big") + body
-    assert key_matches(pem("EC PRIVATE KEY", long_len), key.cert) is True
+    for size in (2, 4):
+        long_len = bytes((SEQUENCE, 0x80 | size)) + len(body).to_bytes(size, "big") + body
+        assert key_matches(pem("EC PRIVATE KEY", long_len), key.cert) is True, size
 
 
 def content(der: bytes) -> bytes:
@@ -229,6 +231,10 @@ def malformed_keys(p384, p256, rsa_key):
                                                        k.public(), b"\xbf\x00"))),
         ("child cut after its tag", pem("EC PRIVATE KEY", seq(integer(1), tlv(OCTET_STRING, k.d),
                                                                tlv(0xA0, k.curve), k.public(), b"\xa2"))),
+        ("child longer than its parent", pem("EC PRIVATE KEY", seq(integer(1), tlv(OCTET_STRING, k.d),
+                                                                    tlv(0xA0, k.curve), k.public(), b"\xa2\x05\x00"))),
+        ("indefinite length inside", pem("EC PRIVATE KEY", seq(integer(1), tlv(OCTET_STRING, k.d),
+                                                                tlv(0xA0, k.curve), b"\xa2\x80", k.public()))),
         # SEC1
         ("SEC1 with one element", pem("EC PRIVATE KEY", seq(integer(1)))),
         ("SEC1 version not INTEGER", pem("EC PRIVATE KEY", k.sec1(version=tlv(OCTET_STRING, b"\x01")))),
@@ -286,8 +292,40 @@ def test_every_structural_guard(p384, p256, rsa_key):
 def test_the_minimal_pkcs1_key_is_enough(rsa_key):
     """Version, modulus and exponent are all the matcher reads; the full load judges the rest."""
     r = rsa_key
-    three = pem("RSA PRIVATE KEY", r.pkcs1(elements=[integer(0), integer(r.values[1]), integer(r.values[2])]))
-    assert key_matches(three, r.cert) is True
+    three = [integer(0), integer(r.values[1]), integer(r.values[2])]
+    assert key_matches(pem("RSA PRIVATE KEY", r.pkcs1(elements=three)), r.cert) is True
+    odd_fourth = pem("RSA PRIVATE KEY", r.pkcs1(elements=three + [tlv(OCTET_STRING, b"d")]))
+    assert key_matches(odd_fourth, r.cert) is True
+
+
+def test_public_keys_of_every_length_are_encoded_as_cryptography_does():
+    """The SubjectPublicKeyInfo the matcher writes for an RSA key, for moduli whose encodings
+    cross the short/long DER length forms (127/128 and 255/256 content bytes)."""
+    e = 65537
+    for size in range(110, 270):
+        n = (1 << (8 * size - 1)) | 1
+        expected = rsa.RSAPublicNumbers(e, n).public_key().public_bytes(DER, SPKI)
+        key = pem("RSA PRIVATE KEY", seq(integer(0), integer(n), integer(e)))
+        assert key_spki(key) == expected, size
+    k = ec.generate_private_key(ec.SECP521R1())             # the long length form for EC
+    spki = k.public_key().public_bytes(DER, SPKI)
+    for fmt in (PKCS8, TRADITIONAL):
+        assert key_spki(k.private_bytes(serialization.Encoding.PEM, fmt, NOENC)) == spki
+
+
+def test_the_usual_p256_layout_takes_no_der_walk(monkeypatch, p256):
+    """The fixed PKCS#8 P-256 layout (OpenSSL's, cryptography's, certbot's, Caddy's) is what keeps
+    start-up with thousands of keys fast: it is answered by comparing bytes, not parsing DER."""
+    spki = p256.cert.public_key().public_bytes(DER, SPKI)
+    key = pem("PRIVATE KEY", p256.pkcs8())
+
+    def no_der(*args):
+        raise AssertionError("the DER parser ran")
+
+    monkeypatch.setattr(keymatch, "_tlv", no_der)
+    assert key_spki(key) == spki
+    with pytest.raises(AssertionError):
+        key_spki(pem("EC PRIVATE KEY", p256.sec1()))
 
 
 @pytest.mark.parametrize("what,tbs", [
