@@ -239,6 +239,7 @@ def parse_bool(value: Any) -> bool:
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION = re.compile(f"(?:{_DURATION_PART.pattern})+")
 _PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 _MAX_DURATION = (2 ** 63 - 1) / 1e9   # Go's time.Duration (int64 nanoseconds): about 292 years
 
@@ -253,23 +254,15 @@ def parse_duration(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
-        sign = -1.0 if text.startswith("-") else 1.0
+        negative = text.startswith("-")
         if text.startswith(("-", "+")):
             text = text[1:]   # Go's sign, so that "-5s" is told it must be positive
         if _PLAIN_NUMBER.fullmatch(text):
             seconds = float(text)
-        elif text:
-            total, pos = 0.0, 0
-            while pos < len(text):
-                m = _DURATION_PART.match(text, pos)
-                if not m:
-                    break
-                total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-                pos = m.end()
-            if pos == len(text):
-                seconds = total
-        if seconds is not None:
-            seconds *= sign
+        elif _DURATION.fullmatch(text):
+            seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+        if negative and seconds is not None:
+            seconds = -seconds
     if seconds is None or not math.isfinite(seconds):
         raise _Bad(f"{value!r} is not a duration; {accepted}")
     if seconds <= 0:
@@ -715,11 +708,9 @@ def normalize_mac_key(value: Any) -> str:
                    f"A-Z a-z 0-9 - _ ; '+' and '/' belong to standard base64); {accepted}")
     bare = text.rstrip("=")
     try:
-        raw = base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
-    except (binascii.Error, ValueError):
+        base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
+    except (binascii.Error, ValueError):   # (one character too many, "A" or "AAAAA", lands here)
         raise _Bad(f"value of length {len(text)} does not decode as base64url; {accepted}") from None
-    if not raw or len(bare) % 4 == 1:
-        raise _Bad(f"value of length {len(text)} does not decode as base64url; {accepted}")
     return bare
 
 

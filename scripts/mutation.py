@@ -43,7 +43,34 @@ SCOPE = {
 }
 
 # (mutant name pattern, text of the mutated line, why no test can tell it from the original)
-EQUIVALENT: list[tuple[str, str, str]] = []
+EQUIVALENT: list[tuple[str, str, str]] = [
+    ("proxy.autocert.schedule.x_renewal_time__*", "if end >= start:",
+     "a window of no length gives start + 0 * random(), which is start"),
+    ("proxy.autocert.layout.x__user__*", 'email.split("@", )[0]',
+     "the part before the first '@' does not depend on how many splits follow"),
+    ("proxy.autocert.layout.x__user__*", 'email.split("@", 2)[0]',
+     "the part before the first '@' does not depend on how many splits follow"),
+    ("proxy.autocert.layout.x__user__*", 'or "DEFAULT"', "safe_key() lower-cases it"),
+    ("proxy.http.routes.*match__*", "if (dot) or True",
+     "a name without a dot looks up '*.', which no route has (an empty label is refused)"),
+    ("proxy.tls.keymatch.x__der__*", "// 8, )", "int.to_bytes is big-endian by default (Python >= 3.11)"),
+    ("proxy.tls.keymatch.x__tlv__*", "b[i:i + k], )", "int.from_bytes is big-endian by default (Python >= 3.11)"),
+    ("proxy.tls.keymatch.x__ec_parts__*", "if len(kids) < 3 or",
+     "two elements hold no public key, which is refused a few lines below"),
+    ("proxy.tls.keymatch.x__ec_parts__*", "if len(kids) <= 2 or",
+     "two elements hold no public key, which is refused a few lines below"),
+    ("proxy.config.x__parse_response__*", "ok = None", "None is false, as False is"),
+    ("proxy.config.x__parse_response__*", 'value.get("body", None)', "None becomes \"\" on the next line"),
+    ("proxy.config.x__parse_response__*", 'value.get("body", )', "None becomes \"\" on the next line"),
+    ("proxy.config.x_parse_routes__*", 'parsed_from = ""',
+     "it stays unset only when a problem was recorded, and then the route is skipped anyway"),
+    ("proxy.config.*", "allow_wildcard=None", "None is false, as False is"),
+    ("proxy.config.x_normalize_hostname__*", 'encode("IDNA")', "codec names are case-insensitive"),
+    ("proxy.config.x_normalize_hostname__*", 'decode("ASCII")', "codec names are case-insensitive"),
+    ("proxy.config.x_normalize_hostname__*", 'rstrip("XX.XX")', "the name is lower-cased first: no 'X' is left"),
+    ("proxy.config.x_normalize_mac_key__*", "(+len(bare) % 4)",
+     "the decoder takes more padding than needed; where it differs (length 1 mod 4) both fail"),
+]
 
 KILLED = {1: "killed", 3: "killed"}
 TIMEOUT = {36, -24, 24, 152, 255}

@@ -6,6 +6,7 @@ refuse the value. scripts/mutation.sh measures how well these hold the parsers.
 """
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import yaml
 
 from proxy.config import (ConfigError, _Bad, load_config, parse_address, parse_bool, parse_ca_url,
                           parse_duration, parse_upstream, parse_workers)
-from proxy.storage import StorageError, parse_location
+from proxy.storage import StorageError, check_key, parse_location
 from tests.infra.proxyproc import REPO
 
 A63 = "a" * 63
@@ -33,8 +34,11 @@ A63 = "a" * 63
     ("s3://bkt", ("s3", "bkt", "", None)),
     ("s3://bkt/", ("s3", "bkt", "", None)),
     ("s3://bkt//a/b/", ("s3", "bkt", "a/b", None)),
+    ("s3://bkt/XpX/", ("s3", "bkt", "XpX", None)),
     ("s3://my.s3.bucket/p", ("s3", "my.s3.bucket", "p", None)),      # an "s3" label, not a host
     ("s3://bkt.s3.amazonaws.com/p", ("s3", "bkt", "p", "us-east-1")),
+    ("s3://my.bkt.s3.amazonaws.com/p", ("s3", "my.bkt", "p", "us-east-1")),
+    ("s3://a.b.c.s3.eu-west-3.amazonaws.com/p", ("s3", "a.b.c", "p", "eu-west-3")),
     ("s3://my.bkt.s3.eu-west-3.amazonaws.com/a/b", ("s3", "my.bkt", "a/b", "eu-west-3")),
     ("s3://bkt.s3.EU-WEST-3.amazonaws.com/p", ("s3", "bkt", "p", "eu-west-3")),
     ("s3://s3b.s3.amazonaws.com/p", ("s3", "s3b", "p", "us-east-1")),
@@ -61,69 +65,126 @@ def test_directories_expand_home_and_resolve_relative_paths(tmp_path, monkeypatc
     assert parse_location("dir with space").path == str(tmp_path / "dir with space")
 
 
-@pytest.mark.parametrize("value,rule", [
+QUERY = "a query or fragment ('?', '#') is not allowed in the URL"
+CREDENTIALS = "credentials ('user@') are not allowed in the URL"
+SPACE = "white space or control characters in the URL"
+NO_SLASHES = "a storage URL needs '://' after its scheme"
+PARTS = "has empty, '.' or '..' components"
+NOT_AWS = "is not BUCKET.s3.REGION.amazonaws.com"
+ENDPOINT = ("looks like an S3 endpoint, not a bucket; for an S3-compatible store write "
+            "s3://BUCKET/PREFIX and set AWS_ENDPOINT_URL_S3")
+S3_CHARS, GS_CHARS = "has characters other than a-z 0-9 - .", "has characters other than a-z 0-9 - _ ."
+EDGES = "must begin and end with a letter or a digit"
+GS222 = ".".join([A63] * 3) + "." + "a" * 31
+
+
+@pytest.mark.parametrize("value,why", [
     ("", "empty value"),
     ("   ", "empty value"),
     (None, "empty value"),
-    ("s3:/bkt/p", "needs '://'"),
-    ("GS:bkt", "needs '://'"),
+    (42, "empty value"),
+    ("s3:/bkt/p", NO_SLASHES),
+    ("GS:bkt", NO_SLASHES),
     ("ftp://bkt/p", "unknown scheme 'ftp'"),
-    ("file://bkt/p", "unknown scheme 'file'"),
-    ("s3://bkt/p?x=1", "query or fragment"),
-    ("s3://bkt?", "query or fragment"),                 # urlsplit sees no query in a bare '?'
-    ("s3://bkt/p#f", "query or fragment"),
-    ("gs://bkt/p#", "query or fragment"),
-    ("s3://user:pw@bkt/p", "credentials"),
-    ("s3://user@bkt/p", "credentials"),
-    ("s3://bkt:9000/p", "port"),
-    ("gs://bkt:/p", "port"),
+    ("File://bkt/p", "unknown scheme 'file'"),
+    ("s3://bkt/p?x=1", QUERY),
+    ("s3://bkt?", QUERY),                 # urlsplit sees no query in a bare '?'
+    ("s3://bkt/p#f", QUERY),
+    ("gs://bkt/p#", QUERY),
+    ("s3://user:pw@bkt/p", CREDENTIALS),
+    ("s3://user@bkt/p", CREDENTIALS),
+    ("s3://bkt:9000/p", "a port is not allowed in the URL"),
+    ("gs://bkt:/p", "a port is not allowed in the URL"),
     ("s3://", "missing bucket name"),
     ("s3:///p", "missing bucket name"),
-    ("s3://bkt/a/../b", "prefix 'a/../b' has empty, '.' or '..' components"),
-    ("s3://bkt/..", "prefix '..' has"),
-    ("gs://bkt/a/./b", "prefix 'a/./b' has"),
-    ("s3://bkt/a//b", "prefix 'a//b' has"),
-    ("s3://bkt/a\\b", "prefix 'a\\\\b' has"),
-    ("s3://bkt/a b", "white space or control characters"),
-    ("s3://bkt/a\tb", "white space or control characters"),   # urlsplit drops tabs silently
-    ("s3://bkt/a\nb", "white space or control characters"),
-    ("s3://bkt/\x7f", "white space or control characters"),
-    ("s3://bkt.s3.eu-west-3.example.com/p", "looks like an S3 endpoint"),
-    ("s3://bkt.s3.example.com/p", "looks like an S3 endpoint"),
-    ("s3://s3.eu-west-3.amazonaws.com/bkt/p", "is not BUCKET.s3.REGION.amazonaws.com"),
-    ("s3://s3.amazonaws.com/bkt", "is not BUCKET.s3.REGION.amazonaws.com"),
-    ("s3://bkt.s3-eu-west-1.amazonaws.com/p", "is not BUCKET.s3.REGION.amazonaws.com"),
-    ("s3://bkt.s3.dualstack.eu-west-1.amazonaws.com/p", "is not BUCKET.s3.REGION.amazonaws.com"),
-    ("s3://ab/p", "'ab' has 2 characters, S3 bucket names have 3 to 63"),
-    (f"s3://{A63}a/p", "has 64 characters, S3 bucket names have 3 to 63"),
-    (f"s3://{A63}.b/p", "has 65 characters, S3 bucket names have 3 to 63"),   # dots: S3 stays 63
-    (f"gs://{A63}a", "has 64 characters, GCS bucket names have 3 to 63"),
-    ("gs://" + ".".join([A63] * 3) + "." + "a" * 31, "has 223 characters, GCS bucket names have 3 to 222"),
-    ("s3://.s3.amazonaws.com/p", "'' has 0 characters"),
-    ("s3://Bkt/p", "has characters other than a-z 0-9 - ."),
-    ("s3://b_kt/p", "has characters other than a-z 0-9 - ."),       # '_' is GCS only
-    ("gs://bücket/p", "has characters other than a-z 0-9 - _ ."),
-    ("gs://bkt!/p", "has characters other than a-z 0-9 - _ ."),
-    ("s3://BKT.S3.AMAZONAWS.COM/p", "'BKT' has characters other than"),
-    ("s3://-bkt/p", "must begin and end with a letter or a digit"),
-    ("s3://bkt-/p", "must begin and end with a letter or a digit"),
-    ("gs://_bkt", "must begin and end with a letter or a digit"),
-    ("gs://bkt.", "must begin and end with a letter or a digit"),
-    ("s3://a..b/p", "has two adjacent periods"),
-    ("gs://" + A63 + "a.b", "has more than 63 characters between two periods"),
-    ("gs://b." + A63 + "a", "has more than 63 characters between two periods"),
-    ("s3://192.168.1.1/p", "is formatted as an IP address"),
-    ("gs://10.0.0.1", "is formatted as an IP address"),
+    ("s3://bkt/a/../b", f"prefix 'a/../b' {PARTS}"),
+    ("s3://bkt/..", f"prefix '..' {PARTS}"),
+    ("gs://bkt/a/./b", f"prefix 'a/./b' {PARTS}"),
+    ("s3://bkt/a//b", f"prefix 'a//b' {PARTS}"),
+    ("s3://bkt/a\\b", f"prefix 'a\\\\b' {PARTS}"),
+    ("s3://bkt/a b", SPACE),
+    ("s3://bkt/a\tb", SPACE),            # urlsplit drops tabs silently
+    ("s3://bkt/a\nb", SPACE),
+    ("s3://bkt/\x7f", SPACE),
+    ("s3://bkt/\x00", SPACE),
+    ("s3://bkt.s3.eu-west-3.example.com/p", f"host 'bkt.s3.eu-west-3.example.com' {ENDPOINT}"),
+    ("s3://bkt.s3.example.com/p", f"host 'bkt.s3.example.com' {ENDPOINT}"),
+    ("s3://s3.eu-west-3.amazonaws.com/bkt/p", f"AWS host 's3.eu-west-3.amazonaws.com' {NOT_AWS}"),
+    ("s3://s3.amazonaws.com/bkt", f"AWS host 's3.amazonaws.com' {NOT_AWS}"),
+    ("s3://bkt.s3-eu-west-1.amazonaws.com/p", f"AWS host 'bkt.s3-eu-west-1.amazonaws.com' {NOT_AWS}"),
+    ("s3://bkt.s3.dualstack.eu-west-1.amazonaws.com/p",
+     f"AWS host 'bkt.s3.dualstack.eu-west-1.amazonaws.com' {NOT_AWS}"),
+    ("s3://amazonaws.com/p", f"AWS host 'amazonaws.com' {NOT_AWS}"),
+    ("s3://ab/p", "bucket name 'ab' has 2 characters, S3 bucket names have 3 to 63"),
+    (f"s3://{A63}a/p", f"bucket name '{A63}a' has 64 characters, S3 bucket names have 3 to 63"),
+    (f"s3://{A63}.b/p", f"bucket name '{A63}.b' has 65 characters, S3 bucket names have 3 to 63"),
+    (f"gs://{A63}a", f"bucket name '{A63}a' has 64 characters, GCS bucket names have 3 to 63"),
+    ("gs://ab", "bucket name 'ab' has 2 characters, GCS bucket names have 3 to 63"),
+    ("gs://a.", "bucket name 'a.' has 2 characters, GCS bucket names have 3 to 222"),
+    (f"gs://{GS222}", f"bucket name '{GS222}' has 223 characters, GCS bucket names have 3 to 222"),
+    ("s3://.s3.amazonaws.com/p", "bucket name '' has 0 characters, S3 bucket names have 3 to 63"),
+    ("s3://Bkt/p", f"bucket name 'Bkt' {S3_CHARS}"),
+    ("s3://b_kt/p", f"bucket name 'b_kt' {S3_CHARS}"),          # '_' is GCS only
+    ("gs://bücket/p", f"bucket name 'bücket' {GS_CHARS}"),
+    ("gs://bkt!/p", f"bucket name 'bkt!' {GS_CHARS}"),
+    ("s3://BKT.S3.AMAZONAWS.COM/p", f"bucket name 'BKT' {S3_CHARS}"),
+    ("s3://-bkt/p", f"bucket name '-bkt' {EDGES}"),
+    ("s3://bkt-/p", f"bucket name 'bkt-' {EDGES}"),
+    ("s3://.bkt/p", f"bucket name '.bkt' {EDGES}"),
+    ("gs://_bkt", f"bucket name '_bkt' {EDGES}"),
+    ("gs://bkt.", f"bucket name 'bkt.' {EDGES}"),
+    ("s3://a..b/p", "bucket name 'a..b' has two adjacent periods"),
+    ("gs://" + A63 + "a.b", f"bucket name '{A63}a.b' has more than 63 characters between two periods"),
+    ("gs://b." + A63 + "a", f"bucket name 'b.{A63}a' has more than 63 characters between two periods"),
+    ("s3://192.168.1.1/p", "bucket name '192.168.1.1' is formatted as an IP address"),
+    ("gs://10.0.0.1", "bucket name '10.0.0.1' is formatted as an IP address"),
 ])
-def test_storage_locations_refused_by_their_rule(value, rule):
+def test_storage_locations_refused_by_their_rule(value, why):
     with pytest.raises(StorageError) as e:
         parse_location(value)
-    msg = str(e.value)
     shown = str(value).strip() or str(value)
-    assert msg.startswith(f"autocert_dir={shown!r}: "), msg
-    assert rule in msg, msg
-    assert msg.endswith("; accepted: a directory path, s3://BUCKET/PREFIX, "
-                        "s3://BUCKET.s3.REGION.amazonaws.com/PREFIX or gs://BUCKET/PREFIX"), msg
+    assert str(e.value) == (f"autocert_dir={shown!r}: {why}; accepted: a directory path, s3://BUCKET/PREFIX, "
+                            "s3://BUCKET.s3.REGION.amazonaws.com/PREFIX or gs://BUCKET/PREFIX")
+
+
+def test_a_bucket_of_every_accepted_character():
+    assert parse_location("s3://" + "abcdefghijklmnopqrstuvwxyz0123456789-.z"[:63]).bucket == \
+        "abcdefghijklmnopqrstuvwxyz0123456789-.z"
+    assert parse_location("gs://abcdefghijklmnopqrstuvwxyz0123456789-._z").bucket == \
+        "abcdefghijklmnopqrstuvwxyz0123456789-._z"
+
+
+@pytest.mark.parametrize("key,expected", [("a", "a"), ("a/b", "a/b"), ("a/b/", "a/b"), ("a//", "a"),
+                                          ("a.b/..c", "a.b/..c")])
+def test_storage_keys_accepted(key, expected):
+    assert check_key(key) == expected
+
+
+def test_the_root_key_only_where_allowed():
+    assert check_key("", allow_root=True) == ""
+    assert check_key("/", allow_root=True) == ""
+    assert check_key("//", allow_root=True) == ""
+    for key in ("", "/"):
+        with pytest.raises(StorageError) as e:
+            check_key(key)
+        assert str(e.value) == "storage key is empty"
+
+
+@pytest.mark.parametrize("key,why", [
+    (None, "storage key must be a string, got NoneType"),
+    (b"a", "storage key must be a string, got bytes"),
+    ("/a", "storage key '/a' is not a relative '/'-separated path"),
+    ("a\\b", "storage key 'a\\\\b' is not a relative '/'-separated path"),
+    ("a\x00", "storage key 'a\\x00' is not a relative '/'-separated path"),
+    ("a//b", "storage key 'a//b' contains an empty, '.' or '..' component"),
+    ("./a", "storage key './a' contains an empty, '.' or '..' component"),
+    ("a/../b", "storage key 'a/../b' contains an empty, '.' or '..' component"),
+    ("..", "storage key '..' contains an empty, '.' or '..' component"),
+])
+def test_storage_keys_refused(key, why):
+    with pytest.raises(StorageError) as e:
+        check_key(key, allow_root=True)
+    assert str(e.value) == why
 
 
 def test_ip_like_names_with_other_shapes_are_buckets():
@@ -179,6 +240,15 @@ def test_durations_refused_by_their_rule(value, rule):
     with pytest.raises(_Bad) as e:
         parse_duration(value)
     assert str(e.value) == f"{value!r} {rule}; {ACCEPTED_DURATION}"
+
+
+def test_the_longest_duration_is_gos():
+    longest = (2 ** 63 - 1) / 1e9
+    assert parse_duration(longest) == longest
+    assert parse_duration("9223372036854775807ns") == pytest.approx(longest)
+    too_long = math.nextafter(longest, math.inf)
+    with pytest.raises(_Bad, match="is longer than the longest duration"):
+        parse_duration(too_long)
 
 
 # ----------------------------------------------------------------------------- booleans, workers

@@ -44,7 +44,7 @@ def check_key(key: str, *, allow_root: bool = False) -> str:
     Rejects absolute keys, empty components, "." and ".." (a key may never leave the root)."""
     if not isinstance(key, str):
         raise StorageError(f"storage key must be a string, got {type(key).__name__}")
-    k = key.rstrip("/") if key not in ("", "/") else ""
+    k = key.rstrip("/")
     if k == "":
         if allow_root:
             return ""
