@@ -207,6 +207,7 @@ def malformed_keys(p384, p256, rsa_key):
         ("END of another label", good.replace(b"END EC PRIVATE KEY", b"END PRIVATE KEY")),
         ("BEGIN line not closed", b"-----BEGIN EC PRIVATE KEY\n" + base64.encodebytes(sec1)),
         ("RFC 1421 headers", good.replace(b"KEY-----\n", b"KEY-----\nProc-Type: 4,ENCRYPTED\n\n", 1)),
+        ("a header line without '-'", good.replace(b"KEY-----\n", b"KEY-----\nComment: x\n\n", 1)),
         ("not base64", good.replace(b"\n", b"\n*", 1)),
         ("bad base64 padding", pem("EC PRIVATE KEY", sec1)[:-30] + b"=" + pem("EC PRIVATE KEY", sec1)[-30:]),
         ("public key label", pem("PUBLIC KEY", sec1)),

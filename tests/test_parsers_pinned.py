@@ -154,7 +154,7 @@ def test_a_bucket_of_every_accepted_character():
         "abcdefghijklmnopqrstuvwxyz0123456789-._z"
 
 
-@pytest.mark.parametrize("key,expected", [("a", "a"), ("a/b", "a/b"), ("a/b/", "a/b"), ("a//", "a"),
+@pytest.mark.parametrize("key,expected", [("a", "a"), ("a/b", "a/b"), ("a/b/", "a/b"), ("a//", "a"), ("aX/", "aX"),
                                           ("a.b/..c", "a.b/..c")])
 def test_storage_keys_accepted(key, expected):
     assert check_key(key) == expected

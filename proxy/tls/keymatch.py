@@ -24,7 +24,8 @@ _OID_EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")
 _OID_RSA = bytes.fromhex("06092a864886f70d010101")
 _RSA_ALG_ID = b"\x30\x0d" + _OID_RSA + b"\x05\x00"
 _BEGIN = b"-----BEGIN "
-_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----([^-]*)-----END \1-----")   # base64 has no "-"
+# base64 has no "-" (nor ":"): RFC 1421 headers (an encrypted traditional key) never match
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----([^-]*)-----END \1-----")
 _SEQUENCE, _OCTET_STRING, _BIT_STRING, _INTEGER, _OID = 0x30, 0x04, 0x03, 0x02, 0x06
 
 
@@ -100,8 +101,6 @@ def _pem_der(data: bytes) -> tuple[bytes, bytes]:
     if block is None:
         raise _Malformed
     label, body = block.groups()
-    if b":" in body:
-        raise _Malformed   # RFC 1421 headers: an encrypted traditional key
     try:
         return label, base64.b64decode(b"".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
