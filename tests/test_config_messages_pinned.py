@@ -236,14 +236,20 @@ def test_trusted_ca_base64(ca):
         "the decoded value holds no PEM certificate that can be parsed (")
 
 
-def test_autocert_dir_values(tmp_path):
-    accepted = "a directory path, s3://bucket.s3.REGION.amazonaws.com/prefix or gs://bucket/prefix"
+def test_autocert_dir_values(tmp_path, monkeypatch):
+    accepted = ("a directory path, s3://BUCKET/PREFIX, s3://BUCKET.s3.REGION.amazonaws.com/PREFIX "
+                "or gs://BUCKET/PREFIX")
+    monkeypatch.setenv("HOME", "/home/u")
     assert parse_autocert_dir("s3://bkt/p", "/base") == "s3://bkt/p"
     assert parse_autocert_dir("gs://bkt/p", "/base") == "gs://bkt/p"
     assert parse_autocert_dir("/abs/dir", "/base") == "/abs/dir"
+    assert parse_autocert_dir(" rel/dir ", "/base") == "/base/rel/dir"
+    assert parse_autocert_dir("~/dir", "/base") == "/home/u/dir"
     assert refusal(parse_autocert_dir, 5, "/base") == f"5 is not a string; expected {accepted}"
-    assert refusal(parse_autocert_dir, "ftp://x", "/base") == \
-        f"'ftp://x': storage scheme 'ftp' is not supported; accepted: {accepted}"
+    assert refusal(parse_autocert_dir, "ftp://x", "/base") == f"'ftp://x': unknown scheme 'ftp'; accepted: {accepted}"
+    # as written, not as resolved against /base: a mistyped URL is no directory
+    assert refusal(parse_autocert_dir, "s3:/bkt", "/base") == \
+        f"'s3:/bkt': a storage URL needs '://' after its scheme; accepted: {accepted}"
 
 
 def test_choices():
