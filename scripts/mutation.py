@@ -51,8 +51,17 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     ("proxy.autocert.layout.x__user__*", 'email.split("@", 2)[0]',
      "the part before the first '@' does not depend on how many splits follow"),
     ("proxy.autocert.layout.x__user__*", 'or "DEFAULT"', "safe_key() lower-cases it"),
-    ("proxy.http.routes.*match__*", "if (dot) or True",
-     "a name without a dot looks up '*.', which no route has (an empty label is refused)"),
+    ("proxy.http.routes.*_Rule*__init__*", "self.plain = None",
+     "plain is a shortcut: a route without rules matches through matches() as well"),
+    ("proxy.http.routes.*_Rule*__init__*", 'route.path_prefix == "XX/XX"',
+     "plain is a shortcut: a route without rules matches through matches() as well"),
+    ("proxy.http.routes.*RouteTable*match__*", "if (self._ported) or True",
+     "the port is read only by routes that have one, and without them there are none"),
+    ("proxy.http.routes.x_request_port__*", 'authority.find(b"]")',
+     "digits after the last ':' hold no ']', whichever ']' is found"),
+    ("proxy.http.routes.x_request_port__*", 'authority.rfind(b"XX]XX")',
+     "an IPv6 literal ends in ']', so digits after its last ':' are never all digits anyway"),
+    ("proxy.http.routes.x_upgrade_allowed__*", 'decode("LATIN-1")', "codec names are case-insensitive"),
     ("proxy.tls.keymatch.x__der__*", "// 8, )", "int.to_bytes is big-endian by default (Python >= 3.11)"),
     ("proxy.tls.keymatch.x__tlv__*", "b[i:i + k], )", "int.from_bytes is big-endian by default (Python >= 3.11)"),
     ("proxy.tls.keymatch.x__ec_parts__*", "if len(kids) < 3 or",
@@ -76,17 +85,17 @@ KILLED = {1: "killed", 3: "killed"}
 TIMEOUT = {36, -24, 24, 152, 255}
 
 
-def patterns() -> list[str]:
-    return [p for ps in SCOPE.values() for p in ps]
+def patterns(only: str = "") -> list[str]:
+    return [p for module, ps in SCOPE.items() if only in module for p in ps]
 
 
-def run(fresh: bool) -> int:
+def run(fresh: bool, only: str = "") -> int:
     if not MUTMUT.exists():
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", f"mutmut=={VERSION}"], check=True)
     if fresh:
         shutil.rmtree(REPO / "mutants", ignore_errors=True)
     env = dict(os.environ, AUTOCERT_PROXY_PURE_PYTHON="1")
-    return subprocess.run([str(MUTMUT), "run", *patterns()], cwd=REPO, env=env).returncode
+    return subprocess.run([str(MUTMUT), "run", *patterns(only)], cwd=REPO, env=env).returncode
 
 
 def results() -> tuple[dict[str, int | None], dict[str, list[str]]]:
@@ -117,7 +126,7 @@ def equivalent(name: str, lines: list[str]) -> str | None:
     return None
 
 
-def report(show_diff: bool) -> bool:
+def report(show_diff: bool, only: str = "") -> bool:
     codes, diffs = results()
     if not codes:
         print("no results in mutants/: run without --report first")
@@ -126,6 +135,8 @@ def report(show_diff: bool) -> bool:
     survivors: list[tuple[str, str]] = []
     print(f"{'module':42} {'mutants':>7} {'killed':>6} {'timeout':>7} {'survived':>8} {'score':>6}")
     for module, pats in SCOPE.items():
+        if only not in module:
+            continue
         names = sorted(n for n in codes if any(fnmatch.fnmatch(n, p) for p in pats))
         killed = sum(1 for n in names if codes[n] in KILLED)
         timeout = sum(1 for n in names if codes[n] in TIMEOUT)
@@ -160,10 +171,11 @@ def main() -> int:
     ap.add_argument("--report", action="store_true", help="only report the last run")
     ap.add_argument("--diff", action="store_true", help="show each survivor's diff")
     ap.add_argument("--keep", action="store_true", help="reuse mutants/ (mutmut's cached results)")
+    ap.add_argument("--only", default="", metavar="TEXT", help="the modules of SCOPE whose name has TEXT")
     args = ap.parse_args()
     if not args.report:
-        run(fresh=not args.keep)
-    return 0 if report(args.diff) else 1
+        run(fresh=not args.keep, only=args.only)
+    return 0 if report(args.diff, args.only) else 1
 
 
 if __name__ == "__main__":
