@@ -238,8 +238,10 @@ def parse_bool(value: Any) -> bool:
 
 
 _DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-_PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(ns|us|µs|μs|ms|s|m|h)")
+_DURATION = re.compile(f"(?:{_DURATION_PART.pattern})+")
+_PLAIN_NUMBER = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
+_MAX_DURATION = (2 ** 63 - 1) / 1e9   # Go's time.Duration (int64 nanoseconds): about 292 years
 
 
 def parse_duration(value: Any) -> float:
@@ -252,32 +254,33 @@ def parse_duration(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip()
+        negative = text.startswith("-")
+        if text.startswith(("-", "+")):
+            text = text[1:]   # Go's sign, so that "-5s" is told it must be positive
         if _PLAIN_NUMBER.fullmatch(text):
             seconds = float(text)
-        elif text:
-            total, pos = 0.0, 0
-            while pos < len(text):
-                m = _DURATION_PART.match(text, pos)
-                if not m:
-                    break
-                total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-                pos = m.end()
-            if pos == len(text):
-                seconds = total
+        elif _DURATION.fullmatch(text):
+            seconds = sum(float(n) * _DURATION_UNITS[unit] for n, unit in _DURATION_PART.findall(text))
+        if negative and seconds is not None:
+            seconds = -seconds
     if seconds is None or not math.isfinite(seconds):
         raise _Bad(f"{value!r} is not a duration; {accepted}")
     if seconds <= 0:
         raise _Bad(f"{value!r} must be greater than zero; {accepted}")
+    if seconds > _MAX_DURATION:
+        raise _Bad(f"{value!r} is longer than the longest duration (about 292 years); {accepted}")
     return seconds
+
+
+_DIGITS = re.compile(r"[0-9]+")   # ASCII only: str.isdigit() takes "²", which int() refuses
 
 
 def parse_workers(value: Any, cpu_count: Callable[[], Optional[int]] = os.cpu_count) -> int:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return max(1, cpu_count() or 1)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-        return value
+    count = int(value) if isinstance(value, str) and _DIGITS.fullmatch(value.strip()) else value
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 1:
+        return count
     raise _Bad(f"{value!r} is not a worker count; accepted: a positive integer or \"auto\"")
 
 
@@ -354,7 +357,7 @@ def parse_address(value: Any) -> Address:
                 host = normalize_hostname(host, allow_wildcard=False)
             except _Bad as e:
                 raise _Bad(f"{value!r}: {e}; {accepted}") from None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not _DIGITS.fullmatch(port_text) or not 1 <= int(port_text) <= 65535:
         raise _Bad(f"{value!r}: port {port_text!r} is not a number from 1 to 65535; {accepted}")
     return Address(host, int(port_text))
 
@@ -398,6 +401,8 @@ def parse_upstream(value: Any) -> Upstream:
     if parts.path not in ("", "/"):
         raise _Bad(f"{text!r} has a path; upstream paths are not supported (requests keep their own path), "
                    f"accepted: http://host[:port]")
+    if port == 0:
+        raise _Bad(f"{text!r}: port 0 cannot be connected to; accepted: http://host[:port], port 1-65535")
     host = normalize_hostname(parts.hostname, allow_wildcard=False)
     return Upstream("http", host, 80 if port is None else port)
 
@@ -670,12 +675,22 @@ def parse_ca_url(value: Any) -> str:
     text = _require_str(value, "an ACME directory URL").strip()
     try:
         parts = urlsplit(text)
-        parts.port
+        port = parts.port
     except ValueError:
         raise _Bad(f"{text!r} is not a valid URL; {accepted}") from None
     scheme = parts.scheme.lower()
     if not parts.hostname or scheme not in ("https", "http"):
         raise _Bad(f"{text!r} is not accepted; {accepted}")
+    if any(c <= " " or c == "\x7f" for c in text):   # urlsplit drops tabs and newlines silently
+        raise _Bad(f"{text!r} has white space or control characters; {accepted}")
+    if "@" in parts.netloc:
+        raise _Bad(f"{text!r} has user information, which is never sent; remove the part before '@'")
+    if port == 0:
+        raise _Bad(f"{text!r}: port 0 cannot be connected to; {accepted}")
+    try:
+        normalize_hostname(parts.hostname, allow_wildcard=False)
+    except _Bad as e:
+        raise _Bad(f"{text!r}: {e}; {accepted}") from None
     if scheme == "http" and parts.hostname.lower() not in _LOCAL_HOSTS:
         raise _Bad(f"{text!r} uses plain http to a remote host; {accepted}")
     return text
@@ -693,11 +708,9 @@ def normalize_mac_key(value: Any) -> str:
                    f"A-Z a-z 0-9 - _ ; '+' and '/' belong to standard base64); {accepted}")
     bare = text.rstrip("=")
     try:
-        raw = base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
-    except (binascii.Error, ValueError):
+        base64.urlsafe_b64decode(bare + "=" * (-len(bare) % 4))
+    except (binascii.Error, ValueError):   # (one character too many, "A" or "AAAAA", lands here)
         raise _Bad(f"value of length {len(text)} does not decode as base64url; {accepted}") from None
-    if not raw or len(bare) % 4 == 1:
-        raise _Bad(f"value of length {len(text)} does not decode as base64url; {accepted}")
     return bare
 
 
@@ -743,13 +756,13 @@ def parse_autocert_dir(value: Any, base_dir: str) -> str:
     """A directory (resolved against ``base_dir``) or a bucket URL, checked by the same parser
     start-up opens the storage with (``proxy.storage.parse_location``)."""
     text = _require_str(value, STORAGE_ACCEPTED)
-    if "://" not in text:
-        text = _resolve(text, base_dir)
     try:
-        parse_location(text)
+        location = parse_location(text)   # as written: "s3:/bucket" is a mistyped URL, not a directory
     except LocationError as e:
         raise _Bad(f"{e.value!r}: {e.why}; accepted: {STORAGE_ACCEPTED}") from None
-    return text
+    if location.kind != "file":
+        return text
+    return _resolve(os.path.expanduser(text.strip()), base_dir)   # "~/x" is the user's, not <config dir>/~/x
 
 
 # --------------------------------------------------------------------------- loading

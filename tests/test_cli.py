@@ -221,8 +221,8 @@ def test_bucket_url_without_bucket_is_refused_by_check_and_start(tmp_path, value
 
 def test_check_refuses_what_start_up_cannot_open(tmp_path):
     # the storage parser's own refusals (bad bucket name, port) now stop --check too
-    for value, reason in (("s3://Not_A_Bucket!/p", "is not a valid S3 bucket name"),
-                          ("s3://bucket:9000/p", "port are not allowed"),
+    for value, reason in (("s3://Not_A_Bucket!/p", "bucket name 'Not_A_Bucket!' has characters other than"),
+                          ("s3://bucket:9000/p", "a port is not allowed in the URL"),
                           ("gs:///only/a/prefix", "missing bucket name")):
         r = run("--config", write(tmp_path, dict(GOOD, autocert_dir=value)), "--check")
         assert r.returncode == 2 and f"autocert_dir: {value!r}: " in r.stderr and reason in r.stderr, r.stderr

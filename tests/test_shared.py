@@ -591,11 +591,11 @@ def s3_env(endpoint: str) -> dict:
 def _bad_store_case(case: str, request) -> tuple[str, dict, str]:
     """(autocert_dir, env, the reason the error must give)"""
     if case == "malformed-s3-bucket":
-        return "s3://Not_A_Bucket!/p", {}, "is not a valid S3 bucket name"
+        return "s3://Not_A_Bucket!/p", {}, "bucket name 'Not_A_Bucket!' has characters other than"
     if case == "malformed-gs-no-bucket":
         return "gs:///only/a/prefix", {}, "missing bucket name"
     if case == "malformed-s3-port":
-        return "s3://bucket:9000/p", {}, "port are not allowed"
+        return "s3://bucket:9000/p", {}, "a port is not allowed in the URL"
     if case == "missing-bucket-s3":
         srv = request.getfixturevalue("s3_server")
         return "s3://no-such-bucket/p", srv.env, "bucket 'no-such-bucket' does not exist"

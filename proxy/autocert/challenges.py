@@ -100,7 +100,7 @@ def tls_alpn_certificate(domain: str, key_authorization: str) -> tuple[bytes, by
     return cert.public_bytes(serialization.Encoding.PEM), key_pem
 
 
-_UNSAFE = re.compile(r"[^\w@.\-]")
+_UNSAFE = re.compile(r"[^\w@.\-]", re.ASCII)   # Go's \w, as certmagic's safeKeyRE
 
 
 def safe_key(name: str) -> str:

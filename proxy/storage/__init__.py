@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 import socket
 import time
 import uuid
@@ -43,7 +44,7 @@ def check_key(key: str, *, allow_root: bool = False) -> str:
     Rejects absolute keys, empty components, "." and ".." (a key may never leave the root)."""
     if not isinstance(key, str):
         raise StorageError(f"storage key must be a string, got {type(key).__name__}")
-    k = key.rstrip("/") if key not in ("", "/") else ""
+    k = key.rstrip("/")
     if k == "":
         if allow_root:
             return ""
@@ -91,13 +92,21 @@ def parse_location(location: str) -> Location:
         raise _bad(str(location), "empty value")
     value = location.strip()
     if "://" not in value:
+        if _SCHEME_WITHOUT_SLASHES.match(value):
+            raise _bad(value, "a storage URL needs '://' after its scheme")
         return Location("file", path=os.path.abspath(os.path.expanduser(value)))
+    if any(c <= " " or c == "\x7f" for c in value):
+        raise _bad(value, "white space or control characters in the URL")   # urlsplit drops some
     parts = urlsplit(value)
     scheme = parts.scheme.lower()
     if scheme not in ("s3", "gs"):
         raise _bad(value, f"unknown scheme {parts.scheme!r}")
-    if parts.query or parts.fragment or "@" in parts.netloc or ":" in parts.netloc:
-        raise _bad(value, "query, fragment, credentials or port are not allowed in the URL")
+    if "?" in value or "#" in value:
+        raise _bad(value, "a query or fragment ('?', '#') is not allowed in the URL")
+    if "@" in parts.netloc:
+        raise _bad(value, "credentials ('user@') are not allowed in the URL")
+    if ":" in parts.netloc:
+        raise _bad(value, "a port is not allowed in the URL")
     host = parts.netloc
     if not host:
         raise _bad(value, "missing bucket name")
@@ -110,26 +119,58 @@ def parse_location(location: str) -> Location:
     region = None
     bucket = host
     if scheme == "s3":
-        labels = host.split(".")
-        if "s3" in labels[1:] and host.endswith(".amazonaws.com"):
-            i = labels.index("s3", 1)
-            bucket = ".".join(labels[:i])
-            rest = labels[i + 1:-2]          # between "s3" and "amazonaws.com"
-            if len(rest) > 1:
-                raise _bad(value, "expected host BUCKET.s3.REGION.amazonaws.com")
-            region = rest[0] if rest else "us-east-1"
-        _check_bucket(value, bucket, 3, 63, "S3")
-    else:
-        _check_bucket(value, bucket, 3, 222, "GCS")
+        bucket, region = _s3_host(value, host)
+    _check_bucket(value, bucket, scheme)
     return Location(scheme, bucket=bucket, prefix=prefix, region=region)
 
 
-def _check_bucket(value: str, bucket: str, lo: int, hi: int, what: str) -> None:
-    ok = lo <= len(bucket) <= hi and all(c.isalnum() or c in "-._" for c in bucket)
-    ok = ok and bucket[0].isalnum() and bucket[-1].isalnum() and bucket == bucket.lower()
-    if not ok:
-        raise _bad(value, f"{bucket!r} is not a valid {what} bucket name "
-                          f"({lo}-{hi} lowercase letters, digits, '-', '.', '_')")
+_SCHEME_WITHOUT_SLASHES = re.compile(r"(?i)(s3|gs):")
+
+
+def _s3_host(value: str, host: str) -> tuple[str, str | None]:
+    """(bucket, region) of an s3:// host: BUCKET, BUCKET.s3.amazonaws.com (us-east-1) or
+    BUCKET.s3.REGION.amazonaws.com."""
+    labels = host.lower().split(".")
+    if labels[-2:] == ["amazonaws", "com"]:
+        if len(labels) >= 4 and labels[-3] == "s3":
+            return host.rsplit(".", 3)[0], "us-east-1"
+        if len(labels) >= 5 and labels[-4] == "s3":
+            return host.rsplit(".", 4)[0], labels[-3]
+        raise _bad(value, f"AWS host {host!r} is not BUCKET.s3.REGION.amazonaws.com")
+    if "s3" in labels[1:-2]:
+        # BUCKET.s3.REGION.example.com: an S3-compatible endpoint's host, not a bucket name
+        raise _bad(value, f"host {host!r} looks like an S3 endpoint, not a bucket; for an "
+                          f"S3-compatible store write s3://BUCKET/PREFIX and set AWS_ENDPOINT_URL_S3")
+    return host, None
+
+
+_BUCKET_CHARS = {"s3": frozenset("abcdefghijklmnopqrstuvwxyz0123456789-."),
+                 "gs": frozenset("abcdefghijklmnopqrstuvwxyz0123456789-._")}
+
+
+def _check_bucket(value: str, bucket: str, scheme: str) -> None:
+    """The providers' naming rules (S3: 3-63 characters; GCS: 3-63, or up to 222 with dots and
+    at most 63 between them), so that a typo is a start-up error, not a missing bucket."""
+    what, chars = ("S3", "a-z 0-9 - .") if scheme == "s3" else ("GCS", "a-z 0-9 - _ .")
+    longest = 222 if scheme == "gs" and "." in bucket else 63
+    if not 3 <= len(bucket) <= longest:
+        why = f"has {len(bucket)} characters, {what} bucket names have 3 to {longest}"
+    elif not set(bucket) <= _BUCKET_CHARS[scheme]:
+        why = f"has characters other than {chars}"
+    elif not (bucket[0].isalnum() and bucket[-1].isalnum()):
+        why = "must begin and end with a letter or a digit"
+    elif ".." in bucket:
+        why = "has two adjacent periods"
+    elif any(len(part) > 63 for part in bucket.split(".")):
+        why = "has more than 63 characters between two periods"
+    elif _IPV4.fullmatch(bucket):
+        why = "is formatted as an IP address"
+    else:
+        return
+    raise _bad(value, f"bucket name {bucket!r} {why}")
+
+
+_IPV4 = re.compile(r"[0-9]+\.[0-9]+\.[0-9]+\.[0-9]+")
 
 
 def open_storage(location: str, *, lease_seconds: float = 10.0,

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 from typing import Optional
 
 _OID_EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")
 _OID_RSA = bytes.fromhex("06092a864886f70d010101")
 _RSA_ALG_ID = b"\x30\x0d" + _OID_RSA + b"\x05\x00"
 _BEGIN = b"-----BEGIN "
+# base64 has no "-" (nor ":"): RFC 1421 headers (an encrypted traditional key) never match
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----([^-]*)-----END \1-----")
 _SEQUENCE, _OCTET_STRING, _BIT_STRING, _INTEGER, _OID = 0x30, 0x04, 0x03, 0x02, 0x06
 
 
@@ -40,8 +43,8 @@ def _tlv(b: bytes, i: int, limit: int) -> tuple[int, int, int]:
     i += 2
     if n & 0x80:
         k = n & 0x7F
-        if not 0 < k <= 4 or i + k > limit:
-            raise _Malformed
+        if not 0 < k <= 4:
+            raise _Malformed   # (length bytes past ``limit`` fail the check below)
         n = int.from_bytes(b[i:i + k], "big")
         i += k
     if i + n > limit:
@@ -80,7 +83,7 @@ def _bit_string(content: bytes) -> bytes:
 def certificate_spki(tbs: bytes) -> bytes:
     """The SubjectPublicKeyInfo element (DER) of a TBSCertificate."""
     tag, i, end = _tlv(tbs, 0, len(tbs))
-    if tag != _SEQUENCE:
+    if tag != _SEQUENCE or i == end:
         raise _Malformed
     if tbs[i] == 0xA0:                 # [0] version
         i = _tlv(tbs, i, end)[2]
@@ -94,19 +97,10 @@ def certificate_spki(tbs: bytes) -> bytes:
 
 def _pem_der(data: bytes) -> tuple[bytes, bytes]:
     """(label, DER) of the only PEM block in ``data``; _Malformed when not exactly one plain block."""
-    begin = data.find(_BEGIN)
-    if begin < 0 or data.find(_BEGIN, begin + 11) >= 0:
+    block = _PEM_BLOCK.search(data) if data.count(_BEGIN) == 1 else None
+    if block is None:
         raise _Malformed
-    label_end = data.find(b"-----", begin + 11)
-    if label_end < 0:
-        raise _Malformed
-    label = data[begin + 11:label_end]
-    stop = data.find(b"-----END " + label + b"-----", label_end + 5)
-    if stop < 0:
-        raise _Malformed
-    body = data[label_end + 5:stop]
-    if b":" in body:
-        raise _Malformed   # RFC 1421 headers: an encrypted traditional key
+    label, body = block.groups()
     try:
         return label, base64.b64decode(b"".join(body.split()), validate=True)
     except (binascii.Error, ValueError):
@@ -164,7 +158,9 @@ def key_spki(key_pem: bytes) -> bytes:
             raise _Malformed
         alg = der[kids[1][1]:kids[1][3]]
         alg_kids = _children(der, kids[1][2], kids[1][3])
-        oid = der[alg_kids[0][1]:alg_kids[0][3]] if alg_kids else b""
+        if not alg_kids:
+            raise _Malformed
+        oid = der[alg_kids[0][1]:alg_kids[0][3]]
         ptag, ps, pe = _tlv(der, kids[2][2], kids[2][3])
         if ptag != _SEQUENCE or pe != kids[2][3]:
             raise _Malformed
