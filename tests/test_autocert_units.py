@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from proxy.autocert import layout
+from proxy.autocert.challenges import HTTP_01, TLS_ALPN_01, preferred_challenge_types
 from proxy.autocert.issuer import issuer_id
 from proxy.autocert.manager import NameState, wanted_names
 from proxy.autocert.schedule import DEFAULT_RETRY_CAP, renewal_time, retry_delay
@@ -29,6 +30,19 @@ class FixedRandom(random.Random):
 
     def random(self) -> float:
         return self.value
+
+
+# ------------------------------------------------------------------------------ challenge order
+@pytest.mark.parametrize("tls_port, http_port, expected", [
+    (443, None, (TLS_ALPN_01,)),                 # no HTTP listener: TLS-ALPN-01 only
+    (8443, None, (TLS_ALPN_01,)),
+    (443, 80, (TLS_ALPN_01, HTTP_01)),           # both possible
+    (8443, 80, (HTTP_01, TLS_ALPN_01)),          # only :80 reachable: HTTP-01 first
+    (443, 8080, (TLS_ALPN_01, HTTP_01)),         # only :443: TLS-ALPN-01 first
+    (8443, 8080, (TLS_ALPN_01, HTTP_01)),        # both remapped: both still tried
+])
+def test_challenge_types_follow_the_listeners_ports(tls_port, http_port, expected):
+    assert preferred_challenge_types(tls_port, http_port) == expected
 
 
 # ------------------------------------------------------------------------------ schedule

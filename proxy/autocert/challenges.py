@@ -38,6 +38,19 @@ ACME_TLS_ALPN_PROTOCOL = b"acme-tls/1"
 HTTP01_PATH_PREFIX = "/.well-known/acme-challenge/"
 
 
+def preferred_challenge_types(tls_port: int, http_port: Optional[int]) -> tuple[str, ...]:
+    """Challenge types in the order to try them, from the listeners' ports.
+
+    Pomerium's rule: HTTP-01 needs the plain-HTTP listener on 80, TLS-ALPN-01 the TLS listener on
+    443 (a CA validates there). The one the ports make possible comes first; the other is still
+    tried, for ports remapped in front of the proxy (NAT, a load balancer, a test CA)."""
+    if http_port is None:
+        return (TLS_ALPN_01,)
+    if http_port == 80 and tls_port != 443:
+        return (HTTP_01, TLS_ALPN_01)
+    return (TLS_ALPN_01, HTTP_01)
+
+
 @dataclass(frozen=True)
 class Challenge:
     """One challenge chosen for one authorization."""

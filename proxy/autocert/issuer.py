@@ -92,13 +92,16 @@ class AcmeError(Exception):
     """An ACME operation failed. ``str()`` says what, for which names, at which CA, and why."""
 
     def __init__(self, message: str, *, ca: str, domains: Sequence[str] = (),
-                 problem: Optional[dict] = None, retry_after: Optional[float] = None):
+                 problem: Optional[dict] = None, retry_after: Optional[float] = None,
+                 validation_failed: bool = False):
         super().__init__(message)
         self.message = message
         self.ca = ca
         self.domains = tuple(domains)
         self.problem = problem
         self.retry_after = retry_after
+        #: the CA tried our challenge and it failed: another challenge type may work
+        self.validation_failed = validation_failed
 
     @property
     def problem_type(self) -> str:
@@ -362,6 +365,10 @@ class _Conflict(Exception):
     """HTTP 409 from the CA."""
 
 
+class _Aborted(Exception):
+    """The issuer was told to stop (``AcmeIssuer.abort``) while waiting for the CA."""
+
+
 class _NetworkError(Exception):
     """The request did not get an answer: ``kind`` is "tls", "timeout" or "connect"."""
 
@@ -595,12 +602,15 @@ def _eab(account_jwk: jose.JWK, kid: str, mac_key: bytes, url: str) -> dict:
 
 
 class _Poller:
-    """Waits between polls: poll_interval growing x1.5 to poll_max_interval; Retry-After wins."""
+    """Waits between polls: poll_interval growing x1.5 to poll_max_interval; Retry-After wins.
+    A set ``abort`` event ends the wait at once (the proxy is shutting down)."""
 
-    def __init__(self, settings: IssuerSettings, deadline: float):
+    def __init__(self, settings: IssuerSettings, deadline: float,
+                 abort: Optional[threading.Event] = None):
         self.wait = settings.poll_interval
         self.max = settings.poll_max_interval
         self.deadline = deadline
+        self.abort = abort or threading.Event()
 
     def sleep(self, response: Optional[_Response] = None) -> None:
         wait = self.wait
@@ -609,7 +619,8 @@ class _Poller:
             if ra is not None:
                 wait = max(wait, ra)
         wait = min(wait, max(0.0, self.deadline - time.monotonic()))
-        time.sleep(wait)
+        if self.abort.wait(wait):
+            raise _Aborted()
         self.wait = min(self.max, self.wait * 1.5)
 
     @property
@@ -628,8 +639,10 @@ class AcmeIssuer:
 
     def __init__(self, settings: IssuerSettings, account_key_pem: Optional[bytes] = None,
                  registration_json: Optional[bytes] = None, *, account_confirmed: bool = False,
-                 directory: Optional[dict] = None):
+                 directory: Optional[dict] = None, abort: Optional[threading.Event] = None):
         self.settings = settings
+        # set by whoever stops us (may be shared by several issuers): waits for the CA end at once
+        self._abort = abort if abort is not None else threading.Event()
         self.ca = settings.directory_url
         self.issuer_key = issuer_id(settings.directory_url)
         self._lock = threading.Lock()
@@ -670,6 +683,10 @@ class AcmeIssuer:
     def close(self) -> None:
         """Close the idle connections to the CA (a later request opens a new one)."""
         self._transport.close()
+
+    def abort(self) -> None:
+        """Make a running ``obtain`` give up at its next wait (it still cleans up its challenges)."""
+        self._abort.set()
 
     def __enter__(self) -> "AcmeIssuer":
         return self
@@ -713,6 +730,8 @@ class AcmeIssuer:
                              domains=domains, retry_after=retry_after)
         if isinstance(exc, _Conflict):
             return AcmeError(f"{doing}: conflict ({exc})", ca=self.ca, domains=domains)
+        if isinstance(exc, _Aborted):
+            return AcmeError(f"{doing}: stopped (shutting down)", ca=self.ca, domains=domains)
         return AcmeError(f"{doing}: {type(exc).__name__}: {exc}", ca=self.ca, domains=domains,
                          retry_after=retry_after)
 
@@ -893,7 +912,7 @@ class AcmeIssuer:
         if not isinstance(authz_urls, list):
             raise AcmeError(f"malformed order: authorizations {authz_urls!r}", ca=self.ca, domains=names)
         presented: list[Challenge] = []
-        pending: dict[str, Challenge] = {}
+        pending: dict[str, tuple[Challenge, str]] = {}   # authz URL -> (challenge, its URL)
         try:
             for url in authz_urls:
                 authz = self._post(net, directory, url, None).json()
@@ -925,14 +944,15 @@ class AcmeIssuer:
                     raise AcmeError(f"presenting the {ch.type} challenge for {domain} failed: {e!r}",
                                     ca=self.ca, domains=names) from e
                 presented.append(ch)
-                self._post(net, directory, chosen["url"], {})
-                pending[url] = ch
-            poller = _Poller(self.settings, deadline)
+                answer = self._post(net, directory, chosen["url"], {})
+                self._raise_if_failed(_json_or_empty(answer), ch, names, answer)
+                pending[url] = (ch, chosen["url"])
+            poller = _Poller(self.settings, deadline, self._abort)
             while pending:
                 if poller.expired:
                     raise AcmeError(
                         f"timed out after {self.settings.timeout:.0f} s waiting for the CA to "
-                        f"validate {', '.join(c.domain for c in pending.values())}",
+                        f"validate {', '.join(c.domain for c, _ in pending.values())}",
                         ca=self.ca, domains=names)
                 poller.sleep()
                 for url in list(pending):
@@ -940,17 +960,20 @@ class AcmeIssuer:
                     r = self._post(net, directory, url, None)
                     authz = r.json()
                     status = authz.get("status")
+                    ch, chall_url = pending[url]
                     if status == "valid":
                         del pending[url]
                     elif status in ("pending", "processing"):
-                        continue
+                        ours = [c for c in authz.get("challenges") or [] if c.get("url") == chall_url]
+                        if ours:
+                            self._raise_if_failed(ours[0], ch, names, r)
                     else:
-                        ch = pending[url]
                         problem = _authz_problem(authz)
                         raise AcmeError(
                             f"the CA could not validate {ch.domain} with {ch.type} (authorization {status})",
                             ca=self.ca, domains=names, problem=problem,
-                            retry_after=parse_retry_after(r.headers.get("Retry-After")))
+                            retry_after=parse_retry_after(r.headers.get("Retry-After")),
+                            validation_failed=True)
         finally:
             for ch in presented:
                 try:
@@ -958,9 +981,22 @@ class AcmeIssuer:
                 except Exception:
                     log.exception("cleaning up the %s challenge for %s failed", ch.type, ch.domain)
 
+    def _raise_if_failed(self, challenge: dict, ch: Challenge, names: tuple[str, ...],
+                         resp: _Response) -> None:
+        """A challenge that is invalid, or still pending with an ``error`` (RFC 8555 8.2: the CA
+        may retry; step-ca waits for the client to ask again), has failed for this order."""
+        status = challenge.get("status")
+        error = challenge.get("error")
+        if status == "invalid" or (status != "valid" and isinstance(error, dict) and error):
+            state = "invalid" if status == "invalid" else f"{status} with an error"
+            raise AcmeError(f"the CA could not validate {ch.domain} with {ch.type} (challenge {state})",
+                            ca=self.ca, domains=names, problem=error if isinstance(error, dict) else None,
+                            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                            validation_failed=True)
+
     def _finalize(self, net: _Net, directory: dict, names: tuple[str, ...], order_url: str,
                   order: dict, csr_der: bytes, deadline: float) -> dict:
-        poller = _Poller(self.settings, deadline)
+        poller = _Poller(self.settings, deadline, self._abort)
         finalized = False
         resp: Optional[_Response] = None
         while True:
@@ -1011,6 +1047,14 @@ class AcmeIssuer:
         except Exception as e:
             raise self._error(e, "fetching renewal information", net=net) from e
         return start, end, parse_retry_after(resp.headers.get("Retry-After"))
+
+
+def _json_or_empty(resp: _Response) -> dict:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _authz_problem(authz: dict) -> Optional[dict]:

@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable, Mapping, Optional
@@ -31,7 +32,7 @@ from ..storage import NotFound, Storage, StorageError, check, open_storage
 from ..tls.certcache import ACME, Certificate, CertificateCache, CertificateProblem
 from ..tls.clienthello import parse_client_hello
 from . import layout
-from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, storage_key
+from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, preferred_challenge_types, storage_key
 from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
 from .schedule import DEFAULT_RETRY_CAP, renewal_time, retry_delay
 
@@ -43,6 +44,8 @@ async def _within(aw, seconds: float):
     can drop a cancellation that arrives as the awaited call finishes (CPython gh-86296)."""
     async with asyncio.timeout(seconds):
         return await aw
+
+STOP_GRACE = 5.0   # s that stop() waits for running orders to clean up their challenges
 
 # Problems that mean "the CA could not validate this way": the other challenge type may work.
 _VALIDATION_PROBLEMS = ("connection", "unauthorized", "tls", "incorrectResponse", "dns")
@@ -171,12 +174,17 @@ class AutocertManager:
         self._warned_manual_expired: set[str] = set()
         self._store_down = False
         self._unstored: dict[str, _Unstored] = {}
+        # Set at stop: issuer threads stop waiting for the CA and clean up their challenges.
+        self._stopping = threading.Event()
+        self._closed = False
+        self._orders: dict[asyncio.Future, str] = {}   # issuer threads still running -> name
 
     def _apply(self, options: Options) -> None:
         self.options = options
         self.ca = options.autocert_ca
         self.issuer_key = issuer_id(options.autocert_ca)
-        types = (TLS_ALPN_01, HTTP_01) if options.http_redirect_addr else (TLS_ALPN_01,)
+        redirect = options.http_redirect_addr
+        types = preferred_challenge_types(options.address.port, redirect.port if redirect else None)
         self.settings = IssuerSettings(
             directory_url=options.autocert_ca, email=options.autocert_email,
             eab_key_id=options.autocert_eab_key_id, eab_mac_key=options.autocert_eab_mac_key,
@@ -275,6 +283,7 @@ class AutocertManager:
         self._task = asyncio.get_running_loop().create_task(self._maintain())
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -283,6 +292,11 @@ class AutocertManager:
                 pass
         for t in list(self._inflight.values()):
             t.cancel()
+        if self._orders:
+            log.info("autocert: order for %s abandoned at shutdown", ", ".join(sorted(set(self._orders.values()))))
+            # Their challenge clean-up needs this loop and its executor: wait while both run.
+            await asyncio.wait(list(self._orders), timeout=STOP_GRACE)
+        self._closed = True
         for i in [self._issuer, *self._by_type.values()]:
             if i is not None:
                 i.close()
@@ -483,8 +497,8 @@ class AutocertManager:
                 # Each challenge type in turn: a CA that cannot reach one port may reach the other.
                 first = types[i]
                 try:
-                    issued = await asyncio.to_thread(
-                        by_type[first].obtain, [name], key_pem, self._present, self._cleanup)
+                    issued = await self._in_thread(name, by_type[first].obtain, [name], key_pem,
+                                                   self._present, self._cleanup)
                 except AcmeError as e:
                     short = e.problem_type.rsplit(":", 1)[-1]
                     if short == "accountDoesNotExist" and not registered_again:
@@ -496,14 +510,16 @@ class AutocertManager:
                         types, i = list(settings.challenge_types), 0
                         continue
                     subs = [str((s.get("type") or "")).rsplit(":", 1)[-1] for s in (e.problem or {}).get("subproblems") or []]
-                    validation = short in _VALIDATION_PROBLEMS or any(s in _VALIDATION_PROBLEMS for s in subs)
-                    if validation and i + 1 < len(types):
+                    validation = e.validation_failed or short in _VALIDATION_PROBLEMS or any(s in _VALIDATION_PROBLEMS for s in subs)
+                    if validation and i + 1 < len(types) and not self._stopping.is_set():
                         log.warning("autocert: %s validation failed for %s (%s); trying %s", first, name, e, types[i + 1])
                         i += 1
                         continue
                     raise
         except AcmeError as e:
-            if ikey == self.issuer_key:
+            if self._stopping.is_set():
+                log.debug("autocert: order for %s stopped: %s", name, e)
+            elif ikey == self.issuer_key:
                 await self._failed(name, state, str(e), e.retry_after)
             return
         except StorageError as e:
@@ -621,6 +637,19 @@ class AutocertManager:
             except StorageError:
                 pass
 
+    async def _in_thread(self, name: str, fn, *args):
+        """``fn(*args)`` in a worker thread, tracked until the thread ends (not only until the
+        awaiting task is cancelled), so that ``stop`` can wait for its clean-up."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._orders[fut] = name
+        fut.add_done_callback(self._order_done)
+        return await asyncio.shield(fut)
+
+    def _order_done(self, fut: asyncio.Future) -> None:
+        self._orders.pop(fut, None)
+        if not fut.cancelled():
+            fut.exception()   # retrieved here: its task may have been cancelled at shutdown
+
     async def _failed(self, name: str, state: NameState, error: str, retry_after: Optional[float]) -> None:
         state.failures += 1
         state.last_error = error
@@ -708,7 +737,7 @@ class AutocertManager:
 
             async with self.storage.locked(f"account_{ikey}"):
                 key_pem, reg = await load(kkey), await load(rkey)
-                issuer = AcmeIssuer(settings, key_pem, reg)
+                issuer = AcmeIssuer(settings, key_pem, reg, abort=self._stopping)
                 new_key, new_reg = await asyncio.to_thread(issuer.account)
                 if new_key != key_pem:
                     await self.storage.store(kkey, new_key, private=True)
@@ -716,7 +745,8 @@ class AutocertManager:
                     await self.storage.store(rkey, new_reg)
             # One issuer per challenge type, all on the same account.
             by_type = {t: AcmeIssuer(dataclasses.replace(settings, challenge_types=(t,)), new_key, new_reg,
-                                    account_confirmed=True, directory=issuer.directory())
+                                    account_confirmed=True, directory=issuer.directory(),
+                                    abort=self._stopping)
                        for t in settings.challenge_types}
             if self.settings == settings:   # not reconfigured meanwhile
                 self._issuer, self._by_type, self._issuer_settings = issuer, by_type, settings
@@ -737,6 +767,11 @@ class AutocertManager:
     def _wait_on_loop(self, coro, doing: str) -> None:
         """Run ``coro`` on the event loop from the issuer thread and wait for it (15 s at most);
         a failure is logged, not raised: this instance still answers its own challenges."""
+        if self._closed:
+            # the loop is going away; a stale challenge record is harmless (readers check the token)
+            coro.close()
+            log.debug("autocert: %s skipped at shutdown", doing)
+            return
         try:
             asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=15)
         except Exception as e:
