@@ -34,7 +34,7 @@ from ..tls.clienthello import parse_client_hello
 from . import layout
 from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, preferred_challenge_types, storage_key
 from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
-from .schedule import DEFAULT_RETRY_CAP, renewal_time, retry_delay
+from .schedule import DEFAULT_RETRY_CAP, RenewalPlan, next_ari_poll, plan_renewal, retry_delay, window_point
 
 log = logging.getLogger("proxy.autocert")
 
@@ -159,7 +159,9 @@ class AutocertManager:
         self._issuer_settings: Optional[IssuerSettings] = None
         self._issuer_lock = asyncio.Lock()
         self._states: dict[str, NameState] = {}
-        self._ari: dict[int, Optional[tuple[dt.datetime, dt.datetime]]] = {}
+        # serial -> (the CA's suggested window or None, when to ask again)
+        self._ari: dict[int, tuple[Optional[tuple[dt.datetime, dt.datetime]], dt.datetime]] = {}
+        self._ari_reader: Optional[AcmeIssuer] = None   # account-less, for ARI before any order
         # Until the first look into storage is done, every managed name counts as missing, and
         # a handshake for one waits (briefly) for that look instead of getting the default.
         self._missing: set[str] = set(wanted_names(options, cache))
@@ -297,7 +299,7 @@ class AutocertManager:
             # Their challenge clean-up needs this loop and its executor: wait while both run.
             await asyncio.wait(list(self._orders), timeout=STOP_GRACE)
         self._closed = True
-        for i in [self._issuer, *self._by_type.values()]:
+        for i in [self._issuer, self._ari_reader, *self._by_type.values()]:
             if i is not None:
                 i.close()
         await self.storage.close()
@@ -308,7 +310,7 @@ class AutocertManager:
         if self.settings != old_settings:
             # New trust, EAB key, email, must-staple or challenge types: the next order uses them
             # (the issuers were built with the old ones). In-flight orders keep their own issuer.
-            self._issuer = None
+            self._issuer = self._ari_reader = None
             self._by_type = {}
             if options.autocert_ca == old_ca:
                 # The operator changed something: names waiting out a backoff try again now.
@@ -324,7 +326,7 @@ class AutocertManager:
                 if c.source == ACME:
                     for n in c.names:
                         self.cache.remove_managed(n)
-            self._issuer = None
+            self._issuer = self._ari_reader = None
             self._states.clear()
         self.wake()
 
@@ -420,11 +422,19 @@ class AutocertManager:
                 st.next_attempt = 0.0
 
     def _due(self, cert: Certificate, now: dt.datetime) -> bool:
-        window = self._ari.get(cert.leaf.serial_number)
-        return now >= renewal_time(cert.not_before, cert.not_after, window)
+        return now >= self.renewal_plan(cert, now).at
+
+    def ari_window(self, cert: Certificate) -> Optional[tuple[dt.datetime, dt.datetime]]:
+        known = self._ari.get(cert.leaf.serial_number)
+        return known[0] if known else None
+
+    def renewal_plan(self, cert: Certificate, now: Optional[dt.datetime] = None) -> RenewalPlan:
+        serial = cert.leaf.serial_number
+        return plan_renewal(cert.not_before, cert.not_after, self.ari_window(cert),
+                            now=now or dt.datetime.now(dt.timezone.utc), point=window_point(serial))
 
     def next_renewal(self, cert: Certificate) -> dt.datetime:
-        return renewal_time(cert.not_before, cert.not_after, self._ari.get(cert.leaf.serial_number))
+        return self.renewal_plan(cert).at
 
     async def _ensure(self, name: str) -> None:
         unstored = self._unstored.get(name)
@@ -753,15 +763,29 @@ class AutocertManager:
             return issuer, by_type, settings
 
     async def _refresh_ari(self, cert: Certificate) -> None:
+        """Ask the CA for the certificate's renewal window when the last answer is due again
+        (schedule.next_ari_poll: Retry-After honoured, at least twice a day)."""
         serial = cert.leaf.serial_number
-        if serial in self._ari or self._issuer is None:
+        now = dt.datetime.now(dt.timezone.utc)
+        known = self._ari.get(serial)
+        if known is not None and now < known[1]:
             return
+        if self._issuer is None and self._ari_reader is None:
+            self._ari_reader = AcmeIssuer(self.settings, abort=self._stopping)
+        reader = self._issuer or self._ari_reader
         try:
-            info = await asyncio.to_thread(self._issuer.renewal_info, cert.chain_pem)
+            info = await asyncio.to_thread(reader.renewal_info, cert.chain_pem)
         except AcmeError as e:
-            log.debug("autocert: no renewal information for %s: %s", cert.names, e)
-            info = None
-        self._ari[serial] = (info[0], info[1]) if info else None
+            log.warning("autocert: renewal information for %s: %s", ", ".join(cert.names), e)
+            self._ari[serial] = (known[0] if known else None, next_ari_poll(now, e.retry_after, failed=True))
+            return
+        window = (info[0], info[1]) if info else None
+        self._ari[serial] = (window, next_ari_poll(now, info[2] if info else None))
+        if window is not None and (known is None or known[0] != window):
+            plan = self.renewal_plan(cert, now)
+            log.info("autocert: %s: the CA suggests renewal between %s and %s; renewing at %s (%s)",
+                     ", ".join(cert.names), window[0].isoformat(), window[1].isoformat(),
+                     plan.at.isoformat(), plan.source)
 
     # ------------------------------------------------------------------ challenges (issuer thread)
     def _wait_on_loop(self, coro, doing: str) -> None:
