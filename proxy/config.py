@@ -151,6 +151,7 @@ class Options:
     autocert_eab_mac_key: str = ""             # base64url, normalized to no padding
     autocert_email: str = ""
     autocert_must_staple: bool = False
+    autocert_profile: str = ""                 # ACME profile sent in newOrder; "" = the CA's default
     autocert_trusted_ca_pem: bytes = b""       # from autocert_trusted_ca or autocert_trusted_ca_file
     autocert_use_staging: bool = False
     source: str = ""                           # path of the config file
@@ -184,6 +185,7 @@ KNOWN_KEYS: tuple[str, ...] = (
     "autocert_eab_mac_key",
     "autocert_email",
     "autocert_must_staple",
+    "autocert_profile",
     "autocert_trusted_ca",
     "autocert_trusted_ca_file",
     "autocert_use_staging",
@@ -681,6 +683,18 @@ def parse_ca_url(value: Any) -> str:
     return text
 
 
+_PROFILE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def parse_profile(value: Any) -> str:
+    """An ACME profile name (draft-ietf-acme-profiles) as the CA lists it, e.g. "shortlived"."""
+    text = _require_str(value, "an ACME profile name").strip()
+    if not _PROFILE.fullmatch(text):
+        raise _Bad(f"{text!r} is not a profile name; accepted: a name the CA lists in its directory "
+                   f"(printable characters, no spaces), e.g. classic, tlsserver, shortlived")
+    return text
+
+
 def normalize_mac_key(value: Any) -> str:
     """base64url (RFC 4648 section 5), padding tolerated -> the unpadded form.
 
@@ -945,6 +959,8 @@ def load_config(path: Optional[str], environ: Mapping[str, str], *, full_key_che
         else:
             out["autocert_eab_key_id"] = kid.strip()
     scalar("autocert_eab_mac_key", normalize_mac_key)
+    if "autocert_profile" in raw and str(raw["autocert_profile"]).strip():
+        scalar("autocert_profile", parse_profile)
 
     if "autocert_trusted_ca" in raw and "autocert_trusted_ca_file" in raw:
         problems.append("autocert_trusted_ca, autocert_trusted_ca_file: both are set; give only one "

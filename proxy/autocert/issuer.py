@@ -72,6 +72,7 @@ class IssuerSettings:
     eab_mac_key: str = ""               # unpadded base64url, as the CA hands it out
     trusted_ca_pem: bytes = b""         # CA(s) trusted for the CA's HTTPS; empty: default roots
     must_staple: bool = False
+    profile: str = ""                   # ACME profile (autocert_profile); "" = the CA's default
     challenge_types: tuple[str, ...] = DEFAULT_CHALLENGE_TYPES  # order of preference
     poll_interval: float = 0.01         # first wait before polling an authorization or order
     poll_max_interval: float = 1.0      # the wait grows x1.5 up to this
@@ -142,6 +143,7 @@ class IssuedCertificate:
     not_before: dt.datetime
     not_after: dt.datetime
     elapsed: float              # seconds from new-order to download
+    profile: str = ""           # the ACME profile of the order ("" = the CA's default)
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -747,6 +749,9 @@ class AcmeIssuer:
                 "unauthorized", "malformed", "badPublicKey", "badSignatureAlgorithm"):
             return (f"{doing}: the CA rejected the External Account Binding (key id "
                     f"{self.settings.eab_key_id!r}); check autocert_eab_key_id and autocert_eab_mac_key")
+        if code == "invalidProfile":
+            return (f"{doing}: the CA refused the profile {self.settings.profile!r} that "
+                    f"autocert_profile asks for")
         if code == "rateLimited":
             return f"{doing}: rate limited by the CA"
         if code == "badNonce":
@@ -857,15 +862,19 @@ class AcmeIssuer:
         except (ValueError, TypeError) as e:
             raise AcmeError(f"building the certificate request failed: {e}", ca=self.ca,
                             domains=names) from None
-        self.account()
         directory = self.directory()
+        self._check_profile(directory, names)
+        self.account()
         started = time.monotonic()
         deadline = started + self.settings.timeout
         net = self._net()
         stage = "creating the order"
         try:
             identifiers = [{"type": "ip" if _is_ip(n) else "dns", "value": n} for n in names]
-            resp = self._post(net, directory, directory["newOrder"], {"identifiers": identifiers})
+            new_order: dict[str, Any] = {"identifiers": identifiers}
+            if self.settings.profile:
+                new_order["profile"] = self.settings.profile
+            resp = self._post(net, directory, directory["newOrder"], new_order)
             order_url = resp.headers.get("Location") or ""
             order = resp.json()
             if not order_url:
@@ -899,11 +908,27 @@ class AcmeIssuer:
         issued = IssuedCertificate(
             chain_pem=chain_pem, cert_url=cert_url, order_url=order_url, domains=names,
             issuer_key=self.issuer_key, not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc, elapsed=time.monotonic() - started)
+            not_after=leaf.not_valid_after_utc, elapsed=time.monotonic() - started,
+            profile=str(order.get("profile") or self.settings.profile))
         if self.settings.must_staple and not issued.must_staple:
             log.warning("ACME CA %s issued a certificate for %s without the OCSP must-staple "
                         "extension that autocert_must_staple asked for", self.ca, ", ".join(names))
         return issued
+
+    def _check_profile(self, directory: dict, names: tuple[str, ...]) -> None:
+        """A profile is only asked of a CA that lists it (draft-ietf-acme-profiles: the
+        directory's meta.profiles maps each name to a description)."""
+        profile = self.settings.profile
+        if not profile:
+            return
+        offered = (directory.get("meta") or {}).get("profiles")
+        if not isinstance(offered, dict) or not offered:
+            raise AcmeError(f"autocert_profile is {profile!r}, but this CA offers no profiles (its "
+                            f"directory has no meta.profiles); remove autocert_profile or use a CA "
+                            f"that has profiles", ca=self.ca, domains=names)
+        if profile not in offered:
+            raise AcmeError(f"autocert_profile is {profile!r}, which this CA does not offer; it offers "
+                            f"{', '.join(sorted(map(str, offered)))}", ca=self.ca, domains=names)
 
     def _authorize(self, net: _Net, directory: dict, names: tuple[str, ...], order: dict,
                    present: Callable[[Challenge], None], cleanup: Callable[[Challenge], None],

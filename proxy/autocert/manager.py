@@ -191,7 +191,7 @@ class AutocertManager:
             directory_url=options.autocert_ca, email=options.autocert_email,
             eab_key_id=options.autocert_eab_key_id, eab_mac_key=options.autocert_eab_mac_key,
             trusted_ca_pem=options.autocert_trusted_ca_pem, must_staple=options.autocert_must_staple,
-            challenge_types=types)
+            profile=options.autocert_profile, challenge_types=types)
 
     # ------------------------------------------------------------------ traffic-side hooks
     def tls_alpn(self, server_name: str):
@@ -547,8 +547,10 @@ class AutocertManager:
         except CertificateProblem as e:
             await self._failed(name, state, f"the CA returned an unusable certificate: {e}", None)
             return
-        meta = json.dumps({"sans": list(issued.domains),
-                           "issuer_data": {"url": issued.cert_url, "ca": ca}}, indent=1).encode()
+        issuer_data = {"url": issued.cert_url, "ca": ca}
+        if issued.profile:
+            issuer_data["profile"] = issued.profile
+        meta = json.dumps({"sans": list(issued.domains), "issuer_data": issuer_data}, indent=1).encode()
         unstored = _Unstored(ikey, cert.leaf.serial_number, key_pem, meta, issued.chain_pem)
         stored = await self._store_issued(name, unstored, first_try=True)
         metrics.inc("autocert_proxy_acme_orders_total", result="valid")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -151,6 +152,11 @@ dbfile: {self.workdir / 'acme_srv.db'}
     def directory(self) -> dict:
         with urllib.request.urlopen(self.directory_url, timeout=5) as r:
             return json.loads(r.read())
+
+    def order_profiles(self) -> list[str]:
+        """The profile of every order the CA took, oldest first ("" when none was asked)."""
+        with sqlite3.connect(self.workdir / "acme_srv.db") as db:
+            return [r[0] or "" for r in db.execute("SELECT profile FROM orders ORDER BY id")]
 
     def stop(self) -> None:
         _kill(self._proc)
