@@ -385,3 +385,13 @@ async def test_within_keeps_a_cancellation_that_arrives_with_the_answer():
         await task
     with pytest.raises(TimeoutError):
         await _within(asyncio.sleep(10), 0.01)
+
+
+def test_ari_record_round_trip_is_tied_to_its_certificate():
+    from proxy.autocert.schedule import ari_record, parse_ari_record
+    window = (T0, T0 + dt.timedelta(hours=3))
+    assert parse_ari_record(ari_record(0xABC, window), 0xABC) == (True, window)
+    assert parse_ari_record(ari_record(0xABC, None), 0xABC) == (True, None)        # CA without ARI
+    assert parse_ari_record(ari_record(0xABC, window), 0xABD) == (False, None)     # another certificate
+    for junk in (b"", b"[]", b'{"serial": "abc", "start": "x", "end": "y"}', b"\xff"):
+        assert parse_ari_record(junk, 0xABC) == (False, None)

@@ -34,7 +34,8 @@ from ..tls.clienthello import parse_client_hello
 from . import layout
 from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, preferred_challenge_types, storage_key
 from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
-from .schedule import DEFAULT_RETRY_CAP, RenewalPlan, next_ari_poll, plan_renewal, retry_delay, window_point
+from .schedule import (DEFAULT_RETRY_CAP, RenewalPlan, ari_record, next_ari_poll, plan_renewal, retry_delay,
+                       window_point)
 
 log = logging.getLogger("proxy.autocert")
 
@@ -783,6 +784,12 @@ class AutocertManager:
             return
         window = (info[0], info[1]) if info else None
         self._ari[serial] = (window, next_ari_poll(now, info[2] if info else None))
+        if known is None or known[0] != window:
+            for n in cert.names:
+                try:
+                    await self.storage.store(layout.ari_key(self.issuer_key, n), ari_record(serial, window))
+                except StorageError as e:
+                    log.debug("autocert: storing the renewal window of %s failed: %s", n, e)
         if window is not None and (known is None or known[0] != window):
             plan = self.renewal_plan(cert, now)
             log.info("autocert: %s: the CA suggests renewal between %s and %s; renewing at %s (%s)",

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import random
 from dataclasses import dataclass
 from typing import Optional
@@ -95,6 +96,26 @@ def renewal_time(not_before: dt.datetime, not_after: dt.datetime,
     """``plan_renewal(...).at`` with a random point of the window."""
     return plan_renewal(not_before, not_after, ari_window, point=rng.random(),
                         now=now or dt.datetime.now(dt.timezone.utc)).at
+
+
+def ari_record(serial: int, window: Optional[Window]) -> bytes:
+    """What the manager stores about a certificate's renewal window (None: the CA has no ARI)."""
+    start, end = (window[0].isoformat(), window[1].isoformat()) if window else (None, None)
+    return json.dumps({"serial": f"{serial:x}", "start": start, "end": end}, sort_keys=True).encode()
+
+
+def parse_ari_record(data: bytes, serial: int) -> tuple[bool, Optional[Window]]:
+    """(known, window) from ``ari_record`` output, for the certificate ``serial``; a record of
+    another certificate, or one that cannot be read, is not known."""
+    try:
+        rec = json.loads(data)
+        if rec.get("serial") != f"{serial:x}":
+            return False, None
+        if rec.get("start") is None:
+            return True, None
+        return True, (dt.datetime.fromisoformat(rec["start"]), dt.datetime.fromisoformat(rec["end"]))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return False, None
 
 
 def next_ari_poll(now: dt.datetime, retry_after: Optional[float] = None,
