@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from tests.infra.a2c import Acme2Certifier
 from tests.infra.pebble import free_port, pebble, pebble_factory  # noqa: F401  (fixtures)

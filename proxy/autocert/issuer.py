@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from proxy.autocert.chains import alternate_links, chain_issuers, choose_chain
 from proxy.autocert.challenges import CHALLENGE_TYPES, HTTP_01, TLS_ALPN_01, Challenge, safe_key
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,7 @@ class IssuerSettings:
     trusted_ca_pem: bytes = b""         # CA(s) trusted for the CA's HTTPS; empty: default roots
     must_staple: bool = False
     profile: str = ""                   # ACME profile (autocert_profile); "" = the CA's default
+    preferred_chain: str = ""           # issuer common name (autocert_preferred_chain); "" = default chain
     challenge_types: tuple[str, ...] = DEFAULT_CHALLENGE_TYPES  # order of preference
     poll_interval: float = 0.01         # first wait before polling an authorization or order
     poll_max_interval: float = 1.0      # the wait grows x1.5 up to this
@@ -890,6 +892,8 @@ class AcmeIssuer:
                 raise AcmeError("the valid order has no certificate URL", ca=self.ca, domains=names)
             cresp = self._post(net, directory, cert_url, None)
             chain_pem = cresp.content
+            if self.settings.preferred_chain:
+                chain_pem = self._preferred_chain(net, directory, cresp, names)
             try:
                 certs = x509.load_pem_x509_certificates(chain_pem)
             except ValueError:
@@ -914,6 +918,25 @@ class AcmeIssuer:
             log.warning("ACME CA %s issued a certificate for %s without the OCSP must-staple "
                         "extension that autocert_must_staple asked for", self.ca, ", ".join(names))
         return issued
+
+    def _preferred_chain(self, net: _Net, directory: dict, resp: _Response, names: tuple[str, ...]) -> bytes:
+        """The chain ``preferred_chain`` picks among the default one (``resp``) and the CA's
+        alternates; the default when none matches (logged, with what was offered)."""
+        chains = [resp.content]
+        for url in alternate_links(resp.headers.get_all("Link") or [], resp.url):
+            try:
+                chains.append(self._post(net, directory, url, None).content)
+            except (_Problem, _Unexpected, _NetworkError, _Conflict) as e:
+                log.warning("ACME CA %s: cannot fetch the alternate chain %s for %s: %s",
+                            self.ca, url, ", ".join(names), e)
+        picked = choose_chain(chains, self.settings.preferred_chain)
+        if picked is None:
+            offered = "; ".join(" <- ".join(reversed(chain_issuers(c))) or "(unreadable)" for c in chains)
+            log.warning("ACME CA %s: no chain for %s has an issuer named %r (autocert_preferred_chain); "
+                        "using the default chain. Offered chains, by issuer: %s",
+                        self.ca, ", ".join(names), self.settings.preferred_chain, offered)
+            return chains[0]
+        return chains[picked]
 
     def _check_profile(self, directory: dict, names: tuple[str, ...]) -> None:
         """A profile is only asked of a CA that lists it (draft-ietf-acme-profiles: the

@@ -192,7 +192,8 @@ class AutocertManager:
             directory_url=options.autocert_ca, email=options.autocert_email,
             eab_key_id=options.autocert_eab_key_id, eab_mac_key=options.autocert_eab_mac_key,
             trusted_ca_pem=options.autocert_trusted_ca_pem, must_staple=options.autocert_must_staple,
-            profile=options.autocert_profile, challenge_types=types)
+            profile=options.autocert_profile, preferred_chain=options.autocert_preferred_chain,
+            challenge_types=types)
 
     # ------------------------------------------------------------------ traffic-side hooks
     def tls_alpn(self, server_name: str):
