@@ -32,7 +32,8 @@ from ..storage import NotFound, Storage, StorageError, check, open_storage
 from ..tls.certcache import ACME, Certificate, CertificateCache, CertificateProblem
 from ..tls.clienthello import parse_client_hello
 from . import layout
-from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, preferred_challenge_types, storage_key
+from .challenges import (HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, ip_from_sni,
+                         preferred_challenge_types, storage_key)
 from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
 from .schedule import (DEFAULT_RETRY_CAP, RenewalPlan, ari_record, next_ari_poll, plan_renewal, retry_delay,
                        window_point)
@@ -259,7 +260,7 @@ class AutocertManager:
             return None
 
     async def _adopt_stored_challenge(self, name: str) -> None:
-        ch = await self._stored_challenge(name)
+        ch = await self._stored_challenge(ip_from_sni(name) or name)
         if ch is not None and ch.type == TLS_ALPN_01:
             self.challenges.present(ch)
             # forget it again after the CA's validation window
