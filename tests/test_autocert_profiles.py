@@ -16,7 +16,7 @@ from proxy.autocert.issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_
 from proxy.autocert.manager import new_certificate_key
 from tests.infra.a2c import Acme2Certifier
 from tests.infra.pebble import free_port, pebble, pebble_factory  # noqa: F401  (fixtures)
-from tests.infra.proxyproc import REPO, served_certificate, wait_port
+from tests.infra.proxyproc import REPO, served_certificate, wait_port, wait_until
 from tests.infra.wellknown import ensure_hosts, start_on_wellknown
 
 PROFILES = {"classic": "90-day certificates", "shortlived": "6-day certificates"}
@@ -46,16 +46,6 @@ def cli(proxy, *args: str) -> subprocess.CompletedProcess:
                           cwd=str(REPO), env=proxy.env, capture_output=True, text=True, timeout=30)
 
 
-def wait_for(pred, what: str, log, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not seen within {timeout}s:\n{log()[-4000:]}")
-
-
 def issued_by_a2c(port: int, name: str):
     try:
         cert = served_certificate(port, name)
@@ -69,10 +59,10 @@ def test_profile_is_sent_with_every_order_renewals_included(a2c, start_proxy, tm
     before = len(a2c.order_profiles())
     proxy = start_on_wellknown(start_proxy, config(a2c.directory_url, tmp_path / "ac", name, port, "shortlived"),
                                [80], ("127.0.0.1", port), env=FAST)
-    first = wait_for(lambda: issued_by_a2c(port, name), "a certificate from acme2certifier", proxy.log)
+    first = wait_until(lambda: issued_by_a2c(port, name), "a certificate from acme2certifier", proxy.log)
     out = cli(proxy, "renew", name)
     assert out.returncode == 0, out.stderr
-    wait_for(lambda: (c := issued_by_a2c(port, name)) is not None and c.serial_number != first.serial_number,
+    wait_until(lambda: (c := issued_by_a2c(port, name)) is not None and c.serial_number != first.serial_number,
              "the renewed certificate", proxy.log)
     assert a2c.order_profiles()[before:] == ["shortlived", "shortlived"]
     meta = tmp_path / "ac" / "certificates" / issuer_id(a2c.directory_url) / name / f"{name}.json"

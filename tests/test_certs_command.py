@@ -6,12 +6,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 
 
 from tests.infra.a2c import Acme2Certifier
 from tests.infra.pebble import free_port, pebble, pebble_factory  # noqa: F401  (fixtures)
-from tests.infra.proxyproc import REPO, served_certificate, wait_port
+from tests.infra.proxyproc import REPO, served_certificate, wait_port, wait_until
 from tests.infra.wellknown import ensure_hosts, start_on_wellknown
 
 FAST = {"AUTOCERT_PROXY_CHECK_INTERVAL": "0.2", "AUTOCERT_PROXY_RETRY_BASE": "300"}
@@ -34,16 +33,6 @@ def certs_table(proxy) -> dict[str, dict[str, str]]:
     return table
 
 
-def wait_for(pred, what: str, log, timeout: float = 30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"{what} not seen within {timeout}s:\n{log()[-4000:]}")
-
-
 def test_certs_shows_profile_lifetime_ari_window_and_its_source(tmp_path_factory, start_proxy, tmp_path):
     name, port = "certs.h19.test", free_port()
     ensure_hosts([name])
@@ -56,7 +45,7 @@ def test_certs_shows_profile_lifetime_ari_window_and_its_source(tmp_path_factory
             "autocert_dir": str(tmp_path / "ac"), "autocert_profile": "shortlived",
             "routes": [{"from": f"https://{name}", "response": {"status": 200, "body": "ok"}}],
         }, [80], ("127.0.0.1", port), env=FAST)
-        wait_for(lambda: "the CA suggests renewal between" in proxy.log(), "the renewal window", proxy.log)
+        wait_until(lambda: "the CA suggests renewal between" in proxy.log(), "the renewal window", proxy.log)
         row = certs_table(proxy)[name]
         cert = served_certificate(port, name)
     finally:
@@ -79,12 +68,12 @@ def test_certs_without_ari_or_profile_names_the_lifetime_rule(pebble, start_prox
                          "routes": [{"from": "https://plain.test", "response": {"status": 200, "body": "ok"}}]},
                         env=FAST)
     wait_port(port)
-    wait_for(lambda: "obtained a certificate for plain.test" in proxy.log(), "the certificate", proxy.log)
+    wait_until(lambda: "obtained a certificate for plain.test" in proxy.log(), "the certificate", proxy.log)
 
     def row():
         r = certs_table(proxy)["plain.test"]
         return r if r["ARI_WINDOW"] != "-" else None
-    r = wait_for(row, "the CA's answer about ARI", proxy.log)
+    r = wait_until(row, "the CA's answer about ARI", proxy.log)
     assert r["PROFILE"] == "-"
     assert r["ARI_WINDOW"] == "none (CA has no ARI)"
     assert r["LIFETIME"] == "1826d"   # Pebble 2.4: 5 years

@@ -288,6 +288,8 @@ class AutocertManager:
         self._task = asyncio.get_running_loop().create_task(self._maintain())
 
     async def stop(self) -> None:
+        if self._orders:
+            log.info("autocert: order for %s abandoned at shutdown", ", ".join(sorted(set(self._orders.values()))))
         self._stopping.set()
         if self._task is not None:
             self._task.cancel()
@@ -298,7 +300,6 @@ class AutocertManager:
         for t in list(self._inflight.values()):
             t.cancel()
         if self._orders:
-            log.info("autocert: order for %s abandoned at shutdown", ", ".join(sorted(set(self._orders.values()))))
             # Their challenge clean-up needs this loop and its executor: wait while both run.
             await asyncio.wait(list(self._orders), timeout=STOP_GRACE)
         self._closed = True

@@ -20,7 +20,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Optional
@@ -28,7 +27,7 @@ from typing import Optional
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 
-from tests.infra.pebble import CHALLTESTSRV_BIN, _kill, free_port
+from tests.infra.pebble import _kill, free_port, start_challtestsrv, wait_acme_directory
 from tests.infra.pki import TestCA
 from tests.infra.proxyproc import REPO
 
@@ -115,39 +114,19 @@ dbfile: {self.workdir / 'acme_srv.db'}
     def start(self) -> "Acme2Certifier":
         py = python()
         self.config_path.write_text(self.config())
-        log = open(self.log_path, "ab")
-        self._dns = subprocess.Popen(
-            [CHALLTESTSRV_BIN, "-dns01", f"127.0.0.1:{self.dns_port}", "-http01", "", "-https01", "",
-             "-tlsalpn01", "", "-management", f"127.0.0.1:{self.dns_mgmt_port}",
-             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self._dns = start_challtestsrv(self.dns_port, self.dns_mgmt_port, self.log_path)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "ACME_SRV_CONFIGFILE": str(self.config_path)}
-        self._proc = subprocess.Popen(
-            [str(py), str(Path(__file__).with_name("a2c_server.py")), str(self.port), str(self.dns_port)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.workdir)
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(
+                [str(py), str(Path(__file__).with_name("a2c_server.py")), str(self.port), str(self.dns_port)],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, cwd=self.workdir)
         try:
-            self._wait_ready()
+            wait_acme_directory(self.directory_url, {"acme2certifier": self._proc, "pebble-challtestsrv": self._dns},
+                                self.log, timeout=READY_TIMEOUT)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        last: Optional[Exception] = None
-        while time.monotonic() < deadline:
-            for proc, name in ((self._proc, "acme2certifier"), (self._dns, "pebble-challtestsrv")):
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.directory_url, timeout=2) as r:
-                    if b"newOrder" in r.read():
-                        return
-            except Exception as e:   # not up yet
-                last = e
-            time.sleep(0.1)
-        raise RuntimeError(f"acme2certifier not ready after {READY_TIMEOUT}s ({last}):\n{self.log()[-3000:]}")
 
     def directory(self) -> dict:
         with urllib.request.urlopen(self.directory_url, timeout=5) as r:

@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import ssl
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Optional
 
-from tests.infra.pebble import _kill, free_port
+from tests.infra.pebble import _kill, free_port, wait_acme_directory
 from tests.infra.wellknown import ensure_hosts
 
 CADDY = shutil.which("caddy")
@@ -91,34 +88,17 @@ https://{CA_HOST}:{self.https_port} {{
         path.write_text(self.caddyfile())
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.workdir),
                "XDG_DATA_HOME": str(self.workdir / "data"), "XDG_CONFIG_HOME": str(self.workdir / "config")}
-        log = open(self.log_path, "ab")
-        self._proc = subprocess.Popen([CADDY, "run", "--config", str(path), "--adapter", "caddyfile"],
-                                      stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, cwd=self.workdir)
-        log.close()
-        try:
-            self._wait_ready()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([CADDY, "run", "--config", str(path), "--adapter", "caddyfile"],
+                                          stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                          env=env, cwd=self.workdir)
+        try:   # (its roots are written at start: the directory answers once they are there)
+            wait_acme_directory(self.directory_url, {"caddy": self._proc}, self.log, cafile=self.trusted_ca_file,
+                                ready=self.issuing_root_file.exists, timeout=READY_TIMEOUT)
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        last: Optional[Exception] = None
-        while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.poll() is not None:
-                raise RuntimeError(f"caddy exited with {self._proc.returncode}:\n{self.log()[-3000:]}")
-            if self.trusted_ca_file.exists() and self.issuing_root_file.exists():
-                try:
-                    ctx = ssl.create_default_context(cafile=str(self.trusted_ca_file))
-                    with urllib.request.urlopen(self.directory_url, context=ctx, timeout=2) as r:
-                        if b"newOrder" in r.read():
-                            return
-                except Exception as e:   # not up yet
-                    last = e
-            time.sleep(0.1)
-        raise RuntimeError(f"Caddy's ACME server not ready after {READY_TIMEOUT}s ({last}):\n{self.log()[-3000:]}")
 
     def stop(self) -> None:
         _kill(self._proc)
