@@ -151,6 +151,8 @@ class Options:
     autocert_eab_mac_key: str = ""             # base64url, normalized to no padding
     autocert_email: str = ""
     autocert_must_staple: bool = False
+    autocert_profile: str = ""                 # ACME profile sent in newOrder; "" = the CA's default
+    autocert_preferred_chain: str = ""         # issuer common name of the chain to serve; "" = default
     autocert_trusted_ca_pem: bytes = b""       # from autocert_trusted_ca or autocert_trusted_ca_file
     autocert_use_staging: bool = False
     source: str = ""                           # path of the config file
@@ -184,6 +186,8 @@ KNOWN_KEYS: tuple[str, ...] = (
     "autocert_eab_mac_key",
     "autocert_email",
     "autocert_must_staple",
+    "autocert_preferred_chain",
+    "autocert_profile",
     "autocert_trusted_ca",
     "autocert_trusted_ca_file",
     "autocert_use_staging",
@@ -696,6 +700,27 @@ def parse_ca_url(value: Any) -> str:
     return text
 
 
+_PROFILE = re.compile(r"[\x21-\x7e]{1,255}")
+
+
+def parse_profile(value: Any) -> str:
+    """An ACME profile name (draft-ietf-acme-profiles) as the CA lists it, e.g. "shortlived"."""
+    text = _require_str(value, "an ACME profile name").strip()
+    if not _PROFILE.fullmatch(text):
+        raise _Bad(f"{text!r} is not a profile name; accepted: a name the CA lists in its directory "
+                   f"(printable characters, no spaces), e.g. classic, tlsserver, shortlived")
+    return text
+
+
+def parse_preferred_chain(value: Any) -> str:
+    """An issuer's common name, e.g. "ISRG Root X1" (spaces allowed, one line)."""
+    text = _require_str(value, "an issuer common name like \"ISRG Root X1\"").strip()
+    if not text or len(text) > 255 or not text.isprintable():
+        raise _Bad(f"{text!r} is not accepted; accepted: the common name of an issuer in the chain "
+                   f"you want served, e.g. \"ISRG Root X1\"")
+    return text
+
+
 def normalize_mac_key(value: Any) -> str:
     """base64url (RFC 4648 section 5), padding tolerated -> the unpadded form.
 
@@ -958,6 +983,10 @@ def load_config(path: Optional[str], environ: Mapping[str, str], *, full_key_che
         else:
             out["autocert_eab_key_id"] = kid.strip()
     scalar("autocert_eab_mac_key", normalize_mac_key)
+    if "autocert_profile" in raw and str(raw["autocert_profile"]).strip():
+        scalar("autocert_profile", parse_profile)
+    if "autocert_preferred_chain" in raw and str(raw["autocert_preferred_chain"]).strip():
+        scalar("autocert_preferred_chain", parse_preferred_chain)
 
     if "autocert_trusted_ca" in raw and "autocert_trusted_ca_file" in raw:
         problems.append("autocert_trusted_ca, autocert_trusted_ca_file: both are set; give only one "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import socket
 import sys
@@ -33,6 +34,22 @@ def _fmt(t) -> str:
 def _issuer_cn(cert: Certificate) -> str:
     attrs = cert.leaf.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)
     return str(attrs[0].value) if attrs else cert.leaf.issuer.rfc4514_string()
+
+
+def _fmt_span(span: dt.timedelta) -> str:
+    """A lifetime, the two largest units: 90d, 6d16h, 12h, 45m (to the nearest minute: many
+    CAs end a certificate a second before a round lifetime)."""
+    minutes = int((span.total_seconds() + 30) // 60)
+    parts = [(minutes // 1440, "d"), (minutes % 1440 // 60, "h"), (minutes % 60, "m")]
+    shown = [f"{n}{u}" for n, u in parts if n]
+    return "".join(shown[:2]) or "0m"
+
+
+def _profile(meta: bytes) -> str:
+    try:
+        return str(json.loads(meta)["issuer_data"].get("profile") or "-")
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return "-"
 
 
 OCSP_TIMEOUT = 3.0   # s per responder asked by `certs` (it must not hang on a dead one)
@@ -93,7 +110,7 @@ async def collect(options: Options) -> list[dict]:
     from .autocert import layout
     from .autocert.issuer import issuer_id
     from .autocert.manager import NameState, load_stored_certificate, wanted_names
-    from .autocert.schedule import renewal_time
+    from .autocert.schedule import parse_ari_record, plan_renewal, window_point
 
     cache = CertificateCache()
     cache.replace_manual(manual_certificates(options))
@@ -103,8 +120,10 @@ async def collect(options: Options) -> list[dict]:
     for c in cache.all():
         certs.append(c)
         rows.append({"name": ",".join(c.names), "source": MANUAL, "issuer": _issuer_cn(c),
-                     "not_after": _fmt(c.not_after), "next_renewal": "-",
-                     "last_error": "EXPIRED" if c.expired(now) else "-", "next_attempt": "-"})
+                     "profile": "-", "lifetime": _fmt_span(c.not_after - c.not_before),
+                     "not_after": _fmt(c.not_after), "ari_window": "-", "next_renewal": "-",
+                     "renewal_by": "-", "last_error": "EXPIRED" if c.expired(now) else "-",
+                     "next_attempt": "-"})
     if not options.autocert:
         await _ocsp_columns(rows, certs)
         return rows
@@ -112,13 +131,29 @@ async def collect(options: Options) -> list[dict]:
     issuer = issuer_id(options.autocert_ca)
     try:
         for n in wanted_names(options, cache, now):
-            row = {"name": n, "source": "acme", "issuer": "-", "not_after": "-", "next_renewal": "-",
+            row = {"name": n, "source": "acme", "issuer": "-", "profile": "-", "lifetime": "-",
+                   "not_after": "-", "ari_window": "-", "next_renewal": "-", "renewal_by": "-",
                    "last_error": "-", "next_attempt": "-"}
             obtained = None
             try:
                 cert = await load_stored_certificate(storage, issuer, n)
+                serial = cert.leaf.serial_number
+                known, window = False, None
+                try:
+                    known, window = parse_ari_record(await storage.load(layout.ari_key(issuer, n)), serial)
+                except NotFound:
+                    pass
+                try:
+                    row["profile"] = _profile(await storage.load(layout.meta_key(issuer, n)))
+                except NotFound:
+                    pass
+                # the manager's own rule (schedule.plan_renewal), with the window it was given
+                plan = plan_renewal(cert.not_before, cert.not_after, window, now=now, point=window_point(serial))
                 row.update(issuer=_issuer_cn(cert), not_after=_fmt(cert.not_after),
-                           next_renewal=_fmt(renewal_time(cert.not_before, cert.not_after)))
+                           lifetime=_fmt_span(cert.not_after - cert.not_before),
+                           ari_window=(f"{_fmt(window[0])} .. {_fmt(window[1])}" if window else
+                                       "none (CA has no ARI)" if known else "-"),
+                           next_renewal=_fmt(plan.at), renewal_by=plan.source)
                 obtained = cert
             except NotFound:
                 row["issuer"] = "(not obtained yet)"
@@ -146,7 +181,8 @@ async def print_certificates(options: Options, environ: Mapping[str, str]) -> in
     except StorageError as e:
         print(f"autocert-proxy: {e}", file=sys.stderr)
         return 1
-    cols = ["name", "source", "issuer", "not_after", "next_renewal", "ocsp", "next_attempt", "last_error"]
+    cols = ["name", "source", "issuer", "profile", "lifetime", "not_after", "ari_window", "next_renewal",
+            "renewal_by", "ocsp", "next_attempt", "last_error"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in cols[:-1]}
     print("  ".join(c.upper().ljust(widths[c]) for c in cols[:-1]) + "  LAST_ERROR")
     for r in rows:

@@ -10,9 +10,11 @@ import pytest
 import yaml
 
 from proxy.autocert import layout
+from proxy.autocert.challenges import HTTP_01, TLS_ALPN_01, preferred_challenge_types
 from proxy.autocert.issuer import issuer_id
 from proxy.autocert.manager import NameState, wanted_names
-from proxy.autocert.schedule import DEFAULT_RETRY_CAP, renewal_time, retry_delay
+from proxy.autocert.schedule import (DEFAULT_RETRY_CAP, next_ari_poll, plan_renewal, renewal_time,
+                                     retry_delay, window_point)
 from proxy.config import load_config
 from proxy.tls.certcache import MANUAL, Certificate, CertificateCache
 from proxy.tls.clienthello import parse_client_hello
@@ -31,10 +33,51 @@ class FixedRandom(random.Random):
         return self.value
 
 
+# ------------------------------------------------------------------------------ challenge order
+@pytest.mark.parametrize("tls_port, http_port, expected", [
+    (443, None, (TLS_ALPN_01,)),                 # no HTTP listener: TLS-ALPN-01 only
+    (8443, None, (TLS_ALPN_01,)),
+    (443, 80, (TLS_ALPN_01, HTTP_01)),           # both possible
+    (8443, 80, (HTTP_01, TLS_ALPN_01)),          # only :80 reachable: HTTP-01 first
+    (443, 8080, (TLS_ALPN_01, HTTP_01)),         # only :443: TLS-ALPN-01 first
+    (8443, 8080, (TLS_ALPN_01, HTTP_01)),        # both remapped: both still tried
+])
+def test_challenge_types_follow_the_listeners_ports(tls_port, http_port, expected):
+    assert preferred_challenge_types(tls_port, http_port) == expected
+
+
 # ------------------------------------------------------------------------------ schedule
 def test_renewal_in_last_third_without_ari():
     assert renewal_time(T0, T0 + dt.timedelta(days=90)) == T0 + dt.timedelta(days=60)
-    assert renewal_time(T0, T0 + dt.timedelta(days=3)) == T0 + dt.timedelta(days=2)
+    assert renewal_time(T0, T0 + dt.timedelta(days=10)) == T0 + dt.timedelta(days=10) * 2 / 3
+
+
+def test_renewal_at_half_the_lifetime_under_ten_days():
+    assert renewal_time(T0, T0 + dt.timedelta(days=3)) == T0 + dt.timedelta(days=1.5)
+    six = plan_renewal(T0, T0 + dt.timedelta(days=6), now=T0)
+    assert six.at == T0 + dt.timedelta(days=3)
+    assert six.source == "lifetime: half left (lifetime under 10 days)"
+    assert plan_renewal(T0, T0 + dt.timedelta(days=45), now=T0).source == "lifetime: a third left"
+    # Caddy's acme_server: 12 hours
+    assert plan_renewal(T0, T0 + dt.timedelta(hours=12), now=T0).at == T0 + dt.timedelta(hours=6)
+
+
+@pytest.mark.parametrize("window", [None, "lets-encrypt"])
+def test_six_day_certificates_renew_with_days_to_spare_under_the_default_check_interval(window):
+    """Checks every 60 s (the default): the first check at or after the renewal time orders.
+    Let's Encrypt's window for short-lived certificates: 2 % of the lifetime wide, centred at
+    half of it."""
+    nb, na = T0 - dt.timedelta(hours=1), T0 + dt.timedelta(days=6) - dt.timedelta(hours=1)
+    lifetime = na - nb
+    ari = None
+    if window:
+        mid = nb + lifetime / 2
+        ari = (mid - lifetime * 0.01, mid + lifetime * 0.01)
+    check = dt.timedelta(seconds=60)
+    now = T0
+    while now < plan_renewal(nb, na, ari, now=now, point=window_point(12345)).at:
+        now += check
+    assert na - now > dt.timedelta(days=2, hours=20)
 
 
 @pytest.mark.parametrize("r", [0.0, 0.5, 0.999])
@@ -43,6 +86,8 @@ def test_renewal_inside_the_ari_window(r):
     t = renewal_time(T0, T0 + dt.timedelta(days=90), (start, end), rng=FixedRandom(r))
     assert start <= t < end
     assert t == start + (end - start) * r
+    plan = plan_renewal(T0, T0 + dt.timedelta(days=90), (start, end), now=T0, point=r)
+    assert plan.at == t and plan.source == "ARI window"
 
 
 def test_renewal_ari_window_wins_even_when_later_than_last_third():
@@ -54,7 +99,71 @@ def test_renewal_ari_window_wins_even_when_later_than_last_third():
 def test_renewal_degenerate_ari_window_is_its_start():
     start = T0 + dt.timedelta(days=5)
     assert renewal_time(T0, T0 + dt.timedelta(days=90), (start, start)) == start
-    assert renewal_time(T0, T0 + dt.timedelta(days=90), (start, start - dt.timedelta(days=1))) == start
+
+
+def test_absurd_ari_windows_fall_back_to_the_lifetime():
+    nb, na = T0, T0 + dt.timedelta(days=90)
+    third = T0 + dt.timedelta(days=60)
+    backwards = plan_renewal(nb, na, (T0 + dt.timedelta(days=5), T0 + dt.timedelta(days=4)), now=T0)
+    assert backwards.at == third and "ends before it starts" in backwards.source
+    # a window at (or after) expiry would let the certificate lapse
+    late = plan_renewal(nb, na, (na - dt.timedelta(days=1), na + dt.timedelta(days=30)), now=T0)
+    assert late.at == third and "too close to expiry" in late.source
+    # a window reaching past 90 % of the lifetime is cut there
+    wide = plan_renewal(nb, na, (T0 + dt.timedelta(days=70), T0 + dt.timedelta(days=400)), now=T0, point=0.999)
+    assert T0 + dt.timedelta(days=70) <= wide.at <= T0 + dt.timedelta(days=81)
+
+
+def test_ari_window_in_the_past_renews_now_once_the_certificate_is_not_brand_new():
+    nb, na = T0, T0 + dt.timedelta(days=90)
+    now = T0 + dt.timedelta(days=20)
+    past = (T0 + dt.timedelta(days=10), T0 + dt.timedelta(days=11))
+    plan = plan_renewal(nb, na, past, now=now, point=0.7)
+    assert plan.at <= now and "already over: renew now" in plan.source
+    # a certificate an hour old is held until a tenth of its lifetime (at most a day) has passed
+    young = plan_renewal(nb, na, (T0 - dt.timedelta(days=2), T0 - dt.timedelta(days=1)),
+                         now=T0 + dt.timedelta(hours=1))
+    assert young.at == T0 + dt.timedelta(days=1) and "held" in young.source
+    six = plan_renewal(nb, nb + dt.timedelta(days=6), (nb - dt.timedelta(hours=2), nb - dt.timedelta(hours=1)),
+                       now=nb + dt.timedelta(hours=1))
+    assert six.at == nb + dt.timedelta(days=6) * 0.1
+
+
+@pytest.mark.parametrize("lifetime", [dt.timedelta(days=6), dt.timedelta(days=90)])
+def test_a_ca_that_always_says_renew_now_cannot_drive_a_reissue_loop(lifetime):
+    """cert-manager #8993: a window in the past applied to every new certificate (there, a stale
+    one; Let's Encrypt back-dates notBefore by an hour, which defeated its guard) re-issued five
+    certificates in ten seconds. Here: a CA whose every answer is a window that ended an hour
+    ago; a week of checks every 60 s; each renewal gives a certificate back-dated an hour."""
+    backdate = dt.timedelta(hours=1)
+    now = T0
+    nb = now - backdate
+    renewals = 0
+    while now < T0 + dt.timedelta(days=7):
+        window = (now - dt.timedelta(hours=2), now - dt.timedelta(hours=1))
+        if now >= plan_renewal(nb, nb + lifetime, window, now=now).at:
+            renewals += 1
+            nb = now - backdate
+        now += dt.timedelta(seconds=60)
+    min_age = min(lifetime * 0.1, dt.timedelta(days=1)) - backdate
+    assert 0 < renewals <= dt.timedelta(days=7) / min_age + 1
+    assert renewals <= (12 if lifetime.days == 6 else 7)
+
+
+def test_ari_polled_at_least_twice_a_day_and_retry_after_honoured():
+    assert next_ari_poll(T0) == T0 + dt.timedelta(hours=6)
+    assert next_ari_poll(T0, retry_after=3600) == T0 + dt.timedelta(hours=1)
+    assert next_ari_poll(T0, retry_after=0) == T0 + dt.timedelta(minutes=1)         # never a tight loop
+    assert next_ari_poll(T0, retry_after=3 * 86400) == T0 + dt.timedelta(hours=12)  # twice a day
+    assert next_ari_poll(T0, failed=True) == T0 + dt.timedelta(hours=1)
+    assert next_ari_poll(T0, retry_after=7200, failed=True) == T0 + dt.timedelta(hours=2)
+
+
+def test_window_point_is_fixed_per_certificate_and_spread():
+    assert window_point(1234567) == window_point(1234567)
+    points = [window_point(s) for s in range(1000, 1200)]
+    assert all(0 <= p < 1 for p in points)
+    assert min(points) < 0.1 and max(points) > 0.9
 
 
 def test_retry_delay_doubles_from_base_with_bounded_jitter():
@@ -276,3 +385,13 @@ async def test_within_keeps_a_cancellation_that_arrives_with_the_answer():
         await task
     with pytest.raises(TimeoutError):
         await _within(asyncio.sleep(10), 0.01)
+
+
+def test_ari_record_round_trip_is_tied_to_its_certificate():
+    from proxy.autocert.schedule import ari_record, parse_ari_record
+    window = (T0, T0 + dt.timedelta(hours=3))
+    assert parse_ari_record(ari_record(0xABC, window), 0xABC) == (True, window)
+    assert parse_ari_record(ari_record(0xABC, None), 0xABC) == (True, None)        # CA without ARI
+    assert parse_ari_record(ari_record(0xABC, window), 0xABD) == (False, None)     # another certificate
+    for junk in (b"", b"[]", b'{"serial": "abc", "start": "x", "end": "y"}', b"\xff"):
+        assert parse_ari_record(junk, 0xABC) == (False, None)

@@ -892,3 +892,14 @@ def test_bad_route_matching_keys(tmp_path, extra, fragment):
 def test_policy_and_routes_together_refused(tmp_path):
     p = one_problem(write(tmp_path, "routes: []\npolicy: [{from: 'https://a.example.com', to: 'http://h:1'}]\n"))
     assert p.startswith("policy: 'policy' is the older name of 'routes'"), p
+
+
+def test_profile(tmp_path):
+    assert load_config(None, ENV).autocert_profile == ""
+    assert load_config(write(tmp_path, "autocert_profile: shortlived\n"), ENV).autocert_profile == "shortlived"
+    assert load_config(None, {**ENV, "AUTOCERT_PROFILE": " tlsserver "}).autocert_profile == "tlsserver"
+    for bad in ("short lived", "x" * 256):
+        p = one_problem(None, {**ENV, "AUTOCERT_PROFILE": bad})
+        assert p.startswith("autocert_profile (from environment AUTOCERT_PROFILE):") and "profile name" in p
+    p = one_problem(write(tmp_path, "autocert_profile: [a, b]\n"), ENV)
+    assert p.startswith("autocert_profile:") and "not a string" in p

@@ -70,7 +70,7 @@ async def serve_tls(ctx, on_stream, prepare=None):
     loop = asyncio.get_running_loop()
 
     def factory():
-        stream = socketstream.TLSServerStream(lambda: socketstream.new_ssl(ctx), prepare, loop)
+        stream = socketstream.TLSServerStream(lambda fd: socketstream.new_ssl(ctx), prepare, loop)
         on_stream(stream)
         return stream
 
@@ -793,7 +793,7 @@ async def serve_waiting(ctx, first_timeout: float = 10.0):
     waiting = socketstream.Waiting(loop, first_timeout, started.append)
 
     def factory():
-        stream = socketstream.TLSServerStream(lambda: socketstream.new_ssl(ctx), None, loop, waiting)
+        stream = socketstream.TLSServerStream(lambda fd: socketstream.new_ssl(ctx), None, loop, waiting)
         made.append(stream)
         return stream
 
@@ -991,7 +991,7 @@ def test_a_connection_that_cannot_be_set_up_is_closed_once(leaf, monkeypatch, fa
         ctx = server_context(leaf)
         calls = []
 
-        def new_connection():
+        def new_connection(fd):
             if fails == "ssl_new" and len(calls) == 1:
                 raise MemoryError("refused by the test")
             return socketstream.new_ssl(ctx)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import ipaddress
 import json
 import re
 import threading
@@ -36,6 +37,19 @@ ACME_IDENTIFIER_OID = ObjectIdentifier("1.3.6.1.5.5.7.1.31")
 ACME_TLS_ALPN_PROTOCOL = b"acme-tls/1"
 #: Where HTTP-01 tokens are fetched from (RFC 8555 section 8.3).
 HTTP01_PATH_PREFIX = "/.well-known/acme-challenge/"
+
+
+def preferred_challenge_types(tls_port: int, http_port: Optional[int]) -> tuple[str, ...]:
+    """Challenge types in the order to try them, from the listeners' ports.
+
+    Pomerium's rule: HTTP-01 needs the plain-HTTP listener on 80, TLS-ALPN-01 the TLS listener on
+    443 (a CA validates there). The one the ports make possible comes first; the other is still
+    tried, for ports remapped in front of the proxy (NAT, a load balancer, a test CA)."""
+    if http_port is None:
+        return (TLS_ALPN_01,)
+    if http_port == 80 and tls_port != 443:
+        return (HTTP_01, TLS_ALPN_01)
+    return (TLS_ALPN_01, HTTP_01)
 
 
 @dataclass(frozen=True)
@@ -74,10 +88,41 @@ def acme_identifier_value(key_authorization: str) -> bytes:
     return _der_octet_string(hashlib.sha256(key_authorization.encode("ascii")).digest())
 
 
+def ip_literal(name: str) -> Optional[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    try:
+        return ipaddress.ip_address(name)
+    except ValueError:
+        return None
+
+
+def sni_name(identifier: str) -> str:
+    """The name a CA sends with SNI to validate ``identifier`` with TLS-ALPN-01: the name itself,
+    or for an IP address its reverse-mapping name (RFC 8738 section 6: 7.113.0.203.in-addr.arpa)."""
+    ip = ip_literal(identifier)
+    return ip.reverse_pointer if ip is not None else identifier.lower().rstrip(".")
+
+
+def ip_from_sni(name: str) -> Optional[str]:
+    """The IP address a reverse-mapping SNI name stands for (``sni_name``'s inverse), or None."""
+    name = name.lower().rstrip(".")
+    if name.endswith(".in-addr.arpa"):
+        parts = name[:-len(".in-addr.arpa")].split(".")
+        text = ".".join(reversed(parts)) if len(parts) == 4 else ""
+    elif name.endswith(".ip6.arpa"):
+        nibbles = name[:-len(".ip6.arpa")].split(".")
+        hexa = "".join(reversed(nibbles)) if len(nibbles) == 32 else ""
+        text = ":".join(hexa[i:i + 4] for i in range(0, 32, 4)) if hexa else ""
+    else:
+        return None
+    ip = ip_literal(text) if text else None
+    return str(ip) if ip is not None and ip.reverse_pointer == name else None
+
+
 def tls_alpn_certificate(domain: str, key_authorization: str) -> tuple[bytes, bytes]:
     """A self-signed RFC 8737 validation certificate for ``domain``: (cert_pem, key_pem).
 
-    P-256 key, SAN dNSName = domain, critical acmeIdentifier extension, valid for a few days.
+    P-256 key, SAN dNSName = domain (iPAddress for an IP address, RFC 8738), critical
+    acmeIdentifier extension, valid for a few days.
     """
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
@@ -89,7 +134,9 @@ def tls_alpn_certificate(domain: str, key_authorization: str) -> tuple[bytes, by
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(hours=1))
         .not_valid_after(now + dt.timedelta(days=7))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(domain)]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ip) if (ip := ip_literal(domain)) is not None else x509.DNSName(domain)]),
+            critical=False)
         .add_extension(
             x509.UnrecognizedExtension(ACME_IDENTIFIER_OID, acme_identifier_value(key_authorization)),
             critical=True)
@@ -135,7 +182,7 @@ class ChallengeStore:
 
     @staticmethod
     def _norm(domain: str) -> str:
-        return domain.lower().rstrip(".")
+        return sni_name(domain)   # TLS-ALPN-01 challenges are looked up by the SNI the CA sends
 
     def present(self, ch: Challenge) -> None:
         if ch.type == HTTP_01:

@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
+from proxy.autocert.chains import alternate_links, chain_issuers, choose_chain
 from proxy.autocert.challenges import CHALLENGE_TYPES, HTTP_01, TLS_ALPN_01, Challenge, safe_key
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class IssuerSettings:
     eab_mac_key: str = ""               # unpadded base64url, as the CA hands it out
     trusted_ca_pem: bytes = b""         # CA(s) trusted for the CA's HTTPS; empty: default roots
     must_staple: bool = False
+    profile: str = ""                   # ACME profile (autocert_profile); "" = the CA's default
+    preferred_chain: str = ""           # issuer common name (autocert_preferred_chain); "" = default chain
     challenge_types: tuple[str, ...] = DEFAULT_CHALLENGE_TYPES  # order of preference
     poll_interval: float = 0.01         # first wait before polling an authorization or order
     poll_max_interval: float = 1.0      # the wait grows x1.5 up to this
@@ -92,13 +95,16 @@ class AcmeError(Exception):
     """An ACME operation failed. ``str()`` says what, for which names, at which CA, and why."""
 
     def __init__(self, message: str, *, ca: str, domains: Sequence[str] = (),
-                 problem: Optional[dict] = None, retry_after: Optional[float] = None):
+                 problem: Optional[dict] = None, retry_after: Optional[float] = None,
+                 validation_failed: bool = False):
         super().__init__(message)
         self.message = message
         self.ca = ca
         self.domains = tuple(domains)
         self.problem = problem
         self.retry_after = retry_after
+        #: the CA tried our challenge and it failed: another challenge type may work
+        self.validation_failed = validation_failed
 
     @property
     def problem_type(self) -> str:
@@ -139,6 +145,7 @@ class IssuedCertificate:
     not_before: dt.datetime
     not_after: dt.datetime
     elapsed: float              # seconds from new-order to download
+    profile: str = ""           # the ACME profile of the order ("" = the CA's default)
 
     @property
     def leaf(self) -> x509.Certificate:
@@ -360,6 +367,10 @@ class _Unexpected(Exception):
 
 class _Conflict(Exception):
     """HTTP 409 from the CA."""
+
+
+class _Aborted(Exception):
+    """The issuer was told to stop (``AcmeIssuer.abort``) while waiting for the CA."""
 
 
 class _NetworkError(Exception):
@@ -595,12 +606,15 @@ def _eab(account_jwk: jose.JWK, kid: str, mac_key: bytes, url: str) -> dict:
 
 
 class _Poller:
-    """Waits between polls: poll_interval growing x1.5 to poll_max_interval; Retry-After wins."""
+    """Waits between polls: poll_interval growing x1.5 to poll_max_interval; Retry-After wins.
+    A set ``abort`` event ends the wait at once (the proxy is shutting down)."""
 
-    def __init__(self, settings: IssuerSettings, deadline: float):
+    def __init__(self, settings: IssuerSettings, deadline: float,
+                 abort: Optional[threading.Event] = None):
         self.wait = settings.poll_interval
         self.max = settings.poll_max_interval
         self.deadline = deadline
+        self.abort = abort or threading.Event()
 
     def sleep(self, response: Optional[_Response] = None) -> None:
         wait = self.wait
@@ -609,7 +623,8 @@ class _Poller:
             if ra is not None:
                 wait = max(wait, ra)
         wait = min(wait, max(0.0, self.deadline - time.monotonic()))
-        time.sleep(wait)
+        if self.abort.wait(wait):
+            raise _Aborted()
         self.wait = min(self.max, self.wait * 1.5)
 
     @property
@@ -628,8 +643,10 @@ class AcmeIssuer:
 
     def __init__(self, settings: IssuerSettings, account_key_pem: Optional[bytes] = None,
                  registration_json: Optional[bytes] = None, *, account_confirmed: bool = False,
-                 directory: Optional[dict] = None):
+                 directory: Optional[dict] = None, abort: Optional[threading.Event] = None):
         self.settings = settings
+        # set by whoever stops us (may be shared by several issuers): waits for the CA end at once
+        self._abort = abort if abort is not None else threading.Event()
         self.ca = settings.directory_url
         self.issuer_key = issuer_id(settings.directory_url)
         self._lock = threading.Lock()
@@ -670,6 +687,10 @@ class AcmeIssuer:
     def close(self) -> None:
         """Close the idle connections to the CA (a later request opens a new one)."""
         self._transport.close()
+
+    def abort(self) -> None:
+        """Make a running ``obtain`` give up at its next wait (it still cleans up its challenges)."""
+        self._abort.set()
 
     def __enter__(self) -> "AcmeIssuer":
         return self
@@ -713,6 +734,8 @@ class AcmeIssuer:
                              domains=domains, retry_after=retry_after)
         if isinstance(exc, _Conflict):
             return AcmeError(f"{doing}: conflict ({exc})", ca=self.ca, domains=domains)
+        if isinstance(exc, _Aborted):
+            return AcmeError(f"{doing}: stopped (shutting down)", ca=self.ca, domains=domains)
         return AcmeError(f"{doing}: {type(exc).__name__}: {exc}", ca=self.ca, domains=domains,
                          retry_after=retry_after)
 
@@ -728,6 +751,9 @@ class AcmeIssuer:
                 "unauthorized", "malformed", "badPublicKey", "badSignatureAlgorithm"):
             return (f"{doing}: the CA rejected the External Account Binding (key id "
                     f"{self.settings.eab_key_id!r}); check autocert_eab_key_id and autocert_eab_mac_key")
+        if code == "invalidProfile":
+            return (f"{doing}: the CA refused the profile {self.settings.profile!r} that "
+                    f"autocert_profile asks for")
         if code == "rateLimited":
             return f"{doing}: rate limited by the CA"
         if code == "badNonce":
@@ -838,15 +864,19 @@ class AcmeIssuer:
         except (ValueError, TypeError) as e:
             raise AcmeError(f"building the certificate request failed: {e}", ca=self.ca,
                             domains=names) from None
-        self.account()
         directory = self.directory()
+        self._check_profile(directory, names)
+        self.account()
         started = time.monotonic()
         deadline = started + self.settings.timeout
         net = self._net()
         stage = "creating the order"
         try:
             identifiers = [{"type": "ip" if _is_ip(n) else "dns", "value": n} for n in names]
-            resp = self._post(net, directory, directory["newOrder"], {"identifiers": identifiers})
+            new_order: dict[str, Any] = {"identifiers": identifiers}
+            if self.settings.profile:
+                new_order["profile"] = self.settings.profile
+            resp = self._post(net, directory, directory["newOrder"], new_order)
             order_url = resp.headers.get("Location") or ""
             order = resp.json()
             if not order_url:
@@ -862,6 +892,8 @@ class AcmeIssuer:
                 raise AcmeError("the valid order has no certificate URL", ca=self.ca, domains=names)
             cresp = self._post(net, directory, cert_url, None)
             chain_pem = cresp.content
+            if self.settings.preferred_chain:
+                chain_pem = self._preferred_chain(net, directory, cresp, names)
             try:
                 certs = x509.load_pem_x509_certificates(chain_pem)
             except ValueError:
@@ -880,11 +912,46 @@ class AcmeIssuer:
         issued = IssuedCertificate(
             chain_pem=chain_pem, cert_url=cert_url, order_url=order_url, domains=names,
             issuer_key=self.issuer_key, not_before=leaf.not_valid_before_utc,
-            not_after=leaf.not_valid_after_utc, elapsed=time.monotonic() - started)
+            not_after=leaf.not_valid_after_utc, elapsed=time.monotonic() - started,
+            profile=str(order.get("profile") or self.settings.profile))
         if self.settings.must_staple and not issued.must_staple:
             log.warning("ACME CA %s issued a certificate for %s without the OCSP must-staple "
                         "extension that autocert_must_staple asked for", self.ca, ", ".join(names))
         return issued
+
+    def _preferred_chain(self, net: _Net, directory: dict, resp: _Response, names: tuple[str, ...]) -> bytes:
+        """The chain ``preferred_chain`` picks among the default one (``resp``) and the CA's
+        alternates; the default when none matches (logged, with what was offered)."""
+        chains = [resp.content]
+        for url in alternate_links(resp.headers.get_all("Link") or [], resp.url):
+            try:
+                chains.append(self._post(net, directory, url, None).content)
+            except (_Problem, _Unexpected, _NetworkError, _Conflict) as e:
+                log.warning("ACME CA %s: cannot fetch the alternate chain %s for %s: %s",
+                            self.ca, url, ", ".join(names), e)
+        picked = choose_chain(chains, self.settings.preferred_chain)
+        if picked is None:
+            offered = "; ".join(" <- ".join(reversed(chain_issuers(c))) or "(unreadable)" for c in chains)
+            log.warning("ACME CA %s: no chain for %s has an issuer named %r (autocert_preferred_chain); "
+                        "using the default chain. Offered chains, by issuer: %s",
+                        self.ca, ", ".join(names), self.settings.preferred_chain, offered)
+            return chains[0]
+        return chains[picked]
+
+    def _check_profile(self, directory: dict, names: tuple[str, ...]) -> None:
+        """A profile is only asked of a CA that lists it (draft-ietf-acme-profiles: the
+        directory's meta.profiles maps each name to a description)."""
+        profile = self.settings.profile
+        if not profile:
+            return
+        offered = (directory.get("meta") or {}).get("profiles")
+        if not isinstance(offered, dict) or not offered:
+            raise AcmeError(f"autocert_profile is {profile!r}, but this CA offers no profiles (its "
+                            f"directory has no meta.profiles); remove autocert_profile or use a CA "
+                            f"that has profiles", ca=self.ca, domains=names)
+        if profile not in offered:
+            raise AcmeError(f"autocert_profile is {profile!r}, which this CA does not offer; it offers "
+                            f"{', '.join(sorted(map(str, offered)))}", ca=self.ca, domains=names)
 
     def _authorize(self, net: _Net, directory: dict, names: tuple[str, ...], order: dict,
                    present: Callable[[Challenge], None], cleanup: Callable[[Challenge], None],
@@ -893,7 +960,7 @@ class AcmeIssuer:
         if not isinstance(authz_urls, list):
             raise AcmeError(f"malformed order: authorizations {authz_urls!r}", ca=self.ca, domains=names)
         presented: list[Challenge] = []
-        pending: dict[str, Challenge] = {}
+        pending: dict[str, tuple[Challenge, str]] = {}   # authz URL -> (challenge, its URL)
         try:
             for url in authz_urls:
                 authz = self._post(net, directory, url, None).json()
@@ -925,14 +992,15 @@ class AcmeIssuer:
                     raise AcmeError(f"presenting the {ch.type} challenge for {domain} failed: {e!r}",
                                     ca=self.ca, domains=names) from e
                 presented.append(ch)
-                self._post(net, directory, chosen["url"], {})
-                pending[url] = ch
-            poller = _Poller(self.settings, deadline)
+                answer = self._post(net, directory, chosen["url"], {})
+                self._raise_if_failed(_json_or_empty(answer), ch, names, answer)
+                pending[url] = (ch, chosen["url"])
+            poller = _Poller(self.settings, deadline, self._abort)
             while pending:
                 if poller.expired:
                     raise AcmeError(
                         f"timed out after {self.settings.timeout:.0f} s waiting for the CA to "
-                        f"validate {', '.join(c.domain for c in pending.values())}",
+                        f"validate {', '.join(c.domain for c, _ in pending.values())}",
                         ca=self.ca, domains=names)
                 poller.sleep()
                 for url in list(pending):
@@ -940,17 +1008,20 @@ class AcmeIssuer:
                     r = self._post(net, directory, url, None)
                     authz = r.json()
                     status = authz.get("status")
+                    ch, chall_url = pending[url]
                     if status == "valid":
                         del pending[url]
                     elif status in ("pending", "processing"):
-                        continue
+                        ours = [c for c in authz.get("challenges") or [] if c.get("url") == chall_url]
+                        if ours:
+                            self._raise_if_failed(ours[0], ch, names, r)
                     else:
-                        ch = pending[url]
                         problem = _authz_problem(authz)
                         raise AcmeError(
                             f"the CA could not validate {ch.domain} with {ch.type} (authorization {status})",
                             ca=self.ca, domains=names, problem=problem,
-                            retry_after=parse_retry_after(r.headers.get("Retry-After")))
+                            retry_after=parse_retry_after(r.headers.get("Retry-After")),
+                            validation_failed=True)
         finally:
             for ch in presented:
                 try:
@@ -958,9 +1029,22 @@ class AcmeIssuer:
                 except Exception:
                     log.exception("cleaning up the %s challenge for %s failed", ch.type, ch.domain)
 
+    def _raise_if_failed(self, challenge: dict, ch: Challenge, names: tuple[str, ...],
+                         resp: _Response) -> None:
+        """A challenge that is invalid, or still pending with an ``error`` (RFC 8555 8.2: the CA
+        may retry; step-ca waits for the client to ask again), has failed for this order."""
+        status = challenge.get("status")
+        error = challenge.get("error")
+        if status == "invalid" or (status != "valid" and isinstance(error, dict) and error):
+            state = "invalid" if status == "invalid" else f"{status} with an error"
+            raise AcmeError(f"the CA could not validate {ch.domain} with {ch.type} (challenge {state})",
+                            ca=self.ca, domains=names, problem=error if isinstance(error, dict) else None,
+                            retry_after=parse_retry_after(resp.headers.get("Retry-After")),
+                            validation_failed=True)
+
     def _finalize(self, net: _Net, directory: dict, names: tuple[str, ...], order_url: str,
                   order: dict, csr_der: bytes, deadline: float) -> dict:
-        poller = _Poller(self.settings, deadline)
+        poller = _Poller(self.settings, deadline, self._abort)
         finalized = False
         resp: Optional[_Response] = None
         while True:
@@ -1011,6 +1095,14 @@ class AcmeIssuer:
         except Exception as e:
             raise self._error(e, "fetching renewal information", net=net) from e
         return start, end, parse_retry_after(resp.headers.get("Retry-After"))
+
+
+def _json_or_empty(resp: _Response) -> dict:
+    try:
+        body = resp.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _authz_problem(authz: dict) -> Optional[dict]:

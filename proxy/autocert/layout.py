@@ -6,6 +6,7 @@ or Pomerium is read without re-issuing. Pure.
     acme/<issuer>/challenge_tokens/<name>.json          (see challenges.storage_key)
     ocsp/<name>-<hash>                                   (the stapler's)
     autocert-proxy/<issuer>/<name>.state.json            (ours: failures, backoff)
+    autocert-proxy/<issuer>/<name>.ari.json              (ours: the CA's renewal window, for `certs`)
     autocert-proxy/<issuer>/renew/<name>                 (ours: `autocert-proxy renew` requests)
     locks/issue_cert_<name>.lock                         (the storage backend's lock records)
 """
@@ -51,6 +52,10 @@ def account_reg_key(issuer: str, email: str) -> str:
 
 def state_key(issuer: str, name: str) -> str:
     return f"autocert-proxy/{safe_key(issuer)}/{safe_key(name)}.state.json"
+
+
+def ari_key(issuer: str, name: str) -> str:
+    return f"autocert-proxy/{safe_key(issuer)}/{safe_key(name)}.ari.json"
 
 
 def renew_request_prefix(issuer: str) -> str:

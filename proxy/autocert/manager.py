@@ -17,6 +17,7 @@ import datetime as dt
 import json
 import logging
 import math
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Awaitable, Callable, Mapping, Optional
@@ -31,9 +32,11 @@ from ..storage import NotFound, Storage, StorageError, check, open_storage
 from ..tls.certcache import ACME, Certificate, CertificateCache, CertificateProblem
 from ..tls.clienthello import parse_client_hello
 from . import layout
-from .challenges import HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, storage_key
+from .challenges import (HTTP_01, TLS_ALPN_01, Challenge, ChallengeStore, ip_from_sni,
+                         preferred_challenge_types, storage_key)
 from .issuer import AcmeError, AcmeIssuer, IssuerSettings, issuer_id
-from .schedule import DEFAULT_RETRY_CAP, renewal_time, retry_delay
+from .schedule import (DEFAULT_RETRY_CAP, RenewalPlan, ari_record, next_ari_poll, plan_renewal, retry_delay,
+                       window_point)
 
 log = logging.getLogger("proxy.autocert")
 
@@ -43,6 +46,8 @@ async def _within(aw, seconds: float):
     can drop a cancellation that arrives as the awaited call finishes (CPython gh-86296)."""
     async with asyncio.timeout(seconds):
         return await aw
+
+STOP_GRACE = 5.0   # s that stop() waits for running orders to clean up their challenges
 
 # Problems that mean "the CA could not validate this way": the other challenge type may work.
 _VALIDATION_PROBLEMS = ("connection", "unauthorized", "tls", "incorrectResponse", "dns")
@@ -156,7 +161,9 @@ class AutocertManager:
         self._issuer_settings: Optional[IssuerSettings] = None
         self._issuer_lock = asyncio.Lock()
         self._states: dict[str, NameState] = {}
-        self._ari: dict[int, Optional[tuple[dt.datetime, dt.datetime]]] = {}
+        # serial -> (the CA's suggested window or None, when to ask again)
+        self._ari: dict[int, tuple[Optional[tuple[dt.datetime, dt.datetime]], dt.datetime]] = {}
+        self._ari_reader: Optional[AcmeIssuer] = None   # account-less, for ARI before any order
         # Until the first look into storage is done, every managed name counts as missing, and
         # a handshake for one waits (briefly) for that look instead of getting the default.
         self._missing: set[str] = set(wanted_names(options, cache))
@@ -171,16 +178,22 @@ class AutocertManager:
         self._warned_manual_expired: set[str] = set()
         self._store_down = False
         self._unstored: dict[str, _Unstored] = {}
+        # Set at stop: issuer threads stop waiting for the CA and clean up their challenges.
+        self._stopping = threading.Event()
+        self._closed = False
+        self._orders: dict[asyncio.Future, str] = {}   # issuer threads still running -> name
 
     def _apply(self, options: Options) -> None:
         self.options = options
         self.ca = options.autocert_ca
         self.issuer_key = issuer_id(options.autocert_ca)
-        types = (TLS_ALPN_01, HTTP_01) if options.http_redirect_addr else (TLS_ALPN_01,)
+        redirect = options.http_redirect_addr
+        types = preferred_challenge_types(options.address.port, redirect.port if redirect else None)
         self.settings = IssuerSettings(
             directory_url=options.autocert_ca, email=options.autocert_email,
             eab_key_id=options.autocert_eab_key_id, eab_mac_key=options.autocert_eab_mac_key,
             trusted_ca_pem=options.autocert_trusted_ca_pem, must_staple=options.autocert_must_staple,
+            profile=options.autocert_profile, preferred_chain=options.autocert_preferred_chain,
             challenge_types=types)
 
     # ------------------------------------------------------------------ traffic-side hooks
@@ -247,7 +260,7 @@ class AutocertManager:
             return None
 
     async def _adopt_stored_challenge(self, name: str) -> None:
-        ch = await self._stored_challenge(name)
+        ch = await self._stored_challenge(ip_from_sni(name) or name)
         if ch is not None and ch.type == TLS_ALPN_01:
             self.challenges.present(ch)
             # forget it again after the CA's validation window
@@ -275,6 +288,9 @@ class AutocertManager:
         self._task = asyncio.get_running_loop().create_task(self._maintain())
 
     async def stop(self) -> None:
+        if self._orders:
+            log.info("autocert: order for %s abandoned at shutdown", ", ".join(sorted(set(self._orders.values()))))
+        self._stopping.set()
         if self._task is not None:
             self._task.cancel()
             try:
@@ -283,7 +299,11 @@ class AutocertManager:
                 pass
         for t in list(self._inflight.values()):
             t.cancel()
-        for i in [self._issuer, *self._by_type.values()]:
+        if self._orders:
+            # Their challenge clean-up needs this loop and its executor: wait while both run.
+            await asyncio.wait(list(self._orders), timeout=STOP_GRACE)
+        self._closed = True
+        for i in [self._issuer, self._ari_reader, *self._by_type.values()]:
             if i is not None:
                 i.close()
         await self.storage.close()
@@ -294,7 +314,7 @@ class AutocertManager:
         if self.settings != old_settings:
             # New trust, EAB key, email, must-staple or challenge types: the next order uses them
             # (the issuers were built with the old ones). In-flight orders keep their own issuer.
-            self._issuer = None
+            self._issuer = self._ari_reader = None
             self._by_type = {}
             if options.autocert_ca == old_ca:
                 # The operator changed something: names waiting out a backoff try again now.
@@ -310,7 +330,7 @@ class AutocertManager:
                 if c.source == ACME:
                     for n in c.names:
                         self.cache.remove_managed(n)
-            self._issuer = None
+            self._issuer = self._ari_reader = None
             self._states.clear()
         self.wake()
 
@@ -406,11 +426,19 @@ class AutocertManager:
                 st.next_attempt = 0.0
 
     def _due(self, cert: Certificate, now: dt.datetime) -> bool:
-        window = self._ari.get(cert.leaf.serial_number)
-        return now >= renewal_time(cert.not_before, cert.not_after, window)
+        return now >= self.renewal_plan(cert, now).at
+
+    def ari_window(self, cert: Certificate) -> Optional[tuple[dt.datetime, dt.datetime]]:
+        known = self._ari.get(cert.leaf.serial_number)
+        return known[0] if known else None
+
+    def renewal_plan(self, cert: Certificate, now: Optional[dt.datetime] = None) -> RenewalPlan:
+        serial = cert.leaf.serial_number
+        return plan_renewal(cert.not_before, cert.not_after, self.ari_window(cert),
+                            now=now or dt.datetime.now(dt.timezone.utc), point=window_point(serial))
 
     def next_renewal(self, cert: Certificate) -> dt.datetime:
-        return renewal_time(cert.not_before, cert.not_after, self._ari.get(cert.leaf.serial_number))
+        return self.renewal_plan(cert).at
 
     async def _ensure(self, name: str) -> None:
         unstored = self._unstored.get(name)
@@ -483,8 +511,8 @@ class AutocertManager:
                 # Each challenge type in turn: a CA that cannot reach one port may reach the other.
                 first = types[i]
                 try:
-                    issued = await asyncio.to_thread(
-                        by_type[first].obtain, [name], key_pem, self._present, self._cleanup)
+                    issued = await self._in_thread(name, by_type[first].obtain, [name], key_pem,
+                                                   self._present, self._cleanup)
                 except AcmeError as e:
                     short = e.problem_type.rsplit(":", 1)[-1]
                     if short == "accountDoesNotExist" and not registered_again:
@@ -496,14 +524,16 @@ class AutocertManager:
                         types, i = list(settings.challenge_types), 0
                         continue
                     subs = [str((s.get("type") or "")).rsplit(":", 1)[-1] for s in (e.problem or {}).get("subproblems") or []]
-                    validation = short in _VALIDATION_PROBLEMS or any(s in _VALIDATION_PROBLEMS for s in subs)
-                    if validation and i + 1 < len(types):
+                    validation = e.validation_failed or short in _VALIDATION_PROBLEMS or any(s in _VALIDATION_PROBLEMS for s in subs)
+                    if validation and i + 1 < len(types) and not self._stopping.is_set():
                         log.warning("autocert: %s validation failed for %s (%s); trying %s", first, name, e, types[i + 1])
                         i += 1
                         continue
                     raise
         except AcmeError as e:
-            if ikey == self.issuer_key:
+            if self._stopping.is_set():
+                log.debug("autocert: order for %s stopped: %s", name, e)
+            elif ikey == self.issuer_key:
                 await self._failed(name, state, str(e), e.retry_after)
             return
         except StorageError as e:
@@ -521,8 +551,10 @@ class AutocertManager:
         except CertificateProblem as e:
             await self._failed(name, state, f"the CA returned an unusable certificate: {e}", None)
             return
-        meta = json.dumps({"sans": list(issued.domains),
-                           "issuer_data": {"url": issued.cert_url, "ca": ca}}, indent=1).encode()
+        issuer_data = {"url": issued.cert_url, "ca": ca}
+        if issued.profile:
+            issuer_data["profile"] = issued.profile
+        meta = json.dumps({"sans": list(issued.domains), "issuer_data": issuer_data}, indent=1).encode()
         unstored = _Unstored(ikey, cert.leaf.serial_number, key_pem, meta, issued.chain_pem)
         stored = await self._store_issued(name, unstored, first_try=True)
         metrics.inc("autocert_proxy_acme_orders_total", result="valid")
@@ -621,6 +653,19 @@ class AutocertManager:
             except StorageError:
                 pass
 
+    async def _in_thread(self, name: str, fn, *args):
+        """``fn(*args)`` in a worker thread, tracked until the thread ends (not only until the
+        awaiting task is cancelled), so that ``stop`` can wait for its clean-up."""
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self._orders[fut] = name
+        fut.add_done_callback(self._order_done)
+        return await asyncio.shield(fut)
+
+    def _order_done(self, fut: asyncio.Future) -> None:
+        self._orders.pop(fut, None)
+        if not fut.cancelled():
+            fut.exception()   # retrieved here: its task may have been cancelled at shutdown
+
     async def _failed(self, name: str, state: NameState, error: str, retry_after: Optional[float]) -> None:
         state.failures += 1
         state.last_error = error
@@ -708,7 +753,7 @@ class AutocertManager:
 
             async with self.storage.locked(f"account_{ikey}"):
                 key_pem, reg = await load(kkey), await load(rkey)
-                issuer = AcmeIssuer(settings, key_pem, reg)
+                issuer = AcmeIssuer(settings, key_pem, reg, abort=self._stopping)
                 new_key, new_reg = await asyncio.to_thread(issuer.account)
                 if new_key != key_pem:
                     await self.storage.store(kkey, new_key, private=True)
@@ -716,27 +761,53 @@ class AutocertManager:
                     await self.storage.store(rkey, new_reg)
             # One issuer per challenge type, all on the same account.
             by_type = {t: AcmeIssuer(dataclasses.replace(settings, challenge_types=(t,)), new_key, new_reg,
-                                    account_confirmed=True, directory=issuer.directory())
+                                    account_confirmed=True, directory=issuer.directory(),
+                                    abort=self._stopping)
                        for t in settings.challenge_types}
             if self.settings == settings:   # not reconfigured meanwhile
                 self._issuer, self._by_type, self._issuer_settings = issuer, by_type, settings
             return issuer, by_type, settings
 
     async def _refresh_ari(self, cert: Certificate) -> None:
+        """Ask the CA for the certificate's renewal window when the last answer is due again
+        (schedule.next_ari_poll: Retry-After honoured, at least twice a day)."""
         serial = cert.leaf.serial_number
-        if serial in self._ari or self._issuer is None:
+        now = dt.datetime.now(dt.timezone.utc)
+        known = self._ari.get(serial)
+        if known is not None and now < known[1]:
             return
+        if self._issuer is None and self._ari_reader is None:
+            self._ari_reader = AcmeIssuer(self.settings, abort=self._stopping)
+        reader = self._issuer or self._ari_reader
         try:
-            info = await asyncio.to_thread(self._issuer.renewal_info, cert.chain_pem)
+            info = await asyncio.to_thread(reader.renewal_info, cert.chain_pem)
         except AcmeError as e:
-            log.debug("autocert: no renewal information for %s: %s", cert.names, e)
-            info = None
-        self._ari[serial] = (info[0], info[1]) if info else None
+            log.warning("autocert: renewal information for %s: %s", ", ".join(cert.names), e)
+            self._ari[serial] = (known[0] if known else None, next_ari_poll(now, e.retry_after, failed=True))
+            return
+        window = (info[0], info[1]) if info else None
+        self._ari[serial] = (window, next_ari_poll(now, info[2] if info else None))
+        if known is None or known[0] != window:
+            for n in cert.names:
+                try:
+                    await self.storage.store(layout.ari_key(self.issuer_key, n), ari_record(serial, window))
+                except StorageError as e:
+                    log.debug("autocert: storing the renewal window of %s failed: %s", n, e)
+        if window is not None and (known is None or known[0] != window):
+            plan = self.renewal_plan(cert, now)
+            log.info("autocert: %s: the CA suggests renewal between %s and %s; renewing at %s (%s)",
+                     ", ".join(cert.names), window[0].isoformat(), window[1].isoformat(),
+                     plan.at.isoformat(), plan.source)
 
     # ------------------------------------------------------------------ challenges (issuer thread)
     def _wait_on_loop(self, coro, doing: str) -> None:
         """Run ``coro`` on the event loop from the issuer thread and wait for it (15 s at most);
         a failure is logged, not raised: this instance still answers its own challenges."""
+        if self._closed:
+            # the loop is going away; a stale challenge record is harmless (readers check the token)
+            coro.close()
+            log.debug("autocert: %s skipped at shutdown", doing)
+            return
         try:
             asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=15)
         except Exception as e:

@@ -7,6 +7,7 @@ the number of certificates, never waiting on storage or the network.
 from __future__ import annotations
 
 import datetime as _dt
+import ipaddress
 import threading
 import time
 from dataclasses import InitVar, dataclass, field
@@ -43,7 +44,7 @@ def aia_ocsp_url(aia: x509.AuthorityInformationAccess) -> Optional[str]:
 
 def _leaf_facts(cert: x509.Certificate) -> tuple[tuple[str, ...], bool, Optional[str]]:
     """(names, must-staple, OCSP URL) from one pass over the extensions; the names are the
-    SAN DNS entries, else the subject CN. (Asking for each extension by OID raises
+    SAN DNS entries and IP addresses (RFC 8738 certificates), else the subject CN. (Asking for each extension by OID raises
     ExtensionNotFound for the absent ones: ~10 us each, thousands at start.)"""
     names: list[str] = []
     must_staple = False
@@ -51,7 +52,8 @@ def _leaf_facts(cert: x509.Certificate) -> tuple[tuple[str, ...], bool, Optional
     for ext in cert.extensions:
         oid = ext.oid
         if oid == _SAN:
-            names = [g.value.lower().rstrip(".") for g in ext.value if isinstance(g, _DNSName)]
+            names = [g.value.lower().rstrip(".") if isinstance(g, _DNSName) else str(g.value)
+                     for g in ext.value if isinstance(g, (_DNSName, _IPAddress))]
         elif oid == _TLS_FEATURE:
             must_staple = x509.TLSFeatureType.status_request in ext.value
         elif oid == _AIA:
@@ -65,6 +67,7 @@ _SAN = ExtensionOID.SUBJECT_ALTERNATIVE_NAME
 _TLS_FEATURE = ExtensionOID.TLS_FEATURE
 _AIA = ExtensionOID.AUTHORITY_INFORMATION_ACCESS
 _DNSName = x509.DNSName
+_IPAddress = x509.IPAddress
 
 
 def split_pem_chain(pem: bytes) -> list[x509.Certificate]:
@@ -141,6 +144,16 @@ class Certificate:
         return f"<Certificate {self.source} {','.join(self.names)} until {self.not_after:%Y-%m-%d}>"
 
 
+def _is_ip(name: str) -> bool:
+    if not (name[-1:].isdigit() or ":" in name):   # (cheap: a DNS name never ends in a digit)
+        return False
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 def wildcard_of(name: str) -> str:
     """The wildcard name covering ``name`` by one label: a.b.c -> *.b.c ("" if none)."""
     head, dot, rest = name.partition(".")
@@ -157,6 +170,9 @@ class CertificateCache:
         self._index: dict[str, tuple[Certificate, ...]] = {}
         self._default: Optional[Certificate] = None
         self._fallback: Optional[Certificate] = None
+        # names that are IP addresses: a client without SNI gets the certificate for the
+        # address it connected to (empty: the handshake path never asks for that address)
+        self.ip_names: frozenset[str] = frozenset()
         self.version = 0   # changes whenever the set of certificates changes (readers: cache.all)
 
     # --- reads (handshake path) ---
@@ -249,5 +265,6 @@ class CertificateCache:
             for n in c.names:
                 index.setdefault(n, []).append(c)
         self._index = {k: tuple(v) for k, v in index.items()}   # atomic swap for readers
+        self.ip_names = frozenset(n for n in self._index if _is_ip(n))
         self._default = self._manual[0] if self._manual else self._fallback
         self.version += 1

@@ -1,7 +1,8 @@
 """The TLS engine: pyOpenSSL contexts and the three handshake callbacks.
 
-- servername: picks the certificate from the cache (manual first, then obtained; the
-  default for clients without SNI or with an unknown name) and switches the context.
+- servername: picks the certificate from the cache (manual first, then obtained; for a
+  client without SNI or with an unknown name, the certificate for the IP address it
+  connected to when one names it, else the default) and switches the context.
 - ALPN: ``http/1.1``; when a client offers ``acme-tls/1`` (RFC 8737), the challenge
   certificate for the name replaces the certificate on that one connection.
 - status: the OCSP staple held on the certificate, if any.
@@ -10,7 +11,10 @@ The handshake never waits on storage or the network: every callback reads memory
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import ipaddress
 import logging
+import socket
 from typing import Callable, Optional
 
 from cryptography import x509
@@ -115,6 +119,26 @@ def _set_groups(ctx: SSL.Context) -> None:
                        f"key exchange group lists {', '.join(g.decode() for g in GROUPS)}")
 
 
+def local_ip(fd: int) -> Optional[str]:
+    """The local IP address of the connected socket ``fd`` (an IPv4-mapped IPv6 address as
+    IPv4, no scope), None when it has none."""
+    sock = socket.socket(fileno=fd)   # (only to ask; the stream keeps the descriptor)
+    try:
+        host = sock.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        sock.detach()
+    if not isinstance(host, str):
+        return None
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return None
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
 class TLSEngine:
     def __init__(self, cache: CertificateCache, challenge_lookup: Optional[ChallengeLookup] = None):
         refuse_missing_internals([f for f in REQUIRED if not hasattr(_lib, f)], "the TLS engine's callbacks use")
@@ -129,6 +153,9 @@ class TLSEngine:
         _lib.SSL_CTX_set_tlsext_servername_callback(self._initial._context, self._servername_cb)
         self._initial._tlsext_servername_callback = self._servername_cb
         self._challenge_contexts: dict[bytes, SSL.Context] = {}
+        # local IP address -> the first context for connections to it (its servername
+        # callback knows the address); only for addresses some certificate names
+        self._by_local_ip: dict[str, SSL.Context] = {}
         # Runs on a connection's first bytes before OpenSSL sees them (the autocert manager's
         # storage look-up for challenges and names obtained elsewhere); None: nothing to do.
         self.prepare: Optional[Callable[[bytes], object]] = None
@@ -163,17 +190,38 @@ class TLSEngine:
             cert.tls_context = ctx
         return ctx
 
-    def new_connection(self):
-        """A new server SSL object (cffi ``SSL *``; the stream that takes it frees it)."""
+    def new_connection(self, fd: int = -1):
+        """A new server SSL object (cffi ``SSL *``; the stream that takes it frees it) for the
+        accepted socket ``fd``."""
         # OpenSSL (1.1.1 on) runs the servername callback for every ClientHello, with or
         # without SNI: the certificate is chosen there, the initial context has none.
+        if self.cache.ip_names and fd >= 0:   # (no syscall unless a certificate names an IP)
+            ctx = self._initial_for(local_ip(fd), self.cache.ip_names)
+            if ctx is not None:
+                return new_ssl(ctx)
         return new_ssl(self._initial)
 
+    def _initial_for(self, ip: Optional[str], ip_names: frozenset) -> Optional[SSL.Context]:
+        """The first context for connections to the local address ``ip`` when a certificate
+        names it: its servername callback falls back to that certificate."""
+        if ip is None or ip not in ip_names:
+            return None
+        ctx = self._by_local_ip.get(ip)
+        if ctx is None:
+            # kept for the process (a connection may still run on it): one per address ever named
+            ctx = self._base_context()
+            cb = _ffi.callback(_SERVERNAME_CB, functools.partial(self._on_servername, local_ip=ip),
+                               error=_FATAL)
+            _lib.SSL_CTX_set_tlsext_servername_callback(ctx._context, cb)
+            ctx._tlsext_servername_callback = cb   # kept alive with the context
+            self._by_local_ip[ip] = ctx
+        return ctx
+
     # --- callbacks (handshake path: memory reads only) ---
-    def _on_servername(self, ssl, alert, arg) -> int:
+    def _on_servername(self, ssl, alert, arg, local_ip: Optional[str] = None) -> int:
         """OpenSSL's servername callback: the certificate's context for the name sent."""
         try:
-            ctx = self._choose_context(servername(ssl))
+            ctx = self._choose_context(servername(ssl), local_ip)
             if ctx is not None and _lib.SSL_set_SSL_CTX(ssl, ctx._context) == _NULL:
                 log.error("switching to the certificate's context failed")
                 return _FATAL
@@ -182,9 +230,9 @@ class TLSEngine:
             log.exception("choosing the certificate failed")
             return _FATAL
 
-    def _choose_context(self, raw: Optional[bytes]) -> Optional[SSL.Context]:
-        """The context for the server name ``raw`` (None: no SNI); None if there is no
-        certificate to serve at all."""
+    def _choose_context(self, raw: Optional[bytes], local_ip: Optional[str] = None) -> Optional[SSL.Context]:
+        """The context for the server name ``raw`` (None: no SNI), else for the local address
+        ``local_ip`` the client connected to; None if there is no certificate to serve at all."""
         for _ in range(8):   # a certificate whose key fails is marked unservable: choose again
             cert = None
             if raw:
@@ -192,6 +240,8 @@ class TLSEngine:
                     cert = self.cache.lookup(raw.decode("ascii"))
                 except UnicodeDecodeError:
                     cert = None
+            if cert is None and local_ip is not None:
+                cert = self.cache.lookup(local_ip)
             if cert is None:
                 cert = self.cache.default()
                 if cert is None:

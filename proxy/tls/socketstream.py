@@ -124,8 +124,9 @@ def selected_alpn(ssl) -> Optional[bytes]:
 class TLSServerStream(ByteStream):
     """One accepted client connection: OpenSSL on the socket, a byte stream to the HTTP layer.
 
-    Made by the listener's factory (``new_connection`` makes the ``SSL *``, e.g. ``new_ssl``
-    of the engine's first context; ``prepare`` sees the first bytes before OpenSSL does), then
+    Made by the listener's factory (``new_connection(fd)`` makes the ``SSL *`` for the accepted
+    socket, e.g. ``new_ssl`` of the engine's first context; ``prepare`` sees the first bytes
+    before OpenSSL does), then
     ``attach``-ed to the accepted socket. ``ready`` resolves when the handshake is done.
 
     With ``waiting``, the connection waits on its own until it has something for the HTTP
@@ -140,7 +141,7 @@ class TLSServerStream(ByteStream):
                  "_watching", "_read_needs_write", "_write_needs_read", "_out", "_out_size",
                  "_closing", "_shutdown", "_waiting", "_poller", "_wprev", "_wnext")
 
-    def __init__(self, new_connection: Callable[[], object],
+    def __init__(self, new_connection: Callable[[int], object],
                  prepare: Optional[Callable[[bytes], Optional[asyncio.Future]]] = None,
                  loop: Optional[asyncio.AbstractEventLoop] = None,
                  waiting: Optional["Waiting"] = None) -> None:
@@ -193,7 +194,7 @@ class TLSServerStream(ByteStream):
             self.peer = _PEERS.setdefault(peer, peer)
             if len(_PEERS) > 4096:
                 _PEERS.clear()
-        self._ssl = ssl = self._new_connection()
+        self._ssl = ssl = self._new_connection(fd)
         _lib.SSL_set_accept_state(ssl)
         if _lib.SSL_set_fd(ssl, self._fd) != 1:
             self._lose("SSL_set_fd failed")

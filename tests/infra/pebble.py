@@ -82,6 +82,38 @@ def _kill(proc: Optional[subprocess.Popen]) -> None:
         pass
 
 
+def start_challtestsrv(dns_port: int, mgmt_port: int, log_path: Path) -> subprocess.Popen:
+    """pebble-challtestsrv as a test CA's DNS server: every name is 127.0.0.1, IPv4 only."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [CHALLTESTSRV_BIN, "-dns01", f"127.0.0.1:{dns_port}", "-http01", "", "-https01", "",
+             "-tlsalpn01", "", "-management", f"127.0.0.1:{mgmt_port}",
+             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def wait_acme_directory(url: str, procs: dict[str, Optional[subprocess.Popen]], log: Callable[[], str],
+                        cafile: Optional[Path] = None, ready: Callable[[], bool] = lambda: True,
+                        timeout: float = READY_TIMEOUT) -> None:
+    """Until the ACME directory at ``url`` answers (HTTPS trusting ``cafile``, once it exists)
+    and ``ready()``; a RuntimeError with the log when one of ``procs`` exits, or at ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        for name, proc in procs.items():
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{log()[-5000:]}")
+        try:
+            ctx = ssl.create_default_context(cafile=str(cafile)) if cafile else None
+            with urllib.request.urlopen(url, context=ctx, timeout=2) as r:
+                if r.status == 200 and b"newOrder" in r.read() and ready():
+                    return
+        except Exception as e:  # not up yet
+            last = e
+        time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s ({last}); log:\n{log()[-5000:]}")
+
+
 class Pebble:
     """A Pebble CA plus its DNS server, started by ``start()`` and stopped by ``stop()``.
 
@@ -163,16 +195,7 @@ class Pebble:
     def start(self) -> "Pebble":
         if self.running:
             return self
-        dns_log = open(self.dns_log_path, "ab")
-        self._dns = subprocess.Popen(
-            [CHALLTESTSRV_BIN,
-             "-dns01", f"127.0.0.1:{self.dns_port}",
-             "-http01", "", "-https01", "", "-tlsalpn01", "",
-             "-management", f"127.0.0.1:{self.dns_mgmt_port}",
-             "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""],
-            stdout=dns_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-        )
-        dns_log.close()
+        self._dns = start_challtestsrv(self.dns_port, self.dns_mgmt_port, self.dns_log_path)
         env = dict(os.environ)
         env.update({
             "PEBBLE_VA_NOSLEEP": "1",
@@ -196,22 +219,8 @@ class Pebble:
         return self
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
-        ctx = ssl.create_default_context(cafile=str(self.trusted_ca_file))
-        last: Exception | None = None
-        while time.monotonic() < deadline:
-            for proc, name in ((self._pebble, "pebble"), (self._dns, "pebble-challtestsrv")):
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{self.log()}")
-            try:
-                with urllib.request.urlopen(self.directory_url, context=ctx, timeout=2) as r:
-                    if r.status == 200 and b"newOrder" in r.read():
-                        if self._dns_ready():
-                            return
-            except Exception as e:  # not up yet
-                last = e
-            time.sleep(0.05)
-        raise RuntimeError(f"Pebble not ready after {READY_TIMEOUT}s ({last}); log:\n{self.log()}")
+        wait_acme_directory(self.directory_url, {"pebble": self._pebble, "pebble-challtestsrv": self._dns},
+                            self.log, cafile=self.trusted_ca_file, ready=self._dns_ready)
 
     def _dns_ready(self) -> bool:
         try:

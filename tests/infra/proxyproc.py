@@ -186,3 +186,14 @@ def served_certificate(port: int, server_name: Optional[str]):
     with tls_connect(port, server_name) as s:
         der = s.getpeercert(binary_form=True)
     return x509.load_der_x509_certificate(der)
+
+
+def wait_until(pred, what: str, log=lambda: "", timeout: float = 30.0):
+    """``pred()``'s first true value within ``timeout`` s, else an AssertionError with ``log()``'s end."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"{what} not seen within {timeout}s:\n{log()[-4000:]}")
