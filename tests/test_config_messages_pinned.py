@@ -140,6 +140,8 @@ def test_pomerium_route_rules_word_for_word():
     routes = parse_routes([
         {"from": "https://a.test", "to": to, "prefix": "/a", "path": "/b"},
         {"from": "https://a.test/x", "to": to, "prefix": "/a"},
+        {"from": "https://a.test/y", "to": to, "path": "/a"},
+        {"from": "https://a.test/z", "to": to, "regex": "/a"},
         {"from": "https://b.test/api", "to": to},
         {"from": "https://b.test/api", "to": to},
         {"from": "https://c.test", "to": to, "prefix": "api"},
@@ -156,17 +158,19 @@ def test_pomerium_route_rules_word_for_word():
         ("e.test", "/", None, 0, ["spdy/3.1", "websocket"]),
         ("f.test", "/", None, 0, ["*"]),
     ]
+    own_form = "is this proxy's own form; with 'prefix', 'path' or 'regex' give the path there only"
     assert problems == [
         "routes[0]: give at most one of 'prefix', 'path', 'regex'; got prefix, path",
-        "routes[1].from: a path in 'from' ('/x') is this proxy's own form; with 'prefix', 'path' or "
-        "'regex' give the path there only",
-        "routes[3].from: 'https://b.test/api' duplicates routes[2] (same host 'b.test' and path '/api')",
-        "routes[4].prefix: 'api' must start with '/'",
-        'routes[5].path: expected a non-empty string like "/api", got \'\'',
-        "routes[9].regex: '(?=x)' uses a lookaround or backreference, which RE2 (Pomerium's regex "
+        f"routes[1].from: a path in 'from' ('/x') {own_form}",
+        f"routes[2].from: a path in 'from' ('/y') {own_form}",
+        f"routes[3].from: a path in 'from' ('/z') {own_form}",
+        "routes[5].from: 'https://b.test/api' duplicates routes[4] (same host 'b.test' and path '/api')",
+        "routes[6].prefix: 'api' must start with '/'",
+        'routes[7].path: expected a non-empty string like "/api", got \'\'',
+        "routes[11].regex: '(?=x)' uses a lookaround or backreference, which RE2 (Pomerium's regex "
         "syntax) does not accept",
-        "routes[10].regex_priority_order: expected a whole number, got '1'",
-        "routes[10].allow_websockets: 'maybe' is not a boolean; accepted: true, TRUE, True, 1, t, T, "
+        "routes[12].regex_priority_order: expected a whole number, got '1'",
+        "routes[12].allow_websockets: 'maybe' is not a boolean; accepted: true, TRUE, True, 1, t, T, "
         "false, FALSE, False, 0, f, F",
     ]
 
