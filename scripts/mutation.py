@@ -71,6 +71,8 @@ EQUIVALENT: list[tuple[str, str, str]] = [
     ("proxy.config.x__parse_response__*", "ok = None", "None is false, as False is"),
     ("proxy.config.x__parse_response__*", 'value.get("body", None)', "None becomes \"\" on the next line"),
     ("proxy.config.x__parse_response__*", 'value.get("body", )', "None becomes \"\" on the next line"),
+    ("proxy.config.x__parse_route_rules__*", "break",
+     "'regex', whose branch this is, is the last of the keys looped over"),
     ("proxy.config.x_parse_routes__*", 'parsed_from = ""',
      "it stays unset only when a problem was recorded, and then the route is skipped anyway"),
     ("proxy.config.*", "allow_wildcard=None", "None is false, as False is"),

@@ -134,6 +134,47 @@ def test_routes_after_a_bad_one_are_still_read():
     ]
 
 
+def test_pomerium_route_rules_word_for_word():
+    problems: list[str] = []
+    to = "http://127.0.0.1:1"
+    routes = parse_routes([
+        {"from": "https://a.test", "to": to, "prefix": "/a", "path": "/b"},
+        {"from": "https://a.test/x", "to": to, "prefix": "/a"},
+        {"from": "https://a.test/y", "to": to, "path": "/a"},
+        {"from": "https://a.test/z", "to": to, "regex": "/a"},
+        {"from": "https://b.test/api", "to": to},
+        {"from": "https://b.test/api", "to": to},
+        {"from": "https://c.test", "to": to, "prefix": "api"},
+        {"from": "https://c.test", "to": to, "path": ""},
+        {"from": "https://d.test", "to": to, "regex": ".*x", "regex_priority_order": 2},
+        {"from": "https://e.test", "to": to, "allow_websockets": True, "allow_spdy": "true"},
+        {"from": "https://f.test", "to": to, "allow_upgrades": 1, "allow_spdy": False},
+        {"from": "https://g.test", "to": to, "regex": "(?=x)"},
+        {"from": "https://g.test", "to": to, "regex_priority_order": "1", "allow_websockets": "maybe"},
+    ], "routes", problems)
+    assert [(r.host, r.path_prefix, r.regex, r.regex_priority_order, sorted(r.upgrades)) for r in routes] == [
+        ("b.test", "/api", None, 0, []),
+        ("d.test", "/", ".*x", 2, []),                       # a regex need not start with '/'
+        ("e.test", "/", None, 0, ["spdy/3.1", "websocket"]),
+        ("f.test", "/", None, 0, ["*"]),
+    ]
+    own_form = "is this proxy's own form; with 'prefix', 'path' or 'regex' give the path there only"
+    assert problems == [
+        "routes[0]: give at most one of 'prefix', 'path', 'regex'; got prefix, path",
+        f"routes[1].from: a path in 'from' ('/x') {own_form}",
+        f"routes[2].from: a path in 'from' ('/y') {own_form}",
+        f"routes[3].from: a path in 'from' ('/z') {own_form}",
+        "routes[5].from: 'https://b.test/api' duplicates routes[4] (same host 'b.test' and path '/api')",
+        "routes[6].prefix: 'api' must start with '/'",
+        'routes[7].path: expected a non-empty string like "/api", got \'\'',
+        "routes[11].regex: '(?=x)' uses a lookaround or backreference, which RE2 (Pomerium's regex "
+        "syntax) does not accept",
+        "routes[12].regex_priority_order: expected a whole number, got '1'",
+        "routes[12].allow_websockets: 'maybe' is not a boolean; accepted: true, TRUE, True, 1, t, T, "
+        "false, FALSE, False, 0, f, F",
+    ]
+
+
 # ----------------------------------------------------------------------------- direct responses
 
 @pytest.mark.parametrize("value,expected", [
